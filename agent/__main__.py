@@ -1,0 +1,3 @@
+from imgfarm_agent.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,308 @@
+"""Running the imaging tools against the disk: capture and restore, both formats.
+
+partimage-ng: per partition `partclone.<fs> -c | zstd` (capture) and
+`zstd -dc | partclone.restore` (restore); the agent sits in the middle of
+the compressed stream to hash it (sha256 of every file written or read).
+A disk with a partition table also keeps the bytes before the first
+partition (boot code) and its sfdisk dump. Legacy partimage runs the real
+partimage 0.6.9 in batch mode.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import subprocess
+import threading
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from imgfarm_agent import disks
+from imgfarm_agent.progress import Progress, rchar, watch_stderr
+
+CHUNK = 4 << 20
+
+
+class ToolError(Exception):
+    def __init__(self, message: str, stderr_tail: str = "") -> None:
+        super().__init__(message)
+        self.stderr_tail = stderr_tail
+
+
+def _tail(lines: deque[bytes]) -> str:
+    return b"\n".join(lines).decode(errors="replace")[-4000:]
+
+
+def _run_checked(args: list[str], stdin: Any = None) -> str:
+    out = subprocess.run(args, input=stdin, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise ToolError(f"{args[0]} exited {out.returncode}", out.stderr[-4000:])
+    return out.stdout
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---------------------------------------------------------------- capture
+
+def _capture_partition(dev: str, out: Path, progress: Progress, base_done: int) -> dict[str, Any]:
+    fstype = disks.fs_type(dev)
+    tool, label = disks.partclone_for(fstype)
+    cmd = [f"partclone.{tool}", "-c", "-s", dev, "-o", "-"]
+    if tool == "dd":
+        cmd = ["partclone.dd", "-s", dev, "-o", "-"]
+    pc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    zs = subprocess.Popen(["zstd", "-q", "-T0", "-3", "-c"], stdin=pc.stdout, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE)
+    assert pc.stdout and pc.stderr and zs.stdout
+    pc.stdout.close()
+    tail: deque[bytes] = deque(maxlen=40)
+    watcher = threading.Thread(
+        target=watch_stderr, args=(pc.stderr, lambda p: progress.update(percent=p), tail), daemon=True
+    )
+    watcher.start()
+    h = hashlib.sha256()
+    written = 0
+    with open(out, "wb") as fh:
+        while chunk := zs.stdout.read(CHUNK):
+            h.update(chunk)
+            fh.write(chunk)
+            written += len(chunk)
+            progress.update(bytes_done=base_done + rchar(pc.pid))
+        fh.flush()
+        os.fsync(fh.fileno())
+    rc_pc, rc_zs = pc.wait(), zs.wait()
+    watcher.join(5)
+    if rc_pc != 0 or rc_zs != 0:
+        raise ToolError(f"{cmd[0]} exited {rc_pc}, zstd exited {rc_zs} while capturing {dev}", _tail(tail))
+    info = _parse_partclone_summary(tail)
+    return {
+        "filesystem": fstype or "unknown",
+        "partclone_fs": label,
+        "tool": tool,
+        "file": out.name,
+        "sha256": h.hexdigest(),
+        "stream_bytes": written,
+        "compression": "zstd",
+        **info,
+    }
+
+
+def _parse_partclone_summary(tail: deque[bytes]) -> dict[str, Any]:
+    import re
+
+    text = b"\n".join(tail).decode(errors="replace")
+    info: dict[str, Any] = {}
+    m = re.search(r"Block size:\s*(\d+)", text)
+    if m:
+        info["block_size"] = int(m.group(1))
+    m = re.search(r"Device size:.*?=\s*(\d+) Blocks", text)
+    if m:
+        info["total_blocks"] = int(m.group(1))
+    m = re.search(r"Space in use:.*?=\s*(\d+) Blocks", text)
+    if m:
+        info["used_blocks"] = int(m.group(1))
+    if "block_size" in info:
+        if "total_blocks" in info:
+            info["total_bytes"] = info["total_blocks"] * info["block_size"]
+        if "used_blocks" in info:
+            info["used_bytes"] = info["used_blocks"] * info["block_size"]
+    return info
+
+
+def capture_ng(disk: str, outdir: Path, spec: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    """Capture `disk` into outdir as partimage-ng; return the manifest."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    table = disks.partition_table(disk)
+    disk_size = disks.size_of(disk)
+    progress.bytes_total = disk_size
+    parts: list[dict[str, Any]] = []
+    head_file = None
+    with disks.LoopAttach(disk, partitions=table is not None) as dev:
+        if table is None:
+            progress.stage = "capturing whole-disk filesystem"
+            p = _capture_partition(dev, outdir / "part0.ptcl.zst", progress, 0)
+            parts.append({"index": 0, "name": "part0", "start_bytes": 0, "size_bytes": disk_size, **p})
+        else:
+            sector = int(table["json"].get("sectorsize", 512))
+            entries = table["json"]["partitions"]
+            first = min(int(e["start"]) for e in entries) * sector
+            head = disk if os.path.isfile(disk) else dev
+            with open(head, "rb") as fh:
+                data = fh.read(first)
+            (outdir / "disk-head.bin").write_bytes(data)
+            head_file = {"file": "disk-head.bin", "bytes": len(data),
+                         "sha256": hashlib.sha256(data).hexdigest()}
+            done = 0
+            for i, e in enumerate(entries, start=1):
+                num = _partition_number(e["node"], i)
+                pdev = disks.partition_device(dev, num)
+                progress.stage = f"capturing partition {num}"
+                p = _capture_partition(pdev, outdir / f"part{num}.ptcl.zst", progress, done)
+                size = int(e["size"]) * sector
+                done += size
+                parts.append({"index": num, "name": f"part{num}", "start_bytes": int(e["start"]) * sector,
+                              "size_bytes": size, "type": e.get("type", ""), **p})
+    manifest = {
+        "format": "partimage-ng",
+        "version": 1,
+        "created": _now(),
+        "name": spec["image"]["name"],
+        "origin": {"kind": "capture", "node": spec.get("node", ""), "disk": disk, "job": spec["job_id"]},
+        "disk": {
+            "size_bytes": disk_size,
+            "partition_table": None if table is None else {"type": table["type"], "sfdisk": table["sfdisk"]},
+            "head": head_file,
+        },
+        "partitions": parts,
+    }
+    tmp = outdir / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, outdir / "manifest.json")
+    return manifest
+
+
+def _partition_number(node: str, fallback: int) -> int:
+    import re
+
+    m = re.search(r"(\d+)$", node)
+    return int(m.group(1)) if m else fallback
+
+
+def capture_partimage(disk: str, outdir: Path, spec: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    outdir.mkdir(parents=True, exist_ok=True)
+    name = spec["image"]["name"]
+    progress.bytes_total = disks.size_of(disk)
+    with disks.LoopAttach(disk) as dev:
+        cmd = ["partimage", "-b", "-z1", "-o", "-d", "save", dev, str(outdir / name)]
+        _run_with_rchar(cmd, progress, f"partimage save of {disk}")
+    return {"format": "partimage", "files": sorted(p.name for p in outdir.iterdir())}
+
+
+def _run_with_rchar(cmd: list[str], progress: Progress, what: str) -> None:
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout
+    tail: deque[bytes] = deque(maxlen=40)
+    watcher = threading.Thread(target=watch_stderr, args=(proc.stdout, lambda _p: None, tail), daemon=True)
+    watcher.start()
+    while proc.poll() is None:
+        progress.update(bytes_done=min(rchar(proc.pid), progress.bytes_total or 1 << 62))
+        try:
+            proc.wait(0.5)
+        except subprocess.TimeoutExpired:
+            pass
+    watcher.join(5)
+    if proc.returncode != 0:
+        raise ToolError(f"{cmd[0]} exited {proc.returncode} ({what})", _strip_ansi(_tail(tail)))
+
+
+def _strip_ansi(text: str) -> str:
+    import re
+
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\(B", "", text)[-4000:]
+
+
+# ---------------------------------------------------------------- restore
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _restore_partition(src: Path, target: str, part: dict[str, Any], progress: Progress, base: int) -> str:
+    """Stream src through zstd into partclone.restore (or raw for dd images)."""
+    if part.get("tool") == "dd" or part.get("partclone_fs") == "raw":
+        sink = ["dd", f"of={target}", "bs=4M", "conv=notrunc", "status=none"]
+    else:
+        sink = ["partclone.restore", "-s", "-", "-O", target]
+    zs = subprocess.Popen(["zstd", "-q", "-dc"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE)
+    pc = subprocess.Popen(sink, stdin=zs.stdout, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert zs.stdin and zs.stdout and pc.stderr
+    zs.stdout.close()
+    tail: deque[bytes] = deque(maxlen=40)
+    watcher = threading.Thread(target=watch_stderr, args=(pc.stderr, lambda _p: None, tail), daemon=True)
+    watcher.start()
+    h = hashlib.sha256()
+    done = 0
+    try:
+        with open(src, "rb") as fh:
+            while chunk := fh.read(CHUNK):
+                h.update(chunk)
+                zs.stdin.write(chunk)
+                done += len(chunk)
+                progress.update(bytes_done=base + done)
+    except BrokenPipeError:
+        pass
+    finally:
+        try:
+            zs.stdin.close()
+        except BrokenPipeError:
+            pass
+    rc_zs, rc_pc = zs.wait(), pc.wait()
+    watcher.join(5)
+    if rc_zs != 0 or rc_pc != 0:
+        raise ToolError(f"zstd exited {rc_zs}, {sink[0]} exited {rc_pc} restoring {src.name}", _tail(tail))
+    return h.hexdigest()
+
+
+def restore_ng(disk: str, imgdir: Path, spec: dict[str, Any], progress: Progress) -> dict[str, str]:
+    manifest = json.loads((imgdir / "manifest.json").read_text())
+    parts = manifest["partitions"]
+    progress.bytes_total = sum(int(p.get("stream_bytes") or (imgdir / p["file"]).stat().st_size) for p in parts)
+    table = (manifest.get("disk") or {}).get("partition_table")
+    need = max(int(p.get("start_bytes", 0)) + int(p.get("size_bytes", 0)) for p in parts)
+    have = disks.size_of(disk)
+    if have < need:
+        raise ToolError(f"target disk {disk} has {have} bytes; the image needs {need}")
+    files: dict[str, str] = {}
+    done = 0
+    if table is None:
+        p = parts[0]
+        progress.stage = "restoring whole-disk filesystem"
+        files[p["file"]] = _restore_partition(imgdir / p["file"], disk, p, progress, 0)
+    else:
+        head = (manifest.get("disk") or {}).get("head")
+        if head:
+            data = (imgdir / head["file"]).read_bytes()
+            files[head["file"]] = hashlib.sha256(data).hexdigest()
+            with open(disk, "r+b") as fh:
+                fh.write(data)
+        _run_checked(["sfdisk", "-q", "--no-reread", "--no-tell-kernel", disk], stdin=table["sfdisk"])
+        with disks.LoopAttach(disk, partitions=True) as dev:
+            if not os.path.isfile(disk):
+                subprocess.run(["blockdev", "--rereadpt", dev], capture_output=True)
+            for p in parts:
+                progress.stage = f"restoring partition {p['index']}"
+                target = disks.partition_device(dev, int(p["index"]))
+                files[p["file"]] = _restore_partition(imgdir / p["file"], target, p, progress, done)
+                done += int(p.get("stream_bytes") or 0)
+    for p in parts:
+        if files.get(p["file"]) != p.get("sha256"):
+            raise ToolError(f"{p['file']}: sha256 of the stream read differs from the manifest; "
+                            "the image is damaged")
+    return files
+
+
+def restore_partimage(disk: str, imgdir: Path, spec: dict[str, Any], progress: Progress) -> dict[str, str]:
+    vols = sorted(p for p in imgdir.iterdir() if p.is_file())
+    first = next((p for p in vols if p.name.endswith(".000")), vols[0] if vols else None)
+    if first is None:
+        raise ToolError(f"no partimage volumes in {imgdir}")
+    progress.bytes_total = sum(p.stat().st_size for p in vols)
+    expected = dict((spec.get("image") or {}).get("checksums") or {})
+    files = {p.name: sha256_of(p) for p in vols}
+    for name, digest in expected.items():
+        if files.get(name) != digest:
+            raise ToolError(f"{name}: sha256 differs from the registry; the image is damaged")
+    with disks.LoopAttach(disk) as dev:
+        _run_with_rchar(["partimage", "-b", "restore", dev, str(first)], progress,
+                        f"partimage restore of {first.name}")
+    return files

@@ -1,0 +1,147 @@
+"""imgfarm-agent: do one job's imaging on this node and report to the farm.
+
+    imgfarm-agent [--cmdline-file /proc/cmdline]
+
+Steps: read orders (imgfarm.api, imgfarm.job, imgfarm.token, imgfarm.disk
+on the kernel command line) -> fetch the job spec -> find the disk -> mount
+the image store -> run the tool, posting progress every few seconds -> post
+the result (sha256 of every file written or read, or the error and the
+tool's stderr tail). Exit 0 when the job succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from imgfarm_agent import disks, imaging
+from imgfarm_agent.client import ApiError, FarmClient
+from imgfarm_agent.orders import Orders, OrdersError, parse_cmdline
+from imgfarm_agent.progress import Progress, Reporter
+
+
+def log(msg: str) -> None:
+    print(f"imgfarm-agent: {msg}", file=sys.stderr, flush=True)
+
+
+class StoreMount:
+    """The image store: a local path, or an NFS export mounted for the job."""
+
+    def __init__(self, store: dict[str, Any], job_id: int) -> None:
+        self.store = store
+        self.mountpoint: Path | None = None
+        self.job_id = job_id
+
+    def __enter__(self) -> Path:
+        if self.store.get("type") == "nfs":
+            mnt = Path(f"/run/imgfarm/store-{self.job_id}")
+            mnt.mkdir(parents=True, exist_ok=True)
+            opts = self.store.get("options") or "vers=3,hard,nolock"
+            out = subprocess.run(["mount", "-t", "nfs", "-o", opts, self.store["export"], str(mnt)],
+                                 capture_output=True, text=True)
+            if out.returncode != 0:
+                raise imaging.ToolError(f"cannot mount image store {self.store['export']}", out.stderr)
+            self.mountpoint = mnt
+            return mnt
+        path = Path(self.store["path"])
+        if not path.is_dir():
+            raise imaging.ToolError(f"image store {path} is not a directory")
+        return path
+
+    def __exit__(self, *exc: object) -> None:
+        if self.mountpoint is not None:
+            subprocess.run(["umount", str(self.mountpoint)], capture_output=True)
+
+
+def run(orders: Orders) -> int:
+    client = FarmClient(orders)
+    try:
+        spec = client.spec()
+    except ApiError as exc:
+        log(f"cannot fetch job {orders.job_id}: {exc}")
+        return 2
+    progress = Progress()
+    progress.stage = "agent started"
+    try:
+        client.progress(state="running", **progress.snapshot())
+    except ApiError as exc:
+        log(f"cannot report to the farm: {exc}")
+        return 2
+    reporter = Reporter(lambda snap: client.progress(state="running", **snap), progress,
+                        float(spec.get("progress_interval", 5.0)))
+    reporter.start()
+    started = time.monotonic()
+    try:
+        if orders.delay:
+            time.sleep(orders.delay)
+        disk = disks.find_disk(orders.disk or spec.get("disk_hint", ""))
+        log(f"job {orders.job_id}: {spec['kind']} {spec['format']} on {disk}")
+        with StoreMount(spec["store"], orders.job_id) as root:
+            result = _do(spec, disk, root, progress)
+    except Exception as exc:  # noqa: BLE001 - every failure is reported, never swallowed
+        reporter.stop.set()
+        tail = getattr(exc, "stderr_tail", "")
+        if not isinstance(exc, imaging.ToolError | disks.DiskError | OSError):
+            import traceback
+
+            tail = tail or traceback.format_exc()[-4000:]
+        log(f"job {orders.job_id} failed: {exc}")
+        try:
+            client.result(ok=False, error=str(exc), stderr_tail=tail,
+                          duration=round(time.monotonic() - started, 2))
+        except ApiError as api_exc:
+            log(f"could not report the failure: {api_exc}")
+        return 1
+    reporter.stop.set()
+    try:
+        client.result(ok=True, duration=round(time.monotonic() - started, 2),
+                      bytes=progress.snapshot()["bytes_done"], **result)
+    except ApiError as exc:
+        log(f"could not report the result: {exc}")
+        return 1
+    log(f"job {orders.job_id} done")
+    return 0
+
+
+def _do(spec: dict[str, Any], disk: str, root: Path, progress: Progress) -> dict[str, Any]:
+    kind, fmt = spec["kind"], spec["format"]
+    if kind == "capture":
+        outdir = root / spec["output_dir"]
+        if fmt == "partimage-ng":
+            manifest = imaging.capture_ng(disk, outdir, spec, progress)
+        else:
+            imaging.capture_partimage(disk, outdir, spec, progress)
+            manifest = {}
+        files = {p.name: imaging.sha256_of(p) for p in sorted(outdir.iterdir())
+                 if p.is_file() and p.name != "manifest.json"}
+        return {"files": files, "manifest": manifest}
+    imgdir = root / spec["image"]["location"]
+    if fmt == "partimage-ng":
+        files = imaging.restore_ng(disk, imgdir, spec, progress)
+    else:
+        files = imaging.restore_partimage(disk, imgdir, spec, progress)
+    os.sync()
+    return {"files": files}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="imgfarm-agent", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cmdline-file", default="/proc/cmdline",
+                        help="where the orders are (default: /proc/cmdline)")
+    args = parser.parse_args(argv)
+    try:
+        orders = parse_cmdline(Path(args.cmdline_file).read_text())
+    except (OSError, OrdersError) as exc:
+        log(str(exc))
+        return 2
+    return run(orders)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

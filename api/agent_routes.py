@@ -1,0 +1,151 @@
+"""The agent's endpoints: job spec, progress, result — each needs that job's token.
+
+A call without the right token is refused with 401 and records nothing; a
+report for a job that has already ended (or is finalizing) is refused with
+409 and changes nothing. Unknown job ids also answer 401, so the endpoint
+tells a stranger nothing about which jobs exist.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from fastapi import APIRouter, Header
+from pydantic import BaseModel, Field
+from sqlalchemy import update
+
+from imgfarm.config.settings import get_settings
+from imgfarm.errors import Conflict, Unauthorized
+from imgfarm.models import states
+from imgfarm.models.db import session_scope
+from imgfarm.models.images import INCOMING, get_image
+from imgfarm.models.jobs import add_event, begin_finalizing, hash_token, transition
+from imgfarm.models.tables import Job, utcnow
+from imgfarm.worker.wakeup import notify
+
+router = APIRouter(prefix="/agent/v1", tags=["agent"])
+
+
+class ProgressReport(BaseModel):
+    state: str = "running"
+    percent: float = Field(0.0, ge=0, le=100)
+    bytes_done: int = Field(0, ge=0)
+    bytes_total: int = Field(0, ge=0)
+    rate: float = Field(0.0, ge=0)
+    message: str = ""
+
+
+class ResultReport(BaseModel):
+    ok: bool
+    error: str = ""
+    stderr_tail: str = ""
+    files: dict[str, str] = {}
+    manifest: dict[str, Any] = {}
+    bytes: int = 0
+    duration: float = 0.0
+
+
+def _authorized_job(session: Any, job_id: int, authorization: str | None) -> Job:
+    token = (authorization or "").removeprefix("Bearer ").strip()
+    job = session.get(Job, job_id)
+    if job is None or not token or not job.token_hash or not hmac.compare_digest(
+        job.token_hash, hash_token(token)
+    ):
+        raise Unauthorized("missing or wrong job token")
+    return job
+
+
+def _open_job(job: Job) -> None:
+    if job.state not in (states.BOOTING, states.RUNNING):
+        raise Conflict(f"job {job.id} is {job.state}; reports are no longer accepted")
+
+
+def job_spec(job: Job) -> dict[str, Any]:
+    settings = get_settings()
+    store: dict[str, Any]
+    if settings.image_store_nfs:
+        store = {"type": "nfs", "export": settings.image_store_nfs}
+    else:
+        store = {"type": "local", "path": str(settings.store_path)}
+    spec: dict[str, Any] = {
+        "job_id": job.id,
+        "kind": job.kind,
+        "format": job.format,
+        "node": job.node_name,
+        "disk_hint": job.node.disk if job.node else "",
+        "store": store,
+        "progress_interval": settings.progress_interval,
+        "image": {"name": job.image_name},
+    }
+    if job.kind == "capture":
+        spec["output_dir"] = f"{INCOMING}/job-{job.id}"
+    return spec
+
+
+@router.get("/jobs/{job_id}")
+def get_spec(job_id: int, authorization: str | None = Header(None)) -> dict[str, Any]:
+    with session_scope() as s:
+        job = _authorized_job(s, job_id, authorization)
+        _open_job(job)
+        spec = job_spec(job)
+        if job.kind == "restore":
+            img = get_image(s, job.image_name)
+            spec["image"].update(
+                {"location": img.location, "format": img.format, "checksums": img.checksums}
+            )
+        return spec
+
+
+@router.post("/jobs/{job_id}/progress")
+def post_progress(job_id: int, report: ProgressReport, authorization: str | None = Header(None)) -> dict[str, str]:
+    now = utcnow()
+    with session_scope() as s:
+        job = _authorized_job(s, job_id, authorization)
+        _open_job(job)
+        if job.state == states.BOOTING:
+            transition(s, job_id, states.BOOTING, states.RUNNING, "agent reported: running")
+        before = job.progress or 0.0
+        s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == states.RUNNING)
+            .values(
+                progress=report.percent,
+                bytes_done=report.bytes_done,
+                bytes_total=report.bytes_total or job.bytes_total,
+                rate=report.rate,
+                last_report_at=now,
+                updated_at=now,
+            )
+        )
+        if int(report.percent // 25) > int(before // 25) or (report.message and report.message != "agent started"):
+            add_event(s, job_id, "progress", report.message or f"{report.percent:.0f}%",
+                      state=states.RUNNING, data=report.model_dump())
+    notify(get_settings().redis_url, job_id, {"kind": "progress", **report.model_dump()})
+    return {"status": "recorded"}
+
+
+@router.post("/jobs/{job_id}/result")
+def post_result(job_id: int, report: ResultReport, authorization: str | None = Header(None)) -> dict[str, str]:
+    now = utcnow()
+    with session_scope() as s:
+        job = _authorized_job(s, job_id, authorization)
+        _open_job(job)
+        if job.state == states.BOOTING:
+            transition(s, job_id, states.BOOTING, states.RUNNING, "agent reported")
+        result = report.model_dump()
+        res = s.execute(
+            update(Job).where(Job.id == job_id, Job.state == states.RUNNING).values(
+                result=result, last_report_at=now, bytes_done=report.bytes or job.bytes_done,
+                progress=100.0 if report.ok else job.progress,
+            )
+        )
+        if res.rowcount != 1:  # type: ignore[attr-defined]
+            raise Conflict(f"job {job_id} ended while the report was on its way")
+        if report.ok:
+            begin_finalizing(s, job_id, states.SUCCEEDED, data={"files": report.files})
+        else:
+            reason = report.error + (f"\n{report.stderr_tail}" if report.stderr_tail else "")
+            begin_finalizing(s, job_id, states.FAILED, reason.strip())
+    notify(get_settings().redis_url, job_id, {"kind": "result", "ok": report.ok})
+    return {"status": "recorded"}

@@ -1,0 +1,41 @@
+"""The farm's HTTP API (FastAPI): operators under /api/v1, agents under /agent/v1.
+
+Run it with `imgfarm api` (uvicorn). The OpenAPI schema is at /openapi.json
+and browsable at /docs. Errors come back as {"error": ..., "hint": ...} with
+the status code of the farm's error class (imgfarm/errors.py).
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from imgfarm import __version__
+from imgfarm.api import agent_routes, operator_routes
+from imgfarm.errors import ImgfarmError
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(title="imgfarm", version=__version__,
+                  description="Capture, restore and convert disk images on PXE-booted nodes.")
+
+    @app.exception_handler(ImgfarmError)
+    async def _farm_error(_req: Request, exc: ImgfarmError) -> JSONResponse:
+        return JSONResponse({"error": exc.message, "hint": exc.hint}, status_code=exc.http_status)
+
+    @app.get("/healthz", tags=["meta"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok", "version": __version__}
+
+    app.include_router(operator_routes.router)
+    app.include_router(agent_routes.router)
+    try:
+        from imgfarm.api import metrics
+
+        app.include_router(metrics.router)
+    except ImportError:
+        pass
+    return app
+
+
+app = create_app()

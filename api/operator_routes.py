@@ -1,0 +1,146 @@
+"""The operator's endpoints: submit jobs, list and read jobs, nodes and images."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Header, Query
+from pydantic import BaseModel
+from sqlalchemy import select
+
+from imgfarm.config.settings import get_settings
+from imgfarm.errors import InvalidInput, Unauthorized
+from imgfarm.models import states
+from imgfarm.models.db import session_scope
+from imgfarm.models.images import get_image
+from imgfarm.models.jobs import get_job
+from imgfarm.models.nodes import add_node, get_node
+from imgfarm.models.tables import Image, Job, Node
+from imgfarm.models.views import image_view, job_view, node_view
+from imgfarm.tasks import submit
+
+
+def operator_auth(authorization: str | None = Header(None)) -> None:
+    token = get_settings().api_token
+    if token and (authorization or "") != f"Bearer {token}":
+        raise Unauthorized("operator token required", hint="send Authorization: Bearer <IMGFARM_API_TOKEN>")
+
+
+router = APIRouter(prefix="/api/v1", tags=["operator"], dependencies=[Depends(operator_auth)])
+
+
+class CaptureIn(BaseModel):
+    node: str
+    image: str
+    format: str = "partimage-ng"
+    submitted_by: str = "api"
+
+
+class RestoreIn(BaseModel):
+    nodes: str
+    image: str
+    skip_busy: bool = False
+    convert: bool = False
+    converted_name: str | None = None
+    submitted_by: str = "api"
+
+
+class ConvertIn(BaseModel):
+    image: str
+    name: str | None = None
+    submitted_by: str = "api"
+
+
+class NodeIn(BaseModel):
+    name: str
+    mac: str = ""
+    ip: str = ""
+    groups: list[str] = []
+    boot_driver: str = "sim"
+    power_driver: str = "sim"
+    disk: str = ""
+    driver_info: dict[str, Any] = {}
+
+
+@router.post("/jobs/capture", status_code=201)
+def capture(body: CaptureIn) -> dict[str, Any]:
+    sub = submit.submit_capture(body.node, body.image, body.format, submitted_by=body.submitted_by)
+    return {"job_ids": sub.job_ids}
+
+
+@router.post("/jobs/restore", status_code=201)
+def restore(body: RestoreIn) -> dict[str, Any]:
+    sub = submit.submit_restore(body.nodes, body.image, submitted_by=body.submitted_by,
+                                skip_busy=body.skip_busy, convert=body.convert,
+                                converted_name=body.converted_name)
+    return {"job_ids": sub.job_ids, "skipped": sub.skipped, "convert_job_id": sub.convert_job_id}
+
+
+@router.post("/jobs/convert", status_code=201)
+def convert(body: ConvertIn) -> dict[str, Any]:
+    from imgfarm.tasks.convert import submit_convert
+
+    return {"job_ids": [submit_convert(body.image, body.name, submitted_by=body.submitted_by)]}
+
+
+@router.get("/jobs")
+def list_jobs(
+    state: str | None = None, node: str | None = None, kind: str | None = None,
+    limit: int = Query(200, ge=1, le=10000),
+) -> list[dict[str, Any]]:
+    if state and state not in states.ALL:
+        raise InvalidInput(f"unknown state {state!r}", hint=f"one of {', '.join(states.ALL)}")
+    with session_scope() as s:
+        q = select(Job).order_by(Job.id.desc()).limit(limit)
+        if state:
+            q = q.where(Job.state == state)
+        if kind:
+            q = q.where(Job.kind == kind)
+        if node:
+            q = q.where(Job.node_id == get_node(s, node).id)
+        return [job_view(j) for j in s.scalars(q)]
+
+
+@router.get("/jobs/{job_id}")
+def read_job(job_id: int) -> dict[str, Any]:
+    with session_scope() as s:
+        return job_view(get_job(s, job_id), events=True)
+
+
+@router.post("/jobs/{job_id}/cancel")
+def cancel(job_id: int) -> dict[str, Any]:
+    was = submit.request_cancel(job_id)
+    return {"job_id": job_id, "was": was, "status": "cancel requested"}
+
+
+@router.get("/nodes")
+def list_nodes() -> list[dict[str, Any]]:
+    with session_scope() as s:
+        active = dict(s.execute(select(Job.node_id, Job.id).where(Job.state.in_(states.ACTIVE))).all())
+        return [node_view(n, active.get(n.id)) for n in s.scalars(select(Node).order_by(Node.name))]
+
+
+@router.post("/nodes", status_code=201)
+def create_node(body: NodeIn) -> dict[str, Any]:
+    with session_scope() as s:
+        node = add_node(s, body.name, body.mac, body.ip, body.groups, body.boot_driver,
+                        body.power_driver, body.disk, body.driver_info)
+        return node_view(node)
+
+
+@router.get("/nodes/{name}")
+def read_node(name: str) -> dict[str, Any]:
+    with session_scope() as s:
+        return node_view(get_node(s, name))
+
+
+@router.get("/images")
+def list_images() -> list[dict[str, Any]]:
+    with session_scope() as s:
+        return [image_view(i) for i in s.scalars(select(Image).order_by(Image.name))]
+
+
+@router.get("/images/{name}")
+def read_image(name: str) -> dict[str, Any]:
+    with session_scope() as s:
+        return image_view(get_image(s, name), manifest=True)

@@ -1,0 +1,191 @@
+"""`imgfarm image ...`: the image registry, legacy import, inspection, conversion, verification."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import typer
+from sqlalchemy import select
+
+from imgfarm.cli.output import console, handles_errors, human_bytes, print_json, table
+from imgfarm.errors import ImageError, InvalidInput
+from imgfarm.models.db import session_scope
+from imgfarm.models.images import (
+    check_image_name,
+    find_image,
+    get_image,
+    image_dir,
+    register_image,
+    store_root,
+)
+from imgfarm.models.tables import Image
+from imgfarm.models.views import image_view
+
+app = typer.Typer(help="List, import, inspect, convert and verify images.", no_args_is_help=True)
+
+
+@app.command("list")
+@handles_errors
+def list_images(json_out: bool = typer.Option(False, "--json")) -> None:
+    """Images in the registry."""
+    with session_scope() as s:
+        views = [image_view(i) for i in s.scalars(select(Image).order_by(Image.name))]
+    if json_out:
+        print_json(views)
+        return
+    table(["image", "format", "size", "origin", "created"],
+          [[v["name"], v["format"], human_bytes(v["size_bytes"]), v["origin"].get("kind", ""),
+            v["created_at"]] for v in views])
+
+
+def _legacy_volumes(first: Path) -> list[Path]:
+    if first.suffix == ".000":
+        base = first.name[:-4]
+        return sorted(first.parent.glob(f"{base}.[0-9][0-9][0-9]"))
+    return [first]
+
+
+@app.command("import")
+@handles_errors
+def import_legacy(
+    source: Path = typer.Argument(..., help="a legacy partimage image: NAME.000 (its other volumes come along)"),
+    name: str = typer.Option(..., "--name", "-n", help="name in the registry"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Copy a legacy partimage image into the store and register it (verified first)."""
+    from imgfarm.imageformats.ng import verify_image
+    from imgfarm.tasks.finalize import sha256_file
+
+    check_image_name(name)
+    if not source.is_file():
+        raise InvalidInput(f"{source} does not exist or is not a file")
+    with session_scope() as s:
+        if find_image(s, name) is not None:
+            raise InvalidInput(f"image {name!r} exists already", hint="choose another --name")
+    vols = _legacy_volumes(source)
+    verify_image(vols[0])  # every CRC, before anything is copied
+    dest = image_dir(name)
+    tmp = store_root() / f".import-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for v in vols:
+            shutil.copyfile(v, tmp / v.name)
+        checksums = {v.name: sha256_file(tmp / v.name) for v in vols}
+        if dest.exists():
+            raise InvalidInput(f"{dest} exists in the image store", hint="remove it or choose another name")
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    with session_scope() as s:
+        img = register_image(s, name, "partimage", name, size_bytes=sum(v.stat().st_size for v in vols),
+                             checksums=checksums, origin={"kind": "import", "source_path": str(source)})
+        view = image_view(img)
+    print_json(view) if json_out else typer.echo(f"imported {name}: {len(vols)} volume(s)")
+
+
+def _resolve_source(source: str) -> Path:
+    """A registered image name, or a path to an image file/directory."""
+    path = Path(source)
+    if path.exists():
+        return path
+    with session_scope() as s:
+        img = get_image(s, source)
+        d = store_root() / img.location
+    if img.format == "partimage":
+        from imgfarm.models.images import legacy_first_volume
+
+        return legacy_first_volume(d)
+    return d
+
+
+@app.command("inspect")
+@handles_errors
+def inspect(
+    source: str = typer.Argument(..., help="image name, or path to a NAME.000 / image directory"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Print an image's headers or manifest without converting anything."""
+    path = _resolve_source(source)
+    if path.is_dir():
+        import json
+
+        info: dict[str, Any] = json.loads((path / "manifest.json").read_text())
+    else:
+        from imgfarm.imageformats.partimage import inspect as pi_inspect
+
+        raw = pi_inspect(path)
+        info = raw if isinstance(raw, dict) else dict(getattr(raw, "__dict__", {}) or raw._asdict())  # type: ignore[union-attr]
+    if json_out:
+        print_json(info)
+        return
+    for key, value in info.items():
+        console.print(f"{key:20} {value}", highlight=False)
+
+
+@app.command("verify")
+@handles_errors
+def verify(
+    source: str = typer.Argument(..., help="image name, or path"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Check every CRC and sha256 of an image; exit non-zero on the first fault."""
+    from imgfarm.imageformats.ng import verify_image
+
+    path = _resolve_source(source)
+    report = verify_image(path)
+    data = report if isinstance(report, dict) else getattr(report, "__dict__", {"ok": True})
+    if json_out:
+        print_json(data)
+    else:
+        typer.echo(f"{source}: OK")
+        for k, v in data.items():
+            typer.echo(f"  {k}: {v}")
+
+
+@app.command("convert")
+@handles_errors
+def convert(
+    source: str = typer.Argument(..., help="legacy image name, or path to NAME.000"),
+    out: Path | None = typer.Option(None, "--out", help="write the image under DIR, do not register it"),
+    name: str = typer.Option("", "--name", help="name of the new image (registered in the store)"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Convert a legacy partimage image to partimage-ng here and now (no broker needed)."""
+    from imgfarm.imageformats.convert import convert_legacy
+
+    if out is not None and name and not out:
+        raise InvalidInput("give --out or --name")
+    path = _resolve_source(source)
+    if path.is_dir():
+        raise ImageError(f"{source} is not a legacy partimage image")
+    target = name or (Path(source).name.removesuffix(".000") + "-ng")
+    check_image_name(target)
+    with console.status(f"converting {path.name} ...") as status:
+        def progress(done: int, total: int) -> None:
+            status.update(f"converting {path.name}: {100.0 * done / max(total, 1):.0f}% "
+                          f"({human_bytes(done)} of {human_bytes(total)})")
+
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            manifest = convert_legacy(path, out, name=target, progress=progress)
+        else:
+            with session_scope() as s:
+                if find_image(s, target) is not None:
+                    raise InvalidInput(f"image {target!r} exists already", hint="choose another --name")
+            manifest = convert_legacy(path, store_root(), name=target, progress=progress)
+            with session_scope() as s:
+                register_image(
+                    s, target, "partimage-ng", target,
+                    size_bytes=sum(p.get("stream_bytes", 0) for p in manifest.get("partitions", [])),
+                    checksums={p["file"]: p["sha256"] for p in manifest.get("partitions", [])},
+                    manifest=manifest, origin={"kind": "convert", "source": str(path), **manifest.get("origin", {})},
+                )
+    if json_out:
+        print_json(manifest)
+    else:
+        dest = (out / target) if out is not None else image_dir(target)
+        typer.echo(f"converted {path.name} -> {dest}")

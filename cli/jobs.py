@@ -1,0 +1,226 @@
+"""Submitting and watching jobs: capture, restore, convert, jobs, job, cancel."""
+
+from __future__ import annotations
+
+import getpass
+import socket
+import time
+from typing import Any
+
+import typer
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+from sqlalchemy import select
+
+from imgfarm.cli.output import (
+    console,
+    handles_errors,
+    human_bytes,
+    human_duration,
+    print_json,
+    styled_state,
+    table,
+)
+from imgfarm.errors import InvalidInput
+from imgfarm.models import states
+from imgfarm.models.db import session_scope
+from imgfarm.models.jobs import get_job
+from imgfarm.models.nodes import get_node
+from imgfarm.models.tables import Job
+from imgfarm.models.views import job_view
+from imgfarm.tasks import submit
+
+
+def who() -> str:
+    try:
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001
+        user = "unknown"
+    return f"cli:{user}@{socket.gethostname()}"
+
+
+def _views(job_ids: list[int]) -> list[dict[str, Any]]:
+    with session_scope() as s:
+        return [job_view(j) for j in s.scalars(select(Job).where(Job.id.in_(job_ids)).order_by(Job.id))]
+
+
+def wait_for_jobs(job_ids: list[int], quiet: bool = False, poll: float = 1.0) -> list[dict[str, Any]]:
+    """One progress line per job until all have ended; returns the final views."""
+    if not job_ids:
+        return []
+    if quiet or not console.is_terminal:
+        last: dict[int, str] = {}
+        while True:
+            views = _views(job_ids)
+            for v in views:
+                line = f"{v['state']} {v['progress']:.0f}%"
+                if not quiet and last.get(v["id"]) != line:
+                    typer.echo(f"job {v['id']} {v['kind']} {v['node'] or v['image']}: {line}")
+                    last[v["id"]] = line
+            if all(v["state"] in states.FINAL for v in views):
+                return views
+            time.sleep(poll)
+    with Progress(TextColumn("{task.fields[label]}"), BarColumn(), TaskProgressColumn(),
+                  TextColumn("{task.fields[state]} {task.fields[extra]}"), console=console) as prog:
+        tasks = {}
+        for v in _views(job_ids):
+            label = f"job {v['id']:>5} {v['kind']:8} {v['node'] or v['image']:12}"
+            tasks[v["id"]] = prog.add_task("", total=100, label=label, state=v["state"], extra="")
+        while True:
+            views = _views(job_ids)
+            for v in views:
+                extra = f"{human_bytes(v['rate'])}/s" if v["rate"] else ""
+                prog.update(tasks[v["id"]], completed=v["progress"], state=styled_state(v["state"]), extra=extra)
+            if all(v["state"] in states.FINAL for v in views):
+                return views
+            time.sleep(poll)
+
+
+def report_and_exit(views: list[dict[str, Any]], json_out: bool) -> None:
+    if json_out:
+        print_json(views)
+    else:
+        for v in views:
+            reason = f": {v['error'].splitlines()[0]}" if v["error"] else ""
+            console.print(f"job {v['id']} {v['kind']} {v['node'] or v['image']} "
+                          f"{styled_state(v['state'])}{reason}", highlight=False)
+    if any(v["state"] != states.SUCCEEDED for v in views):
+        raise typer.Exit(1)
+
+
+def capture(
+    node: str = typer.Argument(..., help="the node whose disk to capture"),
+    image: str = typer.Option(..., "--image", "-i", help="name of the new image"),
+    fmt: str = typer.Option("partimage-ng", "--format", "-f", help="partimage-ng (default) or partimage"),
+    wait: bool = typer.Option(False, "--wait", "-w", help="wait for the end; exit 1 unless it succeeded"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Capture a node's disk into a new image."""
+    handles_errors(_capture)(node, image, fmt, wait, json_out)
+
+
+def _capture(node: str, image: str, fmt: str, wait: bool, json_out: bool) -> None:
+    sub = submit.submit_capture(node, image, fmt, submitted_by=who())
+    _after_submit(sub.job_ids, {}, wait, json_out)
+
+
+def _after_submit(job_ids: list[int], skipped: dict[str, str], wait: bool, json_out: bool,
+                  extra: list[int] | None = None) -> None:
+    if not wait:
+        if json_out:
+            print_json({"job_ids": job_ids, "skipped": skipped, "convert_job_id": (extra or [None])[0]})
+        else:
+            for n, why in skipped.items():
+                typer.echo(f"skipped {n}: {why}")
+            typer.echo("queued job" + ("s " if len(job_ids) > 1 else " ") + " ".join(map(str, job_ids)))
+        return
+    for n, why in skipped.items():
+        typer.echo(f"skipped {n}: {why}", err=True)
+    views = wait_for_jobs((extra or []) + job_ids, quiet=json_out)
+    report_and_exit(views, json_out)
+
+
+def restore(
+    nodes: str = typer.Argument(..., help="node range: lab[001-120], n1,n3, @group, lab[1-9]!lab5"),
+    image: str = typer.Option(..., "--image", "-i", help="image to restore"),
+    wait: bool = typer.Option(False, "--wait", "-w", help="wait for all; exit 1 if any did not succeed"),
+    skip_busy: bool = typer.Option(False, "--skip-busy", help="restore the others when some nodes are busy"),
+    convert: bool = typer.Option(False, "--convert", help="convert a legacy partimage image once, then restore that"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Restore an image onto many nodes at once."""
+    handles_errors(_restore)(nodes, image, wait, skip_busy, convert, json_out)
+
+
+def _restore(nodes: str, image: str, wait: bool, skip_busy: bool, convert: bool, json_out: bool) -> None:
+    sub = submit.submit_restore(nodes, image, submitted_by=who(), skip_busy=skip_busy, convert=convert)
+    extra = [sub.convert_job_id] if sub.convert_job_id else None
+    _after_submit(sub.job_ids, sub.skipped, wait, json_out, extra)
+
+
+def convert(
+    image: str = typer.Argument(..., help="registered legacy partimage image"),
+    name: str = typer.Option("", "--name", help="name of the new image (default IMAGE-ng)"),
+    wait: bool = typer.Option(False, "--wait", "-w"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Queue a conversion to partimage-ng on the CPU queue (imgfarm.convert)."""
+    handles_errors(_convert)(image, name, wait, json_out)
+
+
+def _convert(image: str, name: str, wait: bool, json_out: bool) -> None:
+    from imgfarm.tasks.convert import submit_convert
+
+    job_id = submit_convert(image, name or None, submitted_by=who())
+    _after_submit([job_id], {}, wait, json_out)
+
+
+def jobs(
+    state: str = typer.Option("", "--state", "-s", help="only jobs in this state"),
+    node: str = typer.Option("", "--node", "-n", help="only this node's jobs"),
+    kind: str = typer.Option("", "--kind", help="capture, restore or convert"),
+    limit: int = typer.Option(50, "--limit"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """List jobs, newest first."""
+    handles_errors(_jobs)(state, node, kind, limit, json_out)
+
+
+def _jobs(state: str, node: str, kind: str, limit: int, json_out: bool) -> None:
+    if state and state not in states.ALL:
+        raise InvalidInput(f"unknown state {state!r}", hint=f"one of {', '.join(states.ALL)}")
+    with session_scope() as s:
+        q = select(Job).order_by(Job.id.desc()).limit(limit)
+        if state:
+            q = q.where(Job.state == state)
+        if kind:
+            q = q.where(Job.kind == kind)
+        if node:
+            q = q.where(Job.node_id == get_node(s, node).id)
+        views = [job_view(j) for j in s.scalars(q)]
+    if json_out:
+        print_json(views)
+        return
+    print_jobs_table(views)
+
+
+def print_jobs_table(views: list[dict[str, Any]], title: str | None = None) -> None:
+    table(["job", "kind", "node", "image", "state", "progress", "duration", "size", "error"],
+          [[v["id"], v["kind"], v["node"], v["image"], styled_state(v["state"]), f"{v['progress']:.0f}%",
+            human_duration(v["duration"]), human_bytes(v["bytes_done"]),
+            (v["error"].splitlines() or [""])[0][:60]] for v in views], title=title)
+
+
+def job(
+    job_id: int = typer.Argument(...),
+    follow: bool = typer.Option(False, "--follow", "-f", help="live progress until the job ends"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """One job with its events; --follow shows a live progress bar."""
+    handles_errors(_job)(job_id, follow, json_out)
+
+
+def _job(job_id: int, follow: bool, json_out: bool) -> None:
+    if follow:
+        wait_for_jobs([job_id], quiet=json_out)
+    with session_scope() as s:
+        view = job_view(get_job(s, job_id), events=True)
+    if json_out:
+        print_json(view)
+        return
+    for key in ("id", "kind", "node", "image", "format", "state", "progress", "duration", "error",
+                "celery_task_id", "submitted_by"):
+        console.print(f"{key:15} {view[key]}", highlight=False)
+    table(["at", "kind", "state", "message"],
+          [[e["at"], e["kind"], e["state"], e["message"][:100]] for e in view["events"]], title="events")
+    if follow and view["state"] != states.SUCCEEDED:
+        raise typer.Exit(1)
+
+
+def cancel(job_id: int = typer.Argument(...)) -> None:
+    """Cancel a job: it ends as cancelled and its node goes back to local boot."""
+    handles_errors(_cancel)(job_id)
+
+
+def _cancel(job_id: int) -> None:
+    was = submit.request_cancel(job_id)
+    typer.echo(f"cancel requested for job {job_id} (was {was})")

@@ -1,0 +1,189 @@
+"""`imgfarm node ...`: the node inventory."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import typer
+from sqlalchemy import select
+
+from imgfarm.cli.output import handles_errors, print_json, table
+from imgfarm.errors import InvalidInput
+from imgfarm.models import states
+from imgfarm.models.db import session_scope
+from imgfarm.models.nodes import (
+    add_node,
+    ensure_groups,
+    get_node,
+    node_info,
+    normalize_mac,
+    set_admin_state,
+    validate_drivers,
+)
+from imgfarm.models.tables import Job, Node, NodeEvent
+from imgfarm.models.views import node_view
+
+app = typer.Typer(help="Add, change and list nodes.", no_args_is_help=True)
+
+
+def parse_sets(pairs: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise InvalidInput(f"bad --set {pair!r}", hint="write it as KEY=VALUE, e.g. --set bmc_address=10.0.0.5")
+        out[key.strip()] = value
+    return out
+
+
+@app.command("add")
+@handles_errors
+def add(
+    name: str = typer.Argument(..., help="node name, e.g. lab001"),
+    mac: str = typer.Option("", help="boot NIC MAC (needed by the pxe driver)"),
+    ip: str = typer.Option("", help="node IP address"),
+    group: list[str] = typer.Option([], "--group", "-g", help="group to put it in (repeatable)"),
+    boot: str = typer.Option("", help="boot driver: sim, pxe, xcat (default: settings)"),
+    power: str = typer.Option("", help="power driver: sim, ipmi, xcat (default: settings)"),
+    disk: str = typer.Option("", help="target disk hint (/dev/nvme0n1), or the disk file of a sim node"),
+    set_: list[str] = typer.Option([], "--set", help="driver setting KEY=VALUE (repeatable), e.g. bmc_address=10.1.0.5"),
+    json_out: bool = typer.Option(False, "--json", help="print the node as JSON"),
+) -> None:
+    """Add a node; its driver settings are checked now, not when a job runs."""
+    from imgfarm.config.settings import get_settings
+
+    settings = get_settings()
+    with session_scope() as s:
+        node = add_node(s, name, mac, ip, group, boot or settings.default_boot_driver,
+                        power or settings.default_power_driver, disk, parse_sets(set_))
+        view = node_view(node)
+    print_json(view) if json_out else typer.echo(f"added node {name} ({view['boot_driver']}/{view['power_driver']})")
+
+
+@app.command("set")
+@handles_errors
+def set_node(
+    name: str,
+    mac: str | None = typer.Option(None),
+    ip: str | None = typer.Option(None),
+    boot: str | None = typer.Option(None, help="switch boot driver"),
+    power: str | None = typer.Option(None, help="switch power driver"),
+    disk: str | None = typer.Option(None),
+    group: list[str] = typer.Option([], "--group", "-g", help="replace the node's groups"),
+    set_: list[str] = typer.Option([], "--set", help="driver setting KEY=VALUE"),
+    unset: list[str] = typer.Option([], "--unset", help="remove a driver setting"),
+    state: str | None = typer.Option(None, help="available, reserved or maintenance"),
+) -> None:
+    """Change a node: drivers, settings, groups, admin state (validated before saving)."""
+    with session_scope() as s:
+        node = get_node(s, name)
+        if mac is not None:
+            node.mac = normalize_mac(mac)
+        if ip is not None:
+            node.ip = ip
+        if boot is not None:
+            node.boot_driver = boot
+        if power is not None:
+            node.power_driver = power
+        if disk is not None:
+            node.disk = disk
+        info = dict(node.driver_info or {})
+        info.update(parse_sets(set_))
+        for key in unset:
+            info.pop(key, None)
+        node.driver_info = info
+        if group:
+            node.groups = ensure_groups(s, group)
+        if state is not None:
+            set_admin_state(node, state)
+        validate_drivers(node_info(node))
+        s.add(NodeEvent(node_id=node.id, kind="changed", message="node settings changed"))
+    typer.echo(f"updated node {name}")
+
+
+@app.command("list")
+@handles_errors
+def list_nodes(json_out: bool = typer.Option(False, "--json")) -> None:
+    """List nodes with their drivers, state and active job."""
+    with session_scope() as s:
+        active = dict(s.execute(select(Job.node_id, Job.id).where(Job.state.in_(states.ACTIVE))).all())
+        views = [node_view(n, active.get(n.id)) for n in s.scalars(select(Node).order_by(Node.name))]
+    if json_out:
+        print_json(views)
+        return
+    table(["node", "mac", "groups", "boot", "power", "state", "boots", "active job"],
+          [[v["name"], v["mac"], ",".join(v["groups"]), v["boot_driver"], v["power_driver"],
+            v["admin_state"], v["boot_target"], v["active_job"] or ""] for v in views])
+
+
+@app.command("show")
+@handles_errors
+def show(name: str, json_out: bool = typer.Option(False, "--json")) -> None:
+    """Everything about one node."""
+    with session_scope() as s:
+        view = node_view(get_node(s, name))
+    if json_out:
+        print_json(view)
+    else:
+        for k, v in view.items():
+            typer.echo(f"{k:13} {v}")
+
+
+@app.command("remove")
+@handles_errors
+def remove(name: str) -> None:
+    """Remove a node that has no active job."""
+    from imgfarm.errors import Conflict
+
+    with session_scope() as s:
+        node = get_node(s, name)
+        busy = s.scalar(select(Job.id).where(Job.node_id == node.id, Job.state.in_(states.ACTIVE)))
+        if busy:
+            raise Conflict(f"node {name} has active job {busy}", hint=f"`imgfarm cancel {busy}` first")
+        s.delete(node)
+    typer.echo(f"removed node {name}")
+
+
+@app.command("import")
+@handles_errors
+def import_csv(
+    path: Path = typer.Argument(..., help="CSV with a header: name,mac,ip,groups,boot,power,disk[,KEY...]"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Add many nodes from a CSV file, all or nothing.
+
+    Columns: name (required), mac, ip, groups (separated by ';' or spaces),
+    boot, power, disk; any other column becomes a driver setting.
+    """
+    from imgfarm.config.settings import get_settings
+
+    settings = get_settings()
+    if not path.is_file():
+        raise InvalidInput(f"{path} does not exist")
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or "name" not in (rows[0].keys()):
+        raise InvalidInput(f"{path}: no header with a 'name' column")
+    added: list[str] = []
+    with session_scope() as s:
+        for lineno, row in enumerate(rows, start=2):
+            row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+            extra: dict[str, Any] = {k: v for k, v in row.items()
+                                     if k not in {"name", "mac", "ip", "groups", "boot", "power", "disk"} and v}
+            try:
+                add_node(s, row["name"], row.get("mac", ""), row.get("ip", ""),
+                         [g for g in row.get("groups", "").replace(";", " ").split() if g],
+                         row.get("boot") or settings.default_boot_driver,
+                         row.get("power") or settings.default_power_driver, row.get("disk", ""), extra)
+            except InvalidInput as exc:
+                raise type(exc)(f"{path}:{lineno}: {exc.message}", exc.hint) from exc
+            except Exception as exc:
+                from imgfarm.errors import ImgfarmError
+
+                if isinstance(exc, ImgfarmError):
+                    raise type(exc)(f"{path}:{lineno}: {exc.message}", exc.hint) from exc
+                raise
+            added.append(row["name"])
+    print_json({"added": added}) if json_out else typer.echo(f"added {len(added)} nodes")

@@ -1,0 +1,79 @@
+"""Output helpers for the CLI: tables for people, --json for scripts, errors with exit codes."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from imgfarm.errors import ImgfarmError
+
+console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def human_bytes(n: float | int | None) -> str:
+    if not n:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(n)
+
+
+def human_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def table(columns: Iterable[str], rows: Iterable[Iterable[Any]], title: str | None = None) -> None:
+    t = Table(title=title, header_style="bold")
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*[("" if v is None else str(v)) for v in r])
+    console.print(t)
+
+
+STATE_STYLE = {
+    "succeeded": "green", "failed": "red", "timed_out": "red", "cancelled": "yellow",
+    "running": "cyan", "booting": "cyan", "finalizing": "cyan", "queued": "white",
+}
+
+
+def styled_state(state: str) -> str:
+    return f"[{STATE_STYLE.get(state, 'white')}]{state}[/]"
+
+
+def handles_errors(fn: F) -> F:
+    """Turn farm errors into one red line (and its hint) and the error's exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ImgfarmError as exc:
+            err_console.print(f"[red]error:[/] {exc.message}", highlight=False)
+            if exc.hint:
+                err_console.print(f"  hint: {exc.hint}", highlight=False)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]

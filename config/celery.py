@@ -1,0 +1,73 @@
+"""Celery configuration, built from the farm's settings.
+
+Why these values (see shared/docs/CELERY-NOTES.md):
+- Job tasks wait for a node for minutes to hours. They run in a *threads*
+  pool (one cheap thread per waiting job, blocked on a Redis pub/sub wake-up
+  or a timer, so 500 jobs in flight cost one process and no CPU); the
+  CPU-bound convert task runs on its own queue in a prefork worker.
+- acks_late + reject_on_worker_lost: a job message is acknowledged only
+  when its task ends, so a killed worker's job is delivered again; the task
+  is idempotent (it resumes waiting when the job is past `queued`, and never
+  boots a node twice). The reconciler does not wait for the broker: it
+  re-enqueues jobs whose waiting worker stopped heartbeating.
+- visibility_timeout is long (12 h by default) so that a job that is simply
+  long is not redelivered while it still runs; it is set in all three places
+  kombu reads it (celery #7651, #9339).
+- Events on, and task-sent events, so Flower sees jobs from the moment they
+  are queued.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kombu import Queue
+
+from imgfarm.config.settings import Settings
+
+JOB_QUEUE = "imgfarm.jobs"
+CPU_QUEUE = "imgfarm.cpu"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    transport = {"visibility_timeout": settings.visibility_timeout}
+    return {
+        "broker_url": settings.broker_url,
+        "result_backend": settings.result_backend,
+        "broker_transport_options": dict(transport),
+        "result_backend_transport_options": dict(transport),
+        "visibility_timeout": settings.visibility_timeout,
+        "broker_connection_retry_on_startup": True,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_expires": 7 * 24 * 3600,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        "worker_hijack_root_logger": False,
+        "task_queues": (Queue(JOB_QUEUE), Queue(CPU_QUEUE)),
+        "task_default_queue": JOB_QUEUE,
+        "task_routes": {
+            "imgfarm.convert": {"queue": CPU_QUEUE},
+            "imgfarm.capture": {"queue": JOB_QUEUE},
+            "imgfarm.restore": {"queue": JOB_QUEUE},
+        },
+        "beat_schedule": {
+            "imgfarm-reconcile": {
+                "task": "imgfarm.reconcile",
+                "schedule": settings.reconcile_interval,
+                "options": {"expires": settings.reconcile_interval},
+            },
+            "imgfarm-window-tick": {
+                "task": "imgfarm.window_tick",
+                "schedule": 30.0,
+                "options": {"expires": 30.0},
+            },
+        },
+        "timezone": "UTC",
+        "enable_utc": True,
+    }

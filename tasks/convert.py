@@ -1,0 +1,196 @@
+"""`imgfarm.convert`: legacy partimage -> partimage-ng, on the CPU queue.
+
+Needs no node. The job row tracks it like any job (queued -> running ->
+finalizing -> succeeded/failed) and the new image is registered with its
+origin only after the converter verified every CRC and renamed the result
+into place. Restores submitted with --convert wait as `queued` jobs that
+name this job in options.after_job; they are enqueued when it succeeds, and
+failed with its reason when it does not: one conversion, however many nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Task
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from imgfarm.errors import Conflict, ImgfarmError
+from imgfarm.models import states
+from imgfarm.models.db import session_scope
+from imgfarm.models.images import (
+    check_image_name,
+    find_image,
+    get_image,
+    legacy_first_volume,
+    register_image,
+    store_root,
+)
+from imgfarm.models.jobs import add_event, begin_finalizing, get_job, transition
+from imgfarm.models.tables import Job, utcnow
+from imgfarm.tasks.lifecycle import JobEnded
+from imgfarm.worker.app import app
+from imgfarm.worker.liveness import worker_id
+
+log = logging.getLogger(__name__)
+
+
+def create_convert_job(s: Session, source: str, target: str, submitted_by: str = "") -> int:
+    """A queued convert job row (committed by the caller's session)."""
+    check_image_name(target)
+    img = get_image(s, source)
+    if img.format != "partimage":
+        raise ImgfarmError(f"image {source!r} is {img.format}; only partimage images convert")
+    if find_image(s, target) is not None:
+        raise Conflict(f"image {target!r} exists already", hint="choose another --name")
+    other = s.scalar(
+        select(Job.id).where(Job.kind == "convert", Job.image_name == target, Job.state.in_(states.ACTIVE))
+    )
+    if other:
+        raise Conflict(f"job {other} is already converting to {target!r}")
+    job = Job(kind="convert", image_name=target, format="partimage-ng", submitted_by=submitted_by,
+              options={"source": source})
+    s.add(job)
+    s.flush()
+    add_event(s, job.id, "state", f"conversion of {source} to {target} submitted", state=states.QUEUED)
+    return job.id
+
+
+def enqueue_convert(job_id: int) -> None:
+    with session_scope() as s:
+        job = get_job(s, job_id)
+        args = (job.id, job.options.get("source", ""), job.image_name)
+    res = convert.apply_async(args=args)
+    with session_scope() as s:
+        get_job(s, job_id).celery_task_id = res.id
+
+
+def submit_convert(source: str, target: str | None = None, submitted_by: str = "", enqueue: bool = True) -> int:
+    with session_scope() as s:
+        job_id = create_convert_job(s, source, target or f"{source}-ng", submitted_by)
+    if enqueue:
+        enqueue_convert(job_id)
+    return job_id
+
+
+def run_convert(job_id: int, progress: Any = None) -> str:
+    """Convert, register and release the waiting restores; returns the final state."""
+    from imgfarm.imageformats.convert import convert_legacy
+
+    with session_scope() as s:
+        job = get_job(s, job_id)
+        if job.state in states.FINAL:
+            return job.state
+        source_name = job.options.get("source", "")
+        target = job.image_name
+        src = get_image(s, source_name)
+        src_dir = store_root() / src.location
+        if job.state == states.QUEUED or job.state == states.RUNNING:
+            # A redelivered conversion starts again from the legacy image.
+            s.execute(Job.__table__.update().where(Job.id == job_id).values(waiter=worker_id()))
+            if job.state == states.QUEUED:
+                transition(s, job_id, states.QUEUED, states.RUNNING, f"converting {source_name} -> {target}",
+                           started_at=utcnow())
+    error = ""
+    manifest: dict[str, Any] = {}
+    with session_scope() as s:
+        state = get_job(s, job_id).state
+    if state == states.RUNNING:
+        try:
+            first = legacy_first_volume(src_dir)
+
+            def _progress(done: int, total: int) -> None:
+                if progress:
+                    progress(done, total)
+                with session_scope() as s2:
+                    j = get_job(s2, job_id)
+                    j.bytes_done, j.bytes_total = done, total
+                    j.progress = round(100.0 * done / total, 1) if total else 0.0
+                    j.updated_at = utcnow()
+                    if j.cancel_requested:
+                        raise ImgfarmError("cancelled by operator")
+
+            manifest = convert_legacy(first, store_root(), name=target, progress=_progress)
+        except (ImgfarmError, OSError) as exc:
+            error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - record any converter bug as the reason
+            log.exception("conversion %s failed", job_id)
+            error = f"{type(exc).__name__}: {exc}"
+        with session_scope() as s:
+            if error:
+                outcome = states.CANCELLED if "cancelled by operator" in error else states.FAILED
+                begin_finalizing(s, job_id, outcome, error)
+            else:
+                try:
+                    size = sum(p.get("stream_bytes", 0) for p in manifest.get("partitions", []))
+                    register_image(
+                        s, target, "partimage-ng", target, size_bytes=size,
+                        checksums={p["file"]: p["sha256"] for p in manifest.get("partitions", [])},
+                        manifest=manifest,
+                        origin={"kind": "convert", "source_image": source_name, "job": job_id,
+                                **(manifest.get("origin") or {})},
+                        source_job_id=job_id,
+                    )
+                    begin_finalizing(s, job_id, states.SUCCEEDED)
+                except ImgfarmError as exc:
+                    error = str(exc)
+                    begin_finalizing(s, job_id, states.FAILED, error)
+    with session_scope() as s:
+        job = get_job(s, job_id)
+        final = job.outcome or states.FAILED
+        transition(s, job_id, states.FINALIZING, final, job.error or f"convert {final}",
+                   progress=100.0 if final == states.SUCCEEDED else job.progress)
+    release_dependents(job_id)
+    with session_scope() as s:
+        return get_job(s, job_id).state
+
+
+def release_dependents(convert_job_id: int) -> list[int]:
+    """Enqueue the restores that waited on this conversion, or fail them with its reason."""
+    from imgfarm.tasks.finalize import finalize_job
+    from imgfarm.tasks.submit import enqueue_jobs
+
+    with session_scope() as s:
+        conv = get_job(s, convert_job_id)
+        if conv.state not in states.FINAL:
+            return []
+        waiting = [
+            j.id
+            for j in s.scalars(select(Job).where(Job.state == states.QUEUED, Job.kind == "restore"))
+            if (j.options or {}).get("after_job") == convert_job_id and not j.celery_task_id
+        ]
+        ok, reason = conv.state == states.SUCCEEDED, conv.error
+    if ok:
+        enqueue_jobs(waiting)
+        return waiting
+    for jid in waiting:
+        with session_scope() as s:
+            begin_finalizing(s, jid, states.FAILED, f"conversion job {convert_job_id} did not succeed: {reason}")
+        finalize_job(jid)
+    return waiting
+
+
+@app.task(name="imgfarm.convert", bind=True, acks_late=True, reject_on_worker_lost=True, throws=(JobEnded,))
+def convert(self: Task, job_id: int, source: str = "", image: str = "") -> dict[str, Any]:
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        import time
+
+        now = time.monotonic()
+        if now - last[0] >= 1.0:
+            last[0] = now
+            pct = round(100.0 * done / total, 1) if total else 0.0
+            try:
+                self.send_event("task-progress", job_id=job_id, percent=pct, bytes_done=done, bytes_total=total)
+            except Exception:  # noqa: BLE001
+                pass
+
+    state = run_convert(int(job_id), progress)
+    with session_scope() as s:
+        job = get_job(s, int(job_id))
+        if state != states.SUCCEEDED:
+            raise JobEnded(f"job {job_id} {state}: {job.error}")
+        return {"job_id": job.id, "state": state, "image": job.image_name}

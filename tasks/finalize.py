@@ -1,0 +1,135 @@
+"""The end of every job: put the node back to local boot, record, release.
+
+Runs for every outcome (succeeded, failed, timed_out, cancelled). A capture
+registers its image here, and only when the files the agent wrote verify
+against the checksums it reported (and the image's own CRCs): until then
+they sit under the store's .incoming/ directory, where nothing takes them
+for an image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from imgfarm.config.settings import get_settings
+from imgfarm.errors import ImgfarmError
+from imgfarm.models import states
+from imgfarm.models.db import session_scope
+from imgfarm.models.images import find_image, image_dir, incoming_dir, register_image
+from imgfarm.models.jobs import add_event, get_job, transition
+from imgfarm.models.nodes import node_info
+from imgfarm.models.tables import Node
+
+log = logging.getLogger(__name__)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(4 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _verify_capture(job_id: int, name: str, fmt: str, result: dict[str, Any]) -> dict[str, Any]:
+    """Check the captured files; return registry fields or raise ImgfarmError."""
+    src = incoming_dir(job_id)
+    reported: dict[str, str] = dict(result.get("files") or {})
+    if not src.is_dir() or not reported:
+        raise ImgfarmError(f"the agent reported success but wrote no files under {src}")
+    size = 0
+    for fname, digest in reported.items():
+        path = src / fname
+        if "/" in fname or not path.is_file():
+            raise ImgfarmError(f"captured file {fname} is missing")
+        actual = sha256_file(path)
+        if actual != digest:
+            raise ImgfarmError(
+                f"captured file {fname}: sha256 {actual[:16]}... differs from the agent's "
+                f"{digest[:16]}..."
+            )
+        size += path.stat().st_size
+    manifest: dict[str, Any] = {}
+    if fmt == "partimage-ng":
+        manifest = json.loads((src / "manifest.json").read_text())
+        for part in manifest.get("partitions", []):
+            if reported.get(part["file"]) != part.get("sha256"):
+                raise ImgfarmError(f"manifest sha256 of {part['file']} differs from the agent's")
+    try:
+        from imgfarm.imageformats import ng
+
+        ng.verify_image(src)
+    except ImportError:
+        pass
+    return {"size_bytes": size, "checksums": reported, "manifest": manifest}
+
+
+def _register_capture(s: Any, job: Any) -> None:
+    name, fmt = job.image_name, job.format
+    fields = _verify_capture(job.id, name, fmt, dict(job.result or {}))
+    dest = image_dir(name)
+    if dest.exists() or find_image(s, name) is not None:
+        raise ImgfarmError(f"image {name!r} appeared while the capture ran; not overwritten")
+    os.rename(incoming_dir(job.id), dest)
+    register_image(
+        s,
+        name,
+        fmt,
+        name,
+        size_bytes=fields["size_bytes"],
+        checksums=fields["checksums"],
+        manifest=fields["manifest"],
+        origin={"kind": "capture", "node": job.node_name, "job": job.id},
+        source_job_id=job.id,
+    )
+    add_event(s, job.id, "note", f"registered image {name} ({fields['size_bytes']} bytes)")
+
+
+def finalize_job(job_id: int) -> None:
+    """finalizing -> outcome: reset the node, register a capture, end the job."""
+    from imgfarm.tasks.lifecycle import reset_node
+
+    settings = get_settings()
+    with session_scope() as s:
+        job = get_job(s, job_id)
+        if job.state != states.FINALIZING:
+            return
+        outcome = job.outcome or states.FAILED
+        node = s.get(Node, job.node_id) if job.node_id else None
+        info = node_info(node) if node else None
+        kind = job.kind
+    errors: list[str] = []
+    if info is not None:
+        cycle = outcome != states.SUCCEEDED or settings.power_cycle_after
+        err = reset_node(info, power_cycle=cycle)
+        if err:
+            errors.append(err)
+    with session_scope() as s:
+        job = get_job(s, job_id)
+        final, error = outcome, job.error
+        if outcome == states.SUCCEEDED and kind == "capture":
+            try:
+                _register_capture(s, job)
+            except (ImgfarmError, OSError, ValueError, KeyError) as exc:
+                final, error = states.FAILED, f"capture did not verify: {exc}"
+        if outcome == states.SUCCEEDED and errors:
+            final = states.FAILED
+        if errors:
+            error = "; ".join([e for e in [error, *errors] if e])
+        ok = transition(
+            s,
+            job_id,
+            states.FINALIZING,
+            final,
+            error or f"{kind} {final}",
+            error=error,
+            progress=100.0 if final == states.SUCCEEDED else job.progress,
+        )
+    if kind == "capture" and final != states.SUCCEEDED and ok:
+        shutil.rmtree(incoming_dir(job_id), ignore_errors=True)

@@ -1,0 +1,76 @@
+"""The Celery tasks `imgfarm.capture` and `imgfarm.restore`.
+
+Thin wrappers: they take the job id (plus node and image, only so Flower and
+`celery inspect` show them) and call tasks/lifecycle.py. A job that does not
+succeed raises JobEnded with its reason, so Flower lists it as FAILURE with
+that reason; while it waits, the task sends `task-progress` events (Flower
+shows the state PROGRESS) and writes the progress as task meta.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Task
+from celery.signals import worker_ready
+
+from imgfarm.models import states
+from imgfarm.tasks.lifecycle import JobEnded, run_job
+from imgfarm.worker.app import app
+
+log = logging.getLogger(__name__)
+
+
+def _progress_reporter(task: Task) -> Any:
+    def report(p: dict[str, Any]) -> None:
+        try:
+            task.send_event("task-progress", **p)
+            if task.request.id:
+                task.update_state(state="PROGRESS", meta=p)
+        except Exception as exc:  # noqa: BLE001 - monitoring must never end a job
+            log.debug("progress event failed: %s", exc)
+
+    return report
+
+
+def _run(task: Task, job_id: int) -> dict[str, Any]:
+    summary = run_job(int(job_id), on_progress=_progress_reporter(task))
+    if summary.state != states.SUCCEEDED:
+        raise JobEnded(f"job {job_id} {summary.state}: {summary.error or 'no reason recorded'}")
+    return summary.as_dict()
+
+
+@app.task(name="imgfarm.capture", bind=True, acks_late=True, reject_on_worker_lost=True, throws=(JobEnded,))
+def capture(self: Task, job_id: int, node: str = "", image: str = "") -> dict[str, Any]:
+    return _run(self, job_id)
+
+
+@app.task(name="imgfarm.restore", bind=True, acks_late=True, reject_on_worker_lost=True, throws=(JobEnded,))
+def restore(self: Task, job_id: int, node: str = "", image: str = "") -> dict[str, Any]:
+    return _run(self, job_id)
+
+
+JOB_TASKS = {"capture": capture, "restore": restore}
+
+
+@worker_ready.connect
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
+    """Heartbeat, wake-ups, and one reconcile pass so orphaned jobs resume at once."""
+    import threading
+
+    from imgfarm.config.settings import get_settings
+    from imgfarm.tasks.reconcile import reconcile_once
+    from imgfarm.worker.liveness import start_heartbeat
+    from imgfarm.worker.wakeup import get_waker
+
+    start_heartbeat()
+    get_waker(get_settings().redis_url)
+
+    def first_pass() -> None:
+        try:
+            reconcile_once()
+        except Exception:  # noqa: BLE001
+            log.exception("start-up reconcile failed")
+
+    threading.Thread(target=first_pass, name="imgfarm-startup-reconcile", daemon=True).start()

@@ -1,0 +1,229 @@
+"""One job's life on the worker side: take the node, boot the agent, wait, finalize.
+
+Plain functions, testable without a broker; tasks/jobs.py wraps them as the
+Celery tasks `imgfarm.capture` and `imgfarm.restore`.
+
+Waiting: a job thread blocks on its job's wake-up slot (worker/wakeup.py)
+until the agent reports, a cancel arrives, or the next deadline is due. It
+never sleeps in a busy loop; with Redis, a quiet job costs nothing.
+
+Idempotence: a task may be delivered twice (a killed worker, the broker's
+visibility timeout, the reconciler). The queued -> booting step is a
+conditional update, so only one delivery ever boots the node; any other
+delivery finds the job past `queued` and just waits (and takes over the
+waiting if the previous waiter died). Finalizing is guarded the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import update
+
+from imgfarm.config.settings import get_settings
+from imgfarm.errors import DriverError, ImgfarmError
+from imgfarm.models import states
+from imgfarm.models.db import session_scope
+from imgfarm.models.jobs import add_event, begin_finalizing, get_job, hash_token, transition
+from imgfarm.models.nodes import node_info
+from imgfarm.models.tables import Job, Node, utcnow
+from imgfarm.tasks.finalize import finalize_job
+from imgfarm.worker.drivers.base import AgentOrders, NodeInfo
+from imgfarm.worker.drivers.registry import boot_driver, power_driver
+from imgfarm.worker.liveness import worker_id
+from imgfarm.worker.wakeup import get_waker
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+class JobEnded(Exception):
+    """Raised by a job task whose job did not succeed: Flower shows the reason."""
+
+
+@dataclass
+class Summary:
+    job_id: int
+    state: str
+    error: str
+    result: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"job_id": self.job_id, "state": self.state, "error": self.error, **self.result}
+
+
+def _claim(job_id: int) -> None:
+    with session_scope() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(waiter=worker_id()))
+
+
+def _start(job_id: int) -> None:
+    """queued -> booting, once: mint the token, boot the agent, power-cycle."""
+    settings = get_settings()
+    token = secrets.token_urlsafe(32)
+    now = utcnow()
+    with session_scope() as s:
+        job = get_job(s, job_id)
+        if job.cancel_requested:
+            begin_finalizing(s, job_id, states.CANCELLED, "cancelled before it started")
+            return
+        node = s.get(Node, job.node_id) if job.node_id else None
+        if node is None:
+            begin_finalizing(s, job_id, states.FAILED, "the job's node no longer exists")
+            return
+        won = transition(
+            s,
+            job_id,
+            states.QUEUED,
+            states.BOOTING,
+            f"booting {node.name} into the agent ({node.boot_driver}/{node.power_driver})",
+            token_hash=hash_token(token),
+            started_at=now,
+            last_report_at=now,
+            deadline_at=now + timedelta(seconds=float(job.options.get("timeout") or settings.job_timeout)),
+            boot_calls=Job.boot_calls + 1,
+            waiter=worker_id(),
+        )
+        info = node_info(node)
+    if not won:
+        return
+    orders = AgentOrders(api_url=settings.api_url, job_id=job_id, token=token)
+    try:
+        boot_driver(info.boot_driver).boot_agent(info, orders)
+        _set_node(info.name, boot_target="agent")
+        power_driver(info.power_driver).reboot(info)
+        _set_node(info.name, power_state="on")
+    except ImgfarmError as exc:
+        with session_scope() as s:
+            begin_finalizing(s, job_id, states.FAILED, f"could not boot {info.name}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - any driver bug ends the job, never the node
+        log.exception("boot of job %s failed", job_id)
+        with session_scope() as s:
+            begin_finalizing(s, job_id, states.FAILED, f"could not boot {info.name}: {exc!r}")
+
+
+def _set_node(name: str, **values: Any) -> None:
+    with session_scope() as s:
+        s.execute(update(Node).where(Node.name == name).values(**values))
+
+
+def _check_deadlines(job: Job) -> tuple[str, str] | None:
+    """(outcome, reason) if a deadline has passed, else None."""
+    settings = get_settings()
+    now = utcnow()
+    if job.deadline_at and now >= job.deadline_at:
+        return states.TIMED_OUT, "the job's overall deadline passed"
+    last = job.last_report_at or job.started_at
+    if last is None:
+        return None
+    if job.state == states.BOOTING:
+        limit = float(job.options.get("boot_timeout") or settings.boot_timeout)
+        if (now - last).total_seconds() >= limit:
+            return states.TIMED_OUT, f"the agent did not report within {limit:g}s of the power-cycle"
+    elif job.state == states.RUNNING:
+        limit = float(job.options.get("heartbeat_timeout") or settings.heartbeat_timeout)
+        if (now - last).total_seconds() >= limit:
+            return states.TIMED_OUT, f"no report from the agent for {limit:g}s"
+    return None
+
+
+def _next_deadline_in(job: Job) -> float:
+    settings = get_settings()
+    now = utcnow()
+    candidates = []
+    if job.deadline_at:
+        candidates.append((job.deadline_at - now).total_seconds())
+    last = job.last_report_at or job.started_at
+    if last is not None:
+        if job.state == states.BOOTING:
+            limit = float(job.options.get("boot_timeout") or settings.boot_timeout)
+        else:
+            limit = float(job.options.get("heartbeat_timeout") or settings.heartbeat_timeout)
+        candidates.append((last - now).total_seconds() + limit)
+    return max(0.05, min(candidates) if candidates else 5.0)
+
+
+def run_job(job_id: int, on_progress: ProgressFn | None = None) -> Summary:
+    """Drive one capture/restore job to its end; safe to call more than once."""
+    _claim(job_id)
+    with session_scope() as s:
+        state = get_job(s, job_id).state
+    if state == states.QUEUED:
+        _start(job_id)
+    return wait_and_finish(job_id, on_progress)
+
+
+def wait_and_finish(job_id: int, on_progress: ProgressFn | None = None) -> Summary:
+    settings = get_settings()
+    waker = get_waker(settings.redis_url)
+    slot = waker.register(job_id)
+    last_progress: tuple[Any, ...] = ()
+    try:
+        while True:
+            finalize = False
+            with session_scope() as s:
+                job = get_job(s, job_id)
+                snapshot = (job.state, round(job.progress, 1), job.bytes_done)
+                if job.state in states.FINAL:
+                    return Summary(job.id, job.state, job.error, dict(job.result or {}))
+                mine = job.waiter == worker_id()
+                if job.state == states.FINALIZING:
+                    finalize = mine
+                elif mine and job.cancel_requested:
+                    begin_finalizing(s, job_id, states.CANCELLED, "cancelled by operator")
+                    continue
+                elif mine:
+                    expired = _check_deadlines(job)
+                    if expired:
+                        begin_finalizing(s, job_id, expired[0], expired[1])
+                        continue
+                timeout = _next_deadline_in(job) + 0.05
+                progress = {
+                    "job_id": job.id,
+                    "state": job.state,
+                    "percent": job.progress,
+                    "bytes_done": job.bytes_done,
+                    "bytes_total": job.bytes_total,
+                    "rate": job.rate,
+                }
+            if finalize:
+                finalize_job(job_id)  # outside the session: it opens its own
+                continue
+            if on_progress and snapshot != last_progress:
+                last_progress = snapshot
+                on_progress(progress)
+            waker.wait(slot, min(timeout, 30.0))
+    finally:
+        waker.unregister(job_id, slot)
+
+
+def reset_node(info: NodeInfo, power_cycle: bool) -> str:
+    """Local boot again, then power as asked; returns an error text or ''."""
+    errors = []
+    for attempt in range(3):
+        try:
+            boot_driver(info.boot_driver).boot_local(info)
+            _set_node(info.name, boot_target="local")
+            break
+        except Exception as exc:  # noqa: BLE001
+            if attempt == 2:
+                errors.append(f"could not set local boot on {info.name}: {exc}")
+            time.sleep(0.5 * (attempt + 1))
+    if power_cycle:
+        try:
+            power_driver(info.power_driver).reboot(info)
+        except (DriverError, Exception) as exc:  # noqa: BLE001
+            errors.append(f"could not power-cycle {info.name}: {exc}")
+    return "; ".join(errors)
+
+
+def note(job_id: int, message: str, data: dict[str, Any] | None = None) -> None:
+    with session_scope() as s:
+        add_event(s, job_id, "note", message, data=data)

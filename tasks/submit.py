@@ -1,0 +1,188 @@
+"""Submitting jobs: validate everything, create the job rows, then enqueue.
+
+All checks happen before anything is written, and the rows are committed
+before their tasks are sent (a worker must find the row it is given). A
+node with an active job is refused by the database itself (the partial
+unique index), not by a check that could race.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from imgfarm.errors import Conflict, InvalidInput
+from imgfarm.models import states
+from imgfarm.models.db import session_scope
+from imgfarm.models.images import check_format, check_image_name, find_image, get_image
+from imgfarm.models.jobs import add_event
+from imgfarm.models.nodes import get_node, resolve_nodes
+from imgfarm.models.tables import Job, Node
+
+
+@dataclass
+class Submitted:
+    job_ids: list[int]
+    skipped: dict[str, str]  # node -> reason
+    convert_job_id: int | None = None
+
+
+def _busy(session: Session, node_ids: list[int]) -> dict[int, int]:
+    rows = session.execute(
+        select(Job.node_id, Job.id).where(Job.node_id.in_(node_ids), Job.state.in_(states.ACTIVE))
+    )
+    return {n: j for n, j in rows}
+
+
+def _enqueue(job_ids: list[int]) -> None:
+    from imgfarm.tasks.jobs import JOB_TASKS
+
+    with session_scope() as s:
+        jobs = [(j.id, j.kind, j.node_name, j.image_name) for j in s.scalars(select(Job).where(Job.id.in_(job_ids)))]
+    for job_id, kind, node, image in jobs:
+        res = JOB_TASKS[kind].apply_async(args=(job_id, node, image))
+        with session_scope() as s:
+            s.get(Job, job_id).celery_task_id = res.id  # type: ignore[union-attr]
+
+
+def submit_capture(
+    node: str,
+    image: str,
+    fmt: str = "partimage-ng",
+    submitted_by: str = "",
+    options: dict[str, Any] | None = None,
+    enqueue: bool = True,
+) -> Submitted:
+    check_image_name(image)
+    check_format(fmt)
+    with session_scope() as s:
+        n = get_node(s, node)
+        if find_image(s, image) is not None:
+            raise Conflict(f"image {image!r} exists already", hint="capture to a new name")
+        other = s.scalar(
+            select(Job.id).where(
+                Job.kind == "capture", Job.image_name == image, Job.state.in_(states.ACTIVE)
+            )
+        )
+        if other:
+            raise Conflict(f"job {other} is already capturing image {image!r}")
+        _check_available(n)
+        job = Job(kind="capture", node_id=n.id, image_name=image, format=fmt,
+                  submitted_by=submitted_by, options=options or {})
+        s.add(job)
+        try:
+            s.flush()
+        except IntegrityError as exc:
+            raise Conflict(f"node {node} already has an active job",
+                           hint=f"see `imgfarm jobs --node {node}`") from exc
+        add_event(s, job.id, "state", f"capture of {node} to {image} ({fmt}) submitted", state=states.QUEUED)
+        job_id = job.id
+    if enqueue:
+        _enqueue([job_id])
+    return Submitted([job_id], {})
+
+
+def _check_available(node: Node) -> None:
+    if node.admin_state != states.NODE_AVAILABLE:
+        raise Conflict(
+            f"node {node.name} is marked {node.admin_state}",
+            hint=f"`imgfarm node set {node.name} --state available` first",
+        )
+
+
+def submit_restore(
+    nodes: str,
+    image: str,
+    submitted_by: str = "",
+    skip_busy: bool = False,
+    convert: bool = False,
+    options: dict[str, Any] | None = None,
+    window_run_id: int | None = None,
+    enqueue: bool = True,
+    converted_name: str | None = None,
+) -> Submitted:
+    """Restore `image` to every node of the range; all-or-nothing unless skip_busy."""
+    check_image_name(image)
+    with session_scope() as s:
+        img = get_image(s, image)
+        targets = resolve_nodes(s, nodes)
+        if convert and img.format != "partimage":
+            raise InvalidInput(f"image {image!r} is {img.format} already; --convert is for legacy partimage images")
+        busy = _busy(s, [n.id for n in targets])
+        skipped: dict[str, str] = {}
+        for n in targets:
+            if n.id in busy:
+                skipped[n.name] = f"busy with job {busy[n.id]}"
+            elif n.admin_state != states.NODE_AVAILABLE:
+                skipped[n.name] = f"marked {n.admin_state}"
+        if skipped and not skip_busy:
+            detail = ", ".join(f"{k} ({v})" for k, v in skipped.items())
+            raise Conflict(f"cannot restore to {detail}", hint="wait, or pass --skip-busy to restore the others")
+        convert_job_id = None
+        opts = dict(options or {})
+        target_image, target_format = image, img.format
+        if convert:
+            from imgfarm.tasks.convert import create_convert_job
+
+            target_image = converted_name or f"{image}-ng"
+            convert_job_id = create_convert_job(s, image, target_image, submitted_by=submitted_by)
+            opts["after_job"] = convert_job_id
+            target_format = "partimage-ng"
+        job_ids = []
+        for n in targets:
+            if n.name in skipped:
+                continue
+            job = Job(kind="restore", node_id=n.id, image_name=target_image, format=target_format,
+                      submitted_by=submitted_by, options=opts, window_run_id=window_run_id)
+            s.add(job)
+            try:
+                s.flush()
+            except IntegrityError as exc:
+                raise Conflict(f"node {n.name} already has an active job") from exc
+            add_event(s, job.id, "state", f"restore of {target_image} to {n.name} submitted",
+                      state=states.QUEUED)
+            job_ids.append(job.id)
+    if enqueue:
+        if convert_job_id:
+            from imgfarm.tasks.convert import enqueue_convert
+
+            enqueue_convert(convert_job_id)
+        else:
+            _enqueue(job_ids)
+    return Submitted(job_ids, skipped, convert_job_id)
+
+
+def enqueue_jobs(job_ids: list[int]) -> None:
+    _enqueue(job_ids)
+
+
+def request_cancel(job_id: int) -> str:
+    """Ask a job to end as cancelled; whoever holds it resets the node.
+
+    A job still queued with no task holding it is finalized here at once (the
+    node is set to local boot all the same); otherwise its waiting task is
+    woken and does it.
+    """
+    from imgfarm.config.settings import get_settings
+    from imgfarm.models.jobs import begin_finalizing, get_job
+    from imgfarm.tasks.finalize import finalize_job
+    from imgfarm.worker.wakeup import notify
+
+    with session_scope() as s:
+        job = get_job(s, job_id)
+        if job.state in states.FINAL:
+            raise Conflict(f"job {job_id} has ended already ({job.state})")
+        job.cancel_requested = True
+        add_event(s, job_id, "note", "cancel requested")
+        state = job.state
+        now = state == states.QUEUED and not job.waiter
+        if now:
+            now = begin_finalizing(s, job_id, states.CANCELLED, "cancelled by operator")
+    notify(get_settings().redis_url, job_id, {"cancel": True})
+    if now:
+        finalize_job(job_id)
+    return state

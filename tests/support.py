@@ -1,0 +1,78 @@
+"""Shared test helpers: waiting on conditions, loop devices, sparse disks.
+
+Nothing here sleeps and hopes: `wait_for` polls a condition against a
+deadline and fails with what it last saw; `loop_device` always detaches,
+even when the test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def wait_for(
+    cond: Callable[[], T], timeout: float, interval: float = 0.1, what: str = "condition"
+) -> T:
+    """Return cond()'s first truthy value, or fail at the deadline naming `what`."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while True:
+        try:
+            last = cond()
+        except Exception as exc:  # noqa: BLE001 - keep polling, report the last error
+            last = exc
+        else:
+            if last:
+                return last  # type: ignore[return-value]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+        time.sleep(interval)
+
+
+def run(*cmd: str | Path, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(c) for c in cmd], check=check, text=True, capture_output=True, **kw  # type: ignore[call-overload]
+    )
+
+
+def sparse_file(path: Path, size: int) -> Path:
+    with open(path, "wb") as fh:
+        fh.truncate(size)
+    return path
+
+
+@contextlib.contextmanager
+def loop_device(path: Path, partitions: bool = False) -> Iterator[str]:
+    """Attach `path` to a free loop device; detach it whatever happens."""
+    args = ["losetup", "-f", "--show"] + (["-P"] if partitions else []) + [str(path)]
+    dev = run(*args).stdout.strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["umount", "-l", dev], capture_output=True)
+        for _ in range(50):
+            if subprocess.run(["losetup", "-d", dev], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def mounted(dev: str, mountpoint: Path, *opts: str) -> Iterator[Path]:
+    """Mount `dev` on `mountpoint`; unmount whatever happens."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    run("mount", *opts, dev, mountpoint)
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], capture_output=True)
+
+
+IS_ROOT = os.geteuid() == 0
