@@ -19,7 +19,7 @@ from imgfarm.config.settings import get_settings
 from imgfarm.errors import Conflict, Unauthorized
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
-from imgfarm.models.images import INCOMING, get_image
+from imgfarm.models.images import INCOMING, get_image, store_root
 from imgfarm.models.jobs import add_event, begin_finalizing, hash_token, transition
 from imgfarm.models.tables import Job, utcnow
 from imgfarm.worker.wakeup import notify
@@ -67,7 +67,7 @@ def job_spec(job: Job) -> dict[str, Any]:
     if settings.image_store_nfs:
         store = {"type": "nfs", "export": settings.image_store_nfs}
     else:
-        store = {"type": "local", "path": str(settings.store_path)}
+        store = {"type": "local", "path": str(store_root())}
     spec: dict[str, Any] = {
         "job_id": job.id,
         "kind": job.kind,

@@ -64,8 +64,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             },
             "imgfarm-window-tick": {
                 "task": "imgfarm.window_tick",
-                "schedule": 30.0,
-                "options": {"expires": 30.0},
+                "schedule": settings.window_tick_interval,
+                "options": {"expires": settings.window_tick_interval},
             },
         },
         "timezone": "UTC",

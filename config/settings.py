@@ -60,6 +60,7 @@ class IpmiSettings(BaseModel):
     password_file: str = ""  # read by ipmitool -f, never put on a command line
     port: int = 623  # per node: driver_info bmc_port
     ipmitool: str = "ipmitool"  # the ipmitool executable (name on PATH or a path)
+    cipher_suite: str = ""  # ipmitool -C; empty: negotiate (costs a round trip per call)
     timeout: float = 30.0
     retries: int = 3
     backoff: float = 2.0
@@ -102,6 +103,7 @@ class Settings(BaseSettings):
     reconcile_interval: float = 30.0
     visibility_timeout: int = 12 * 3600
     job_concurrency: int = 600  # threads in the job worker: one per waiting job
+    window_tick_interval: float = 30.0  # seconds between bulk-window ticks (beat)
 
     xcat: XcatSettings = XcatSettings()
     pxe: PxeSettings = PxeSettings()

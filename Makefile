@@ -1,0 +1,47 @@
+# imgfarm: the two README commands are `make demo` and `make test`.
+# Both set themselves up: Debian packages when root, a virtualenv, and the
+# services the tests need (Redis, PostgreSQL) when they are not running.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup system-packages venv services demo test test-fast lint bench clean
+
+setup: system-packages venv
+
+system-packages:
+	@scripts/system-packages.sh
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+services:
+	@scripts/ensure-services.sh
+
+demo: setup
+	$(PY) -m imgfarm.demo
+
+test: setup services
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -ra --durations=15
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+bench: setup services
+	$(PY) bench/inflight.py
+	$(PY) bench/convert.py
+	$(PY) bench/pxe_files.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .imgfarm-demo

@@ -1,0 +1,123 @@
+"""The HTTP API's refusals: tokens, finished jobs, bad names — nothing recorded.
+
+Runs the real FastAPI app in-process (TestClient) against SQLite and
+PostgreSQL; no worker is needed to check what the API accepts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from imgfarm.models import states
+from imgfarm.models.db import session_scope
+from imgfarm.models.images import register_image
+from imgfarm.models.jobs import hash_token
+from imgfarm.models.nodes import add_node
+from imgfarm.models.tables import Job, JobEvent
+
+TOKEN = "t" * 43
+
+
+@pytest.fixture
+def client(settings_env: str) -> Iterator[TestClient]:
+    from imgfarm.api.app import create_app
+
+    with TestClient(create_app()) as c:
+        yield c
+
+
+def _running_job(state: str = states.RUNNING) -> int:
+    with session_scope() as s:
+        node = add_node(s, "n1", disk="/tmp/n1.img")
+        register_image(s, "base", "partimage-ng", "base", size_bytes=1, checksums={})
+        job = Job(kind="restore", node_id=node.id, image_name="base", state=state,
+                  token_hash=hash_token(TOKEN))
+        s.add(job)
+        s.flush()
+        return job.id
+
+
+def _counts(job_id: int) -> tuple[int, float, str]:
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        events = s.scalar(select(func.count()).select_from(JobEvent).where(JobEvent.job_id == job_id))
+        return int(events or 0), job.progress, job.state
+
+
+@pytest.mark.parametrize("header", [None, "Bearer wrong", "Bearer ", f"Basic {TOKEN}"])
+def test_bad_token_is_401_and_records_nothing(client: TestClient, header: str | None) -> None:
+    job_id = _running_job()
+    before = _counts(job_id)
+    headers = {"Authorization": header} if header else {}
+    for method, path, body in [
+        ("GET", "", None),
+        ("POST", "/progress", {"percent": 50, "bytes_done": 10}),
+        ("POST", "/result", {"ok": True, "files": {}}),
+    ]:
+        r = client.request(method, f"/agent/v1/jobs/{job_id}{path}", json=body, headers=headers)
+        assert r.status_code == 401, r.text
+        assert "token" in r.json()["error"]
+    assert _counts(job_id) == before
+
+
+def test_unknown_job_answers_401_not_404(client: TestClient) -> None:
+    r = client.get("/agent/v1/jobs/999", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 401
+
+
+def test_good_token_records_progress_and_result(client: TestClient) -> None:
+    job_id = _running_job(states.BOOTING)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    spec = client.get(f"/agent/v1/jobs/{job_id}", headers=auth).json()
+    assert spec["kind"] == "restore" and spec["image"]["location"] == "base"
+    assert client.post(f"/agent/v1/jobs/{job_id}/progress", json={"percent": 60}, headers=auth).status_code == 200
+    assert _counts(job_id)[1:] == (60.0, states.RUNNING)
+    r = client.post(f"/agent/v1/jobs/{job_id}/result", json={"ok": False, "error": "disk on fire",
+                                                              "stderr_tail": "E: boom"}, headers=auth)
+    assert r.status_code == 200
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        assert job.state == states.FINALIZING and job.outcome == states.FAILED
+        assert "disk on fire" in job.error and "E: boom" in job.error
+
+
+@pytest.mark.parametrize("state", [states.SUCCEEDED, states.FAILED, states.FINALIZING, states.CANCELLED])
+def test_report_for_a_finished_job_is_refused_and_changes_nothing(client: TestClient, state: str) -> None:
+    job_id = _running_job(state)
+    before = _counts(job_id)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    r = client.post(f"/agent/v1/jobs/{job_id}/progress", json={"percent": 99}, headers=auth)
+    assert r.status_code == 409 and state in r.json()["error"]
+    r = client.post(f"/agent/v1/jobs/{job_id}/result", json={"ok": True}, headers=auth)
+    assert r.status_code == 409
+    assert _counts(job_id) == before
+
+
+def test_operator_errors_name_the_bad_input(client: TestClient) -> None:
+    with session_scope() as s:
+        for i in range(1, 4):
+            add_node(s, f"n{i}", disk=f"/tmp/n{i}.img")
+        register_image(s, "base", "partimage-ng", "base", size_bytes=1, checksums={})
+    r = client.post("/api/v1/jobs/restore", json={"nodes": "n[1-9]", "image": "base"})
+    assert r.status_code == 404 and "n[4-9]" in r.json()["error"]
+    r = client.post("/api/v1/jobs/restore", json={"nodes": "n[1-3]", "image": "nope"})
+    assert r.status_code == 404 and "'nope' not found" in r.json()["error"]
+    r = client.post("/api/v1/jobs/restore", json={"nodes": "n1", "image": "../etc"})
+    assert r.status_code == 400 and "bad image name '../etc'" in r.json()["error"]
+    r = client.post("/api/v1/jobs/capture", json={"node": "n1", "image": "a/../../b"})
+    assert r.status_code == 400
+    r = client.post("/api/v1/jobs/restore", json={"nodes": "n[1-", "image": "base"})
+    assert r.status_code == 400 and "n[1-" in r.json()["error"]
+    with session_scope() as s:
+        assert s.scalar(select(func.count()).select_from(Job)) == 0
+
+
+def test_openapi_schema_is_served(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "/api/v1/jobs/restore" in paths and "/agent/v1/jobs/{job_id}/result" in paths
