@@ -30,10 +30,21 @@ CPU_QUEUE = "imgfarm.cpu"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    transport = {"visibility_timeout": settings.visibility_timeout}
+    transport: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout}
+    result_backend = settings.result_backend
+    if settings.broker_url.startswith("filesystem://"):
+        # No Redis: Celery's file-system broker, good for one machine (make demo).
+        folder = settings.data_dir / "broker"
+        for sub in ("queue", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        transport.update({"data_folder_in": str(folder / "queue"), "data_folder_out": str(folder / "queue"),
+                          "processed_folder": str(folder / "processed"), "store_processed": False})
+        if result_backend.startswith("filesystem://"):
+            (settings.data_dir / "results").mkdir(parents=True, exist_ok=True)
+            result_backend = f"file://{settings.data_dir / 'results'}"
     return {
         "broker_url": settings.broker_url,
-        "result_backend": settings.result_backend,
+        "result_backend": result_backend,
         "broker_transport_options": dict(transport),
         "result_backend_transport_options": dict(transport),
         "visibility_timeout": settings.visibility_timeout,
