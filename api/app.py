@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from imgfarm import __version__
-from imgfarm.api import agent_routes, operator_routes
+from imgfarm.api import agent_routes, operator_routes, windows_routes
 from imgfarm.errors import ImgfarmError
 
 
@@ -35,6 +35,7 @@ def create_app() -> FastAPI:
         app.include_router(metrics.router)
     except ImportError:
         pass
+    app.include_router(windows_routes.router)
     return app
 
 

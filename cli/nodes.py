@@ -48,7 +48,9 @@ def add(
     boot: str = typer.Option("", help="boot driver: sim, pxe, xcat (default: settings)"),
     power: str = typer.Option("", help="power driver: sim, ipmi, xcat (default: settings)"),
     disk: str = typer.Option("", help="target disk hint (/dev/nvme0n1), or the disk file of a sim node"),
-    set_: list[str] = typer.Option([], "--set", help="driver setting KEY=VALUE (repeatable), e.g. bmc_address=10.1.0.5"),
+    set_: list[str] = typer.Option(
+        [], "--set", help="driver setting KEY=VALUE (repeatable), e.g. bmc_address=10.1.0.5"
+    ),
     json_out: bool = typer.Option(False, "--json", help="print the node as JSON"),
 ) -> None:
     """Add a node; its driver settings are checked now, not when a job runs."""

@@ -58,7 +58,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "worker_send_task_events": True,
         "task_send_sent_event": True,
-        "task_track_started": True,
+        "task_track_started": False,  # the job row has the real state; saves a write per task
         "worker_hijack_root_logger": False,
         "task_queues": (Queue(JOB_QUEUE), Queue(CPU_QUEUE)),
         "task_default_queue": JOB_QUEUE,

@@ -4,7 +4,8 @@ SQLite is used from many threads (one per waiting job) and from the API
 process at once, so it runs in WAL mode with a long busy timeout, and every
 transaction starts with BEGIN IMMEDIATE: a deferred transaction that reads
 and then writes can fail at once with "database is locked" instead of
-waiting, which would turn load into spurious job failures.
+waiting, which would turn load into spurious job failures. Keep
+sessions short: no file I/O or driver calls inside one.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ def _sqlite_engine(url: str) -> Engine:
     engine = create_engine(
         url,
         connect_args={"check_same_thread": False, "timeout": 60, "isolation_level": None},
-        pool_size=8,
-        max_overflow=32,
+        pool_size=16,
+        max_overflow=64,
         pool_timeout=120,
     )
 

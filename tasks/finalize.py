@@ -68,9 +68,8 @@ def _verify_capture(job_id: int, name: str, fmt: str, result: dict[str, Any]) ->
     return {"size_bytes": size, "checksums": reported, "manifest": manifest}
 
 
-def _register_capture(s: Any, job: Any) -> None:
+def _register_capture(s: Any, job: Any, fields: dict[str, Any]) -> None:
     name, fmt = job.image_name, job.format
-    fields = _verify_capture(job.id, name, fmt, dict(job.result or {}))
     dest = image_dir(name)
     if dest.exists() or find_image(s, name) is not None:
         raise ImgfarmError(f"image {name!r} appeared while the capture ran; not overwritten")
@@ -101,8 +100,17 @@ def finalize_job(job_id: int) -> None:
         outcome = job.outcome or states.FAILED
         node = s.get(Node, job.node_id) if job.node_id else None
         info = node_info(node) if node else None
-        kind = job.kind
+        kind, name, fmt, result = job.kind, job.image_name, job.format, dict(job.result or {})
     errors: list[str] = []
+    verified: dict[str, Any] | None = None
+    verify_error = ""
+    if outcome == states.SUCCEEDED and kind == "capture":
+        try:  # reading every captured byte: outside any session
+            verified = _verify_capture(job_id, name, fmt, result)
+        except (ImgfarmError, OSError, ValueError, KeyError) as exc:
+            outcome, verify_error = states.FAILED, f"capture did not verify: {exc}"
+        else:
+            verify_error = ""
     if info is not None:
         cycle = outcome != states.SUCCEEDED or settings.power_cycle_after
         err = reset_node(info, power_cycle=cycle)
@@ -111,11 +119,13 @@ def finalize_job(job_id: int) -> None:
     with session_scope() as s:
         job = get_job(s, job_id)
         final, error = outcome, job.error
-        if outcome == states.SUCCEEDED and kind == "capture":
+        if kind == "capture" and job.outcome == states.SUCCEEDED and outcome == states.FAILED:
+            error = verify_error
+        if final == states.SUCCEEDED and verified is not None:
             try:
-                _register_capture(s, job)
-            except (ImgfarmError, OSError, ValueError, KeyError) as exc:
-                final, error = states.FAILED, f"capture did not verify: {exc}"
+                _register_capture(s, job, verified)
+            except (ImgfarmError, OSError) as exc:
+                final, error = states.FAILED, f"capture could not be registered: {exc}"
         if outcome == states.SUCCEEDED and errors:
             final = states.FAILED
         if errors:

@@ -4,7 +4,9 @@ Thin wrappers: they take the job id (plus node and image, only so Flower and
 `celery inspect` show them) and call tasks/lifecycle.py. A job that does not
 succeed raises JobEnded with its reason, so Flower lists it as FAILURE with
 that reason; while it waits, the task sends `task-progress` events (Flower
-shows the state PROGRESS) and writes the progress as task meta.
+shows the state PROGRESS). Progress is not written to the result backend:
+the job database has it, and one Redis write per report per job is what
+the waiting budget cannot afford.
 """
 
 from __future__ import annotations
@@ -26,8 +28,6 @@ def _progress_reporter(task: Task) -> Any:
     def report(p: dict[str, Any]) -> None:
         try:
             task.send_event("task-progress", **p)
-            if task.request.id:
-                task.update_state(state="PROGRESS", meta=p)
         except Exception as exc:  # noqa: BLE001 - monitoring must never end a job
             log.debug("progress event failed: %s", exc)
 

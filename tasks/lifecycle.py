@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from imgfarm.config.settings import get_settings
 from imgfarm.errors import DriverError, ImgfarmError
@@ -59,25 +59,28 @@ class Summary:
         return {"job_id": self.job_id, "state": self.state, "error": self.error, **self.result}
 
 
-def _claim(job_id: int) -> None:
-    with session_scope() as s:
-        s.execute(update(Job).where(Job.id == job_id).values(waiter=worker_id()))
+def _start(job_id: int) -> bool:
+    """queued -> booting, once: mint the token, boot the agent, power-cycle.
 
-
-def _start(job_id: int) -> None:
-    """queued -> booting, once: mint the token, boot the agent, power-cycle."""
+    Returns False when the job was no longer queued (another delivery, or a
+    resumed job), so the caller claims it for waiting instead.
+    """
     settings = get_settings()
     token = secrets.token_urlsafe(32)
     now = utcnow()
     with session_scope() as s:
         job = get_job(s, job_id)
+        if job.state != states.QUEUED:
+            if job.state not in states.FINAL:
+                job.waiter = worker_id()
+            return False
         if job.cancel_requested:
             begin_finalizing(s, job_id, states.CANCELLED, "cancelled before it started")
-            return
+            return True
         node = s.get(Node, job.node_id) if job.node_id else None
         if node is None:
             begin_finalizing(s, job_id, states.FAILED, "the job's node no longer exists")
-            return
+            return True
         won = transition(
             s,
             job_id,
@@ -92,14 +95,14 @@ def _start(job_id: int) -> None:
             waiter=worker_id(),
         )
         info = node_info(node)
+        if won:  # what we are about to ask of the node; finalize sets local again
+            node.boot_target, node.power_state = "agent", "on"
     if not won:
-        return
+        return True
     orders = AgentOrders(api_url=settings.api_url, job_id=job_id, token=token)
     try:
         boot_driver(info.boot_driver).boot_agent(info, orders)
-        _set_node(info.name, boot_target="agent")
         power_driver(info.power_driver).reboot(info)
-        _set_node(info.name, power_state="on")
     except ImgfarmError as exc:
         with session_scope() as s:
             begin_finalizing(s, job_id, states.FAILED, f"could not boot {info.name}: {exc}")
@@ -107,6 +110,7 @@ def _start(job_id: int) -> None:
         log.exception("boot of job %s failed", job_id)
         with session_scope() as s:
             begin_finalizing(s, job_id, states.FAILED, f"could not boot {info.name}: {exc!r}")
+    return True
 
 
 def _set_node(name: str, **values: Any) -> None:
@@ -114,7 +118,7 @@ def _set_node(name: str, **values: Any) -> None:
         s.execute(update(Node).where(Node.name == name).values(**values))
 
 
-def _check_deadlines(job: Job) -> tuple[str, str] | None:
+def _check_deadlines(job: Any) -> tuple[str, str] | None:
     """(outcome, reason) if a deadline has passed, else None."""
     settings = get_settings()
     now = utcnow()
@@ -134,7 +138,7 @@ def _check_deadlines(job: Job) -> tuple[str, str] | None:
     return None
 
 
-def _next_deadline_in(job: Job) -> float:
+def _next_deadline_in(job: Any) -> float:
     settings = get_settings()
     now = utcnow()
     candidates = []
@@ -152,15 +156,24 @@ def _next_deadline_in(job: Job) -> float:
 
 def run_job(job_id: int, on_progress: ProgressFn | None = None) -> Summary:
     """Drive one capture/restore job to its end; safe to call more than once."""
-    _claim(job_id)
-    with session_scope() as s:
-        state = get_job(s, job_id).state
-    if state == states.QUEUED:
-        _start(job_id)
+    _start(job_id)
     return wait_and_finish(job_id, on_progress)
 
 
+_WATCH = (Job.id, Job.state, Job.waiter, Job.cancel_requested, Job.deadline_at, Job.last_report_at,
+          Job.started_at, Job.options, Job.progress, Job.bytes_done, Job.bytes_total, Job.rate,
+          Job.error, Job.result)
+SAFETY_RECHECK = 60.0  # re-read the row at least this often, in case a wake-up was lost
+
+
 def wait_and_finish(job_id: int, on_progress: ProgressFn | None = None) -> Summary:
+    """Wait for the job's end, acting on deadlines and cancels if this worker holds it.
+
+    A progress report wakes the thread with the report itself (from the API's
+    pub/sub message), so it is passed on to Flower without touching the
+    database; the row is read only when a deadline is due, a cancel or a
+    result arrives, or every SAFETY_RECHECK seconds.
+    """
     settings = get_settings()
     waker = get_waker(settings.redis_url)
     slot = waker.register(job_id)
@@ -169,8 +182,9 @@ def wait_and_finish(job_id: int, on_progress: ProgressFn | None = None) -> Summa
         while True:
             finalize = False
             with session_scope() as s:
-                job = get_job(s, job_id)
-                snapshot = (job.state, round(job.progress, 1), job.bytes_done)
+                job = s.execute(select(*_WATCH).where(Job.id == job_id)).one()
+                if last_progress == () and job.state == states.BOOTING:
+                    last_progress = (states.BOOTING, 0.0, 0)  # Flower shows STARTED already
                 if job.state in states.FINAL:
                     return Summary(job.id, job.state, job.error, dict(job.result or {}))
                 mine = job.waiter == worker_id()
@@ -184,22 +198,23 @@ def wait_and_finish(job_id: int, on_progress: ProgressFn | None = None) -> Summa
                     if expired:
                         begin_finalizing(s, job_id, expired[0], expired[1])
                         continue
-                timeout = _next_deadline_in(job) + 0.05
-                progress = {
-                    "job_id": job.id,
-                    "state": job.state,
-                    "percent": job.progress,
-                    "bytes_done": job.bytes_done,
-                    "bytes_total": job.bytes_total,
-                    "rate": job.rate,
-                }
             if finalize:
                 finalize_job(job_id)  # outside the session: it opens its own
                 continue
-            if on_progress and snapshot != last_progress:
-                last_progress = snapshot
-                on_progress(progress)
-            waker.wait(slot, min(timeout, 30.0))
+            progress = {"job_id": job_id, "state": job.state, "percent": job.progress,
+                        "bytes_done": job.bytes_done, "bytes_total": job.bytes_total, "rate": job.rate}
+            wake_at = time.monotonic() + min(_next_deadline_in(job) + 0.05, SAFETY_RECHECK)
+            while True:
+                snapshot = (progress["state"], round(progress["percent"] or 0, 1), progress["bytes_done"])
+                if on_progress and snapshot != last_progress:
+                    last_progress = snapshot
+                    on_progress(progress)
+                payload = waker.wait(slot, wake_at - time.monotonic())
+                if not payload or payload.get("kind") != "progress":
+                    break  # a deadline, a result, a cancel: look at the row
+                progress.update(state=states.RUNNING, percent=payload.get("percent", 0.0),
+                                bytes_done=payload.get("bytes_done", 0),
+                                bytes_total=payload.get("bytes_total", 0), rate=payload.get("rate", 0.0))
     finally:
         waker.unregister(job_id, slot)
 

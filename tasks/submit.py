@@ -8,10 +8,11 @@ unique index), not by a check that could race.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -39,14 +40,25 @@ def _busy(session: Session, node_ids: list[int]) -> dict[int, int]:
 
 
 def _enqueue(job_ids: list[int]) -> None:
+    """Send the tasks of committed job rows; their task ids were set at creation."""
     from imgfarm.tasks.jobs import JOB_TASKS
 
     with session_scope() as s:
-        jobs = [(j.id, j.kind, j.node_name, j.image_name) for j in s.scalars(select(Job).where(Job.id.in_(job_ids)))]
-    for job_id, kind, node, image in jobs:
-        res = JOB_TASKS[kind].apply_async(args=(job_id, node, image))
+        rows = [(j.id, j.kind, j.node_name, j.image_name, j.celery_task_id)
+                for j in s.scalars(select(Job).where(Job.id.in_(job_ids)).order_by(Job.id))]
+    missing = [r[0] for r in rows if not r[4]]
+    if missing:
+        ids = {jid: uuid.uuid4().hex for jid in missing}
         with session_scope() as s:
-            s.get(Job, job_id).celery_task_id = res.id  # type: ignore[union-attr]
+            for jid, tid in ids.items():
+                s.execute(update(Job).where(Job.id == jid).values(celery_task_id=tid))
+        rows = [(r[0], r[1], r[2], r[3], r[4] or ids[r[0]]) for r in rows]
+    for job_id, kind, node, image, task_id in rows:
+        JOB_TASKS[kind].apply_async(args=(job_id, node, image), task_id=task_id)
+
+
+def new_task_id() -> str:
+    return uuid.uuid4().hex
 
 
 def submit_capture(
@@ -72,7 +84,7 @@ def submit_capture(
             raise Conflict(f"job {other} is already capturing image {image!r}")
         _check_available(n)
         job = Job(kind="capture", node_id=n.id, image_name=image, format=fmt,
-                  submitted_by=submitted_by, options=options or {})
+                  submitted_by=submitted_by, options=options or {}, celery_task_id=new_task_id())
         s.add(job)
         try:
             s.flush()
@@ -137,7 +149,8 @@ def submit_restore(
             if n.name in skipped:
                 continue
             job = Job(kind="restore", node_id=n.id, image_name=target_image, format=target_format,
-                      submitted_by=submitted_by, options=opts, window_run_id=window_run_id)
+                      submitted_by=submitted_by, options=opts, window_run_id=window_run_id,
+                      celery_task_id="" if convert_job_id else new_task_id())
             s.add(job)
             try:
                 s.flush()

@@ -34,6 +34,10 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from croniter import croniter
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from imgfarm.errors import Conflict, ImgfarmError
 from imgfarm.models import states
 from imgfarm.models import windows as w
 from imgfarm.models.db import session_scope
@@ -41,10 +45,6 @@ from imgfarm.models.images import find_image
 from imgfarm.models.nodes import resolve_nodes
 from imgfarm.models.tables import Job, Node, utcnow
 from imgfarm.models.windows import Window, WindowRun, WindowRunNode
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
-
-from imgfarm.errors import Conflict, ImgfarmError
 
 log = logging.getLogger(__name__)
 

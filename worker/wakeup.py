@@ -45,11 +45,12 @@ def notify(redis_url: str, job_id: int, payload: dict[str, Any]) -> None:
 
 
 class _Slot:
-    __slots__ = ("event", "last")
+    __slots__ = ("event", "last", "urgent")
 
     def __init__(self) -> None:
         self.event = threading.Event()
         self.last: dict[str, Any] | None = None
+        self.urgent = False  # a non-progress message (result, cancel) came: never lose it
 
 
 class Waker:
@@ -96,6 +97,8 @@ class Waker:
         with self._lock:
             for slot in self._slots.get(job_id, ()):
                 slot.last = payload
+                if payload.get("kind") != "progress":
+                    slot.urgent = True
                 slot.event.set()
 
     def register(self, job_id: int) -> _Slot:
@@ -117,8 +120,12 @@ class Waker:
         if not self._ok:
             timeout = min(timeout, POLL_FALLBACK)
         if slot.event.wait(max(0.0, timeout)):
-            slot.event.clear()
-            payload, slot.last = slot.last, None
+            with self._lock:
+                slot.event.clear()
+                payload, slot.last = slot.last, None
+                if slot.urgent:
+                    slot.urgent = False
+                    return {"kind": "check"}
             return payload
         return None
 

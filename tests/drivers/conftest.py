@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from imgfarm.config.settings import get_settings
 from imgfarm.worker.drivers import registry
 

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from imgfarm.worker.drivers.base import NodeInfo, PowerState
-from imgfarm.worker.drivers.ipmi import IpmiPower
 
 from imgfarm.errors import DriverError, DriverSettingsError
+from imgfarm.worker.drivers.base import NodeInfo, PowerState
+from imgfarm.worker.drivers.ipmi import IpmiPower
 from tests.support import wait_for
 
 pytestmark = pytest.mark.skipif(not (shutil.which("ipmi_sim") and shutil.which("ipmitool")),

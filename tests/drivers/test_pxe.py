@@ -18,10 +18,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from imgfarm.worker.drivers.base import AgentOrders, BootTarget, NodeInfo
-from imgfarm.worker.drivers.pxe import PxeBoot, boot_file, normalize_mac
 
 from imgfarm.errors import DriverSettingsError
+from imgfarm.worker.drivers.base import AgentOrders, BootTarget, NodeInfo
+from imgfarm.worker.drivers.pxe import PxeBoot, boot_file, normalize_mac
 from tests.support import run, wait_for
 
 ORDERS = AgentOrders(api_url="http://10.0.0.1:8470", job_id=7, token="Tok_" + "a" * 40)

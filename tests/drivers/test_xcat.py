@@ -14,6 +14,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
+from imgfarm.errors import DriverError, DriverSettingsError
 from imgfarm.worker.drivers import registry
 from imgfarm.worker.drivers.base import AgentOrders, BootTarget, NodeInfo, PowerState
 from imgfarm.worker.drivers.xcat import (
@@ -22,8 +24,6 @@ from imgfarm.worker.drivers.xcat import (
     xcat_image_store,
     xcat_node_status,
 )
-
-from imgfarm.errors import DriverError, DriverSettingsError
 
 ORDERS = AgentOrders(api_url="http://10.0.0.1:8470", job_id=42, token="t0k3n-" + "x" * 32)
 

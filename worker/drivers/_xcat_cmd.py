@@ -21,7 +21,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from imgfarm.config.settings import get_settings
-
 from imgfarm.errors import DriverError
 
 log = logging.getLogger(__name__)

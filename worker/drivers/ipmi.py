@@ -34,9 +34,8 @@ import threading
 import time
 
 from imgfarm.config.settings import get_settings
-from imgfarm.worker.drivers.base import NodeInfo, PowerInterface, PowerState, require
-
 from imgfarm.errors import DriverError, DriverSettingsError
+from imgfarm.worker.drivers.base import NodeInfo, PowerInterface, PowerState, require
 
 log = logging.getLogger(__name__)
 

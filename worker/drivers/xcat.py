@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from imgfarm.config.settings import get_settings
+from imgfarm.errors import DriverError, DriverSettingsError
 from imgfarm.worker.drivers import _xcat_cmd as xc
 from imgfarm.worker.drivers._xcat_batch import Coalescer
 from imgfarm.worker.drivers.base import (
@@ -40,8 +41,6 @@ from imgfarm.worker.drivers.base import (
     PowerInterface,
     PowerState,
 )
-
-from imgfarm.errors import DriverError, DriverSettingsError
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,214 @@
+"""Benchmark: legacy partimage -> partimage-ng conversion versus its floor and the tool route.
+
+Prints, in one run, for a partimage (gzip) image of an ext3 filesystem with
+mixed data (text, random, zeros):
+
+  (a) decode floor  -- zlib-decompressing the volume(s) in one process, output discarded;
+  (b) imgfarm       -- convert_legacy() of the same image (in a child process, for its RSS);
+  (c) tool route    -- partimage restore to a loop device, then
+                       partclone.ext3 -c -s DEV -o - | zstd -T0 > file.
+
+Needs root (loop devices, mount).  The legacy image is cached under
+/var/tmp/imgfarm-bench/ so reruns are quick.
+
+    python bench/convert.py                 # 512 MiB filesystem
+    python bench/convert.py --size-mib 1024 # twice the size: RSS must stay flat
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+CACHE = Path("/var/tmp/imgfarm-bench")
+MiB = 1 << 20
+ENV = {**os.environ, "TERM": os.environ.get("TERM") or "xterm"}
+
+
+def sh(*args: str, **kw: object) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(list(args), check=True, capture_output=True, **kw)  # type: ignore
+
+
+def _fill(mnt: Path, size_mib: int) -> None:
+    """~80 % of the fs: 1/3 text (log-like lines), 1/3 random, 1/6 zeros, rest small files."""
+    budget = size_mib * MiB * 8 // 10
+    text_b, rand_b, zero_b = budget // 3, budget // 3, budget // 6
+    with open(mnt / "log.txt", "w") as fh:
+        i = 0
+        written = 0
+        while written < text_b:
+            line = (f"2026-11-26T17:{i % 60:02d}:{i % 59:02d}Z node{i % 977:03d} imgfarm[{i}]: "
+                    f"restore job {i * 7919 % 100003} block {i * 31} ok rate {i % 113} MB/s\n")
+            fh.write(line)
+            written += len(line)
+            i += 1
+    with open(mnt / "random.bin", "wb") as fh:
+        for _ in range(rand_b // (4 * MiB)):
+            fh.write(os.urandom(4 * MiB))
+    with open(mnt / "zeros.bin", "wb") as fh:
+        for _ in range(zero_b // (4 * MiB)):
+            fh.write(bytes(4 * MiB))
+    small = mnt / "small"
+    small.mkdir()
+    for i in range(2000):
+        (small / f"f{i}.txt").write_text(f"small file {i}\n" * (i % 50 + 1))
+
+
+def make_image(size_mib: int) -> Path:
+    """The legacy image (``.000``) of a filled ext3 fs, cached under CACHE."""
+    d = CACHE / f"ext3-{size_mib}"
+    img = d / "legacy" / "bench.000"
+    fs = d / "fs.img"
+    if img.exists() and (d / "ok").exists():
+        return img
+    shutil.rmtree(d, ignore_errors=True)
+    (d / "legacy").mkdir(parents=True)
+    with open(fs, "wb") as fh:
+        fh.truncate(size_mib * MiB)
+    sh("mkfs.ext3", "-q", "-F", str(fs))
+    dev = sh("losetup", "-f", "--show", str(fs)).stdout.decode().strip()
+    mnt = d / "mnt"
+    mnt.mkdir()
+    try:
+        sh("mount", dev, str(mnt))
+        try:
+            _fill(mnt, size_mib)
+        finally:
+            sh("umount", str(mnt))
+        print(f"saving {size_mib} MiB ext3 with partimage -z1 ...", flush=True)
+        subprocess.run(["partimage", "-b", "-z1", "-o", "-d", "-f3", "-M", "save", dev,
+                        str(d / "legacy" / "bench")], env=ENV, stdin=subprocess.DEVNULL,
+                       capture_output=True, check=True)
+    finally:
+        subprocess.run(["losetup", "-d", dev], capture_output=True)
+        fs.unlink()
+    (d / "ok").write_text("")
+    return img
+
+
+def volumes(img: Path) -> list[Path]:
+    base = img.with_suffix("")
+    out = []
+    n = 0
+    while (p := base.with_name(f"{base.name}.{n:03d}")).exists():
+        out.append(p)
+        n += 1
+    return out
+
+
+def decode_floor(vols: list[Path]) -> tuple[float, int]:
+    """Best of a few runs of plain zlib decompression (the output is discarded)."""
+    best = None
+    for _ in range(3):
+        r = _decode_once(vols)
+        best = r if best is None or r[0] < best[0] else best
+    assert best is not None
+    return best
+
+
+def _decode_once(vols: list[Path]) -> tuple[float, int]:
+    t = time.perf_counter()
+    total = 0
+    for v in vols:
+        with open(v, "rb") as fh:
+            d = zlib.decompressobj(31)
+            while chunk := fh.read(MiB):
+                while chunk:
+                    out = d.decompress(chunk, 4 * MiB)
+                    total += len(out)
+                    chunk = d.unconsumed_tail
+    return time.perf_counter() - t, total
+
+
+_CHILD = r"""
+import json, resource, sys, time
+from pathlib import Path
+from imgfarm.imageformats.convert import convert_legacy
+t = time.perf_counter()
+m = convert_legacy(Path(sys.argv[1]), Path(sys.argv[2]), name="bench", verify=sys.argv[3] == "1")
+dt = time.perf_counter() - t
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"seconds": dt, "rss_kib": ru.ru_maxrss, "cpu": ru.ru_utime + ru.ru_stime,
+                  "stream_bytes": m["partitions"][0]["stream_bytes"],
+                  "used_bytes": m["partitions"][0]["used_bytes"]}))
+"""
+
+
+def imgfarm_convert(img: Path, verify: bool) -> dict[str, float]:
+    dest = Path(tempfile.mkdtemp(prefix="convert-", dir=CACHE))
+    try:
+        p = subprocess.run([sys.executable, "-c", _CHILD, str(img), str(dest),
+                            "1" if verify else "0"], check=True, capture_output=True, text=True)
+        return json.loads(p.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+
+
+def tool_route(img: Path, size_mib: int) -> tuple[float, float, int]:
+    work = Path(tempfile.mkdtemp(prefix="tools-", dir=CACHE))
+    target = work / "target.img"
+    with open(target, "wb") as fh:
+        fh.truncate(size_mib * MiB)
+    dev = sh("losetup", "-f", "--show", str(target)).stdout.decode().strip()
+    try:
+        t0 = time.perf_counter()
+        subprocess.run(["partimage", "-b", "-f3", "restore", dev, str(img)], env=ENV,
+                       stdin=subprocess.DEVNULL, capture_output=True, check=True)
+        t1 = time.perf_counter()
+        out = work / "out.ptcl.zst"
+        subprocess.run(f"partclone.ext3 -c -s {dev} -o - 2>/dev/null | zstd -q -T0 > '{out}'",
+                       shell=True, check=True, env=ENV)
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1, out.stat().st_size
+    finally:
+        subprocess.run(["losetup", "-d", dev], capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size-mib", type=int, default=512)
+    ap.add_argument("--no-tools", action="store_true", help="skip the (slow) tool route")
+    ap.add_argument("--repeat", type=int, default=3, help="conversions per variant (best kept)")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("needs root (loop devices, mount)")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    img = make_image(args.size_mib)
+    vols = volumes(img)
+    comp = sum(v.stat().st_size for v in vols)
+    print(f"image: {img} ({len(vols)} volume(s), {comp / MiB:.0f} MiB gzip), "
+          f"cores: {os.cpu_count()}")
+    subprocess.run(["cat", *map(str, vols)], stdout=subprocess.DEVNULL)  # warm the page cache
+    floor_s, raw_bytes = decode_floor(vols)
+    print(f"(a) decode floor (zlib, 1 process):   {floor_s:6.2f} s  "
+          f"({raw_bytes / MiB / floor_s:5.0f} MiB/s of {raw_bytes / MiB:.0f} MiB logical stream)")
+    for verify in (False, True):
+        runs = [imgfarm_convert(img, verify) for _ in range(args.repeat)]
+        r = min(runs, key=lambda x: x["seconds"])
+        label = "with read-back verify" if verify else "convert only         "
+        print(f"(b) imgfarm convert, {label}: {r['seconds']:6.2f} s = "
+              f"{r['seconds'] / floor_s:4.2f}x floor (CPU {r['cpu']:.2f} s); peak RSS "
+              f"{max(x['rss_kib'] for x in runs) / 1024:.0f} MiB; "
+              f"{r['stream_bytes'] / MiB:.0f} MiB zst")
+    if not args.no_tools:
+        t_restore, t_clone, size = tool_route(img, args.size_mib)
+        total = t_restore + t_clone
+        print(f"(c) tool route: partimage restore {t_restore:6.2f} s + partclone|zstd "
+              f"{t_clone:6.2f} s = {total:6.2f} s ({size / MiB:.0f} MiB zst); "
+              f"imgfarm (with verify) is {total / r['seconds']:.1f}x faster")
+    print(f"bench process peak RSS: "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

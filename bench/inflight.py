@@ -1,0 +1,210 @@
+"""Benchmark: 500 jobs in flight on one worker host.
+
+Starts a private farm (SQLite by default, `--db postgresql` for PostgreSQL;
+its own Redis DB; the API; ONE job worker, threads pool), creates N sim nodes
+whose agent is played by this script (driver_info agent=external: power-on
+starts no process, so the agents' own start-up is not counted), submits one
+restore to all of them, and measures:
+
+- the time from submit to the last node's boot call (the sim power driver's
+  power-on, i.e. the end of boot_agent + reboot, read from its file times);
+- the worker's peak RSS (VmHWM) and its CPU use while all N jobs wait and
+  the fake agents report progress every --report seconds;
+- for comparison, in the same run: the RSS of one bare Python process that
+  imports the task code — the floor of a one-process-per-job design, times N.
+
+Run: .venv/bin/python bench/inflight.py [--jobs 500] [--hold 30] [--report 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+BIN = Path(sys.executable).parent
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    total = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / HZ
+    return total
+
+
+def status_kb(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--jobs", type=int, default=500)
+    ap.add_argument("--hold", type=float, default=30.0, help="seconds all jobs wait before the agents finish")
+    ap.add_argument("--report", type=float, default=20.0, help="seconds between one agent's progress reports")
+    ap.add_argument("--db", choices=["sqlite", "postgresql"], default="sqlite")
+    ap.add_argument("--redis-db", type=int, default=13)
+    args = ap.parse_args()
+
+    base = Path(tempfile.mkdtemp(prefix="imgfarm-bench-"))
+    port = free_port()
+    env = {**os.environ,
+           "IMGFARM_DATA_DIR": str(base / "data"),
+           "IMGFARM_BROKER_URL": f"redis://127.0.0.1:6379/{args.redis_db}",
+           "IMGFARM_API_PORT": str(port), "IMGFARM_API_URL": f"http://127.0.0.1:{port}",
+           "IMGFARM_HEARTBEAT_TIMEOUT": str(max(120.0, args.report * 4)),
+           "IMGFARM_BOOT_TIMEOUT": "300"}
+    if args.db == "postgresql":
+        import sqlalchemy as sa
+
+        name = f"imgfarm_bench_{os.getpid()}"
+        admin = sa.create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/postgres", isolation_level="AUTOCOMMIT")
+        with admin.connect() as c:
+            c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        env["IMGFARM_DATABASE_URL"] = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    os.environ.update(env)
+    import redis
+
+    redis.Redis(db=args.redis_db).flushdb()
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(name: str, *cmd: str) -> subprocess.Popen[bytes]:
+        log = open(base / f"{name}.log", "wb")  # noqa: SIM115
+        p = subprocess.Popen([str(BIN / "imgfarm"), *cmd], env=env, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        procs.append(p)
+        return p
+
+    try:
+        subprocess.run([str(BIN / "imgfarm"), "db", "upgrade"], env=env, check=True, capture_output=True)
+        from imgfarm.models.db import session_scope
+        from imgfarm.models.images import register_image
+        from imgfarm.models.tables import Node
+
+        with session_scope() as s:
+            for i in range(1, args.jobs + 1):
+                s.add(Node(name=f"b{i:04d}", disk="/dev/null", driver_info={"agent": "external"}))
+            register_image(s, "bench", "partimage-ng", "bench", size_bytes=1, checksums={})
+        start("api", "api")
+        worker = start("worker", "worker", "--concurrency", str(args.jobs + 50), "--loglevel", "WARNING")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        celery_pid = _child_pid(worker.pid)
+        time.sleep(5)  # let the worker connect and print ready
+        print(f"machine: {os.cpu_count()} cores; {args.jobs} jobs; db {args.db}; worker pid {celery_pid}")
+
+        t0 = time.time()
+        out = subprocess.run([str(BIN / "imgfarm"), "restore", f"b[0001-{args.jobs:04d}]", "--image", "bench",
+                              "--json"], env=env, capture_output=True, text=True, check=True)
+        submitted = time.time()
+        job_ids = json.loads(out.stdout)["job_ids"]
+        sim = base / "data" / "sim"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            powered = [p for p in sim.glob("*/power.json") if json.loads(p.read_text()).get("state") == "on"]
+            if len(powered) >= args.jobs:
+                break
+            time.sleep(0.2)
+        times = sorted(p.stat().st_mtime for p in sim.glob("*/power.json"))
+        last_boot = times[-1]
+        print(f"submit (CLI, {args.jobs} rows + enqueue): {submitted - t0:.2f} s; first boot call at "
+              f"{times[0] - t0:.2f} s, median {times[len(times) // 2] - t0:.2f} s")
+        print(f"submit -> last boot call: {last_boot - t0:.2f} s   (goal < 5 s)")
+
+        asyncio.run(_agents(sim, args, celery_pid))
+        deadline = time.monotonic() + 120
+        from imgfarm.models.tables import Job
+
+        while time.monotonic() < deadline:
+            with session_scope() as s:
+                done = s.query(Job).filter(Job.id.in_(job_ids), Job.state == "succeeded").count()
+            if done == len(job_ids):
+                break
+            time.sleep(0.5)
+        print(f"jobs succeeded: {done}/{len(job_ids)}")
+        print(f"worker peak RSS (VmHWM): {status_kb(celery_pid, 'VmHWM') / 1024:.1f} MB   (goal < 300 MB)")
+        floor = subprocess.run([sys.executable, "-c",
+                                "import imgfarm.tasks.jobs, imgfarm.tasks.convert, imgfarm.tasks.reconcile\n"
+                                "print(open('/proc/self/status').read())"], env=env, capture_output=True, text=True)
+        rss = next(int(line.split()[1]) for line in floor.stdout.splitlines() if line.startswith("VmRSS"))
+        print(f"comparison: one process per job would need >= {args.jobs} x {rss / 1024:.1f} MB = "
+              f"{args.jobs * rss / 1024 / 1024:.1f} GB")
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+        redis.Redis(db=args.redis_db).flushdb()
+        shutil.rmtree(base, ignore_errors=True)
+    return 0
+
+
+def _child_pid(pid: int) -> int:
+    """`imgfarm worker` execs celery, so the pid is the worker's own."""
+    return pid
+
+
+async def _agents(sim: Path, args: argparse.Namespace, worker_pid: int) -> None:
+    """Play N agents: progress every --report s for --hold s, then success; sample the worker's CPU."""
+    orders = []
+    for cmd in sorted(sim.glob("*/cmdline")):
+        params = dict(w.split("=", 1) for w in cmd.read_text().split() if w.startswith("imgfarm."))
+        orders.append((params["imgfarm.api"], int(params["imgfarm.job"]), params["imgfarm.token"]))
+    limits = httpx.Limits(max_connections=50)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+        async def post(api: str, job: int, token: str, path: str, body: dict) -> None:
+            r = await client.post(f"{api}/agent/v1/jobs/{job}{path}", json=body,
+                                  headers={"Authorization": f"Bearer {token}"})
+            r.raise_for_status()
+
+        await asyncio.gather(*(post(a, j, t, "/progress", {"percent": 1}) for a, j, t in orders))
+        await asyncio.sleep(2)
+        cpu0, w0 = cpu_seconds(worker_pid), time.monotonic()
+        start = time.monotonic()
+        n = 0
+        while time.monotonic() - start < args.hold:
+            # each agent reports once per --report seconds, spread evenly
+            slot = orders[n % len(orders)]
+            n += 1
+            await post(*slot, "/progress", {"percent": min(99.0, 1 + 98 * (time.monotonic() - start) / args.hold)})
+            await asyncio.sleep(args.report / len(orders))
+        cpu1, w1 = cpu_seconds(worker_pid), time.monotonic()
+        print(f"while all {len(orders)} wait ({w1 - w0:.0f} s, {n} progress reports): worker CPU "
+              f"{100 * (cpu1 - cpu0) / (w1 - w0):.2f}% of one core   (goal < 5%)")
+        await asyncio.gather(*(post(a, j, t, "/result", {"ok": True, "files": {}}) for a, j, t in orders))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

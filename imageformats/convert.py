@@ -1,0 +1,199 @@
+"""Convert a legacy partimage image into a partimage-ng image directory.
+
+Why streaming and threaded: legacy images are tens of gigabytes and the
+convert queue's workers have few cores.  One pass reads the volumes, checks
+every CRC and writes the partclone stream through zstd, with the work spread
+over threads that release the GIL (zlib/bz2 decompression in the reader's
+decode thread; CRC, byte sum and stream assembly in the calling thread; zstd
+compression in zstd's own worker thread).  Queues are bounded and the data
+moves as slices of the decompressed chunks, so memory stays flat whatever
+the image size.
+
+Atomicity: everything is written into ``dest_dir/.NAME.tmp-XXXX/``, fsynced,
+verified by reading it back, and only then renamed to ``dest_dir/NAME``.  On
+any failure the temporary directory is removed and nothing that looks like an
+image is left behind.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import zstandard
+
+from imgfarm.errors import ImageError
+from imgfarm.imageformats import ng, partclone, partimage
+
+PART_FILE = "part0.ptcl.zst"
+ZSTD_LEVEL = 3
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class _HashingFile:
+    """Write-only sink: file + sha256 + byte count (what zstd writes into)."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+        self.sha = hashlib.sha256()
+        self.count = 0
+
+    def write(self, b: bytes | memoryview) -> int:
+        self.sha.update(b)
+        self.count += len(b)
+        return self.fh.write(b)
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def default_name(source: Path) -> str:
+    """Image name from the legacy file name: ``win7.000`` -> ``win7``."""
+    _first, base, _display = partimage.volume_paths(source)
+    return base.name
+
+
+def _fs_names(filesystem: str) -> tuple[str, str]:
+    try:
+        return partclone.LEGACY_FS[filesystem]
+    except KeyError:
+        raise ImageError(f"filesystem {filesystem!r} of the legacy image has no partclone "
+                         "equivalent", hint="only ext2/3, FAT16/32, NTFS, ReiserFS, JFS, XFS, "
+                         "HFS, UFS and HPFS images can be converted") from None
+
+
+def build_manifest(info: partimage.LegacyInfo, *, name: str, source: Path, sha256: str,
+                   stream_bytes: int, fs: str, pc_fs: str) -> dict[str, Any]:
+    """The manifest of a converted image (always one partition covering the whole disk)."""
+    now = ng.utc_now()
+    bs = info.block_size
+    return {
+        "format": ng.FORMAT,
+        "version": ng.VERSION,
+        "created": now,
+        "name": name,
+        "origin": {
+            "kind": "convert",
+            "source_path": str(source),
+            "identifier": f"0x{info.identifier:016x}",
+            "source_format": "partimage",
+            "legacy": info.to_dict(),
+            "converted_at": now,
+        },
+        "disk": {
+            "size_bytes": info.partition_size,
+            "partition_table": None,
+            "legacy_mbr": [
+                {"device": m.device, "sector0_b64": base64.b64encode(m.sector0).decode(),
+                 "size_kib": m.size_kib}
+                for m in info.mbrs
+            ],
+        },
+        "partitions": [
+            {
+                "index": 0, "name": "part0", "file": PART_FILE, "filesystem": fs,
+                "partclone_fs": pc_fs, "block_size": bs, "total_blocks": info.block_count,
+                "used_blocks": info.used_blocks, "total_bytes": info.block_count * bs,
+                "used_bytes": info.used_blocks * bs, "start_bytes": 0,
+                "size_bytes": info.partition_size, "sha256": sha256,
+                "stream_bytes": stream_bytes, "compression": "zstd",
+            }
+        ],
+    }
+
+
+def convert_legacy(source: Path, dest_dir: Path, *, name: str | None = None,
+                   progress: Callable[[int, int], None] | None = None,
+                   zstd_threads: int = 1, verify: bool = True) -> dict[str, Any]:
+    """Convert the legacy image `source` (``NAME.000`` or an unsplit file) to ``dest_dir/NAME``.
+
+    Checks every volume header, header sum, CHK CRC and the tail while it
+    writes; `progress(done_bytes, total_bytes)` is called about every 16 MiB of
+    block data.  Returns the manifest.  Raises ImageError (and leaves nothing
+    in `dest_dir`) if the source is damaged or anything else fails.
+    `zstd_threads`: zstd worker threads (1 = compress in one background thread,
+    overlapping the reader; 0 = compress in the calling thread).
+    """
+    source = Path(source)
+    dest_dir = Path(dest_dir)
+    name = name or default_name(source)
+    if not _NAME.match(name):
+        raise ImageError(f"invalid image name {name!r}",
+                         hint="use letters, digits, '.', '_' and '-', not starting with '.'")
+    final = dest_dir / name
+    if final.exists():
+        raise ImageError(f"{final} already exists", hint="choose another name")
+    if not dest_dir.is_dir():
+        raise ImageError(f"{dest_dir} is not a directory")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=dest_dir))
+    try:
+        manifest = _convert_into(source, tmp, name, progress, zstd_threads)
+        ng.write_manifest(tmp, manifest)
+        if verify:
+            ng.verify_image(tmp)
+        if final.exists():
+            raise ImageError(f"{final} already exists", hint="choose another name")
+        os.chmod(tmp, 0o755)  # mkdtemp made it 0700
+        os.rename(tmp, final)
+        ng.fsync_dir(dest_dir)
+        return manifest
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, ImageError | KeyboardInterrupt | SystemExit):
+            raise
+        if isinstance(exc, OSError):
+            raise ImageError(f"converting {source.name}: {exc.strerror or exc} "
+                             f"({exc.filename or dest_dir})") from exc
+        raise
+
+
+def _convert_into(source: Path, tmp: Path, name: str,
+                  progress: Callable[[int, int], None] | None,
+                  zstd_threads: int) -> dict[str, Any]:
+    with partimage.PartimageReader(source, exact_sum=False) as reader:
+        info = reader.info
+        fs, pc_fs = _fs_names(info.filesystem)
+        bs = info.block_size
+        if info.block_count * bs > info.partition_size:
+            raise ImageError(f"{source.name}: {info.block_count} blocks of {bs} bytes do not fit "
+                             f"the partition size {info.partition_size}")
+        total = info.used_bytes
+        out_path = tmp / PART_FILE
+        with open(out_path, "wb") as fh:
+            sink = _HashingFile(fh)
+            params = zstandard.ZstdCompressionParameters.from_level(
+                ZSTD_LEVEL, threads=zstd_threads, write_checksum=True)
+            cctx = zstandard.ZstdCompressor(compression_params=params)
+            with cctx.stream_writer(sink, closefd=False, write_size=1 << 20) as zw:
+                writer = partclone.PartcloneWriter(
+                    zw, fs_type=pc_fs, device_size=info.partition_size,
+                    total_blocks=info.block_count, block_size=bs, bitmap=reader.bitmap,
+                    used_blocks=info.used_blocks)
+                done = 0
+                step = 16 << 20
+                next_report = step
+                for piece in reader.data():
+                    writer.write(piece, reader.chunk_crc)
+                    done += len(piece)
+                    if progress is not None and done >= next_report:
+                        progress(done, total)
+                        next_report = done + step
+                writer.close()
+                zw.flush(zstandard.FLUSH_FRAME)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if progress is not None:
+            progress(total, total)
+        with contextlib.suppress(OSError):
+            os.chmod(out_path, 0o644)
+        return build_manifest(info, name=name, source=source.resolve(),
+                              sha256=sink.sha.hexdigest(), stream_bytes=sink.count,
+                              fs=fs, pc_fs=pc_fs)

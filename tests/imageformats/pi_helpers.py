@@ -1,0 +1,158 @@
+"""Helpers for the image-format tests: real partimage/partclone runs on loop devices.
+
+Every image is made by the real partimage 0.6.9 from a real filesystem on a
+loop device; the reference for "correct" is always what the real tools give
+(``partimage restore`` onto a zero-filled device), never our own reader.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.support import loop_device, mounted, run  # noqa: E402
+
+DATA = ROOT / "tests" / "data" / "legacy"
+IS_ROOT = os.geteuid() == 0
+HAVE_TOOLS = all(shutil.which(t) for t in ("partimage", "partclone.restore", "zstd", "mcopy",
+                                           "mkfs.vfat", "mkfs.ext3", "losetup"))
+needs_root = pytest.mark.skipif(not (IS_ROOT and HAVE_TOOLS),
+                                reason="needs root, loop devices, partimage, partclone, mtools")
+ENV = {**os.environ, "TERM": os.environ.get("TERM") or "xterm"}
+MiB = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(4 * MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def zero_file(path: Path, size: int) -> Path:
+    with open(path, "wb") as fh:
+        fh.truncate(size)
+    return path
+
+
+def partimage_save(dev: str, out: Path, *, z: int, volume_mib: int | None = None) -> None:
+    """``partimage save`` in batch mode (no MBR backup: a loop device has no disk)."""
+    args = ["partimage", "-b", f"-z{z}", "-o", "-d", "-f3", "-M"]
+    if volume_mib:
+        args.append(f"-V{volume_mib}")
+    args += ["save", dev, str(out)]
+    p = subprocess.run(args, env=ENV, stdin=subprocess.DEVNULL, capture_output=True,
+                       timeout=300)
+    assert p.returncode == 0, f"partimage save failed: {p.stdout[-2000:]!r} {p.stderr[-2000:]!r}"
+
+
+def partimage_restore_sha(image: Path, size: int, work: Path) -> str:
+    """sha256 of what ``partimage restore`` writes onto a zero-filled device of `size`."""
+    target = zero_file(work / "pi-restore.img", size)
+    try:
+        with loop_device(target) as dev:
+            p = subprocess.run(["partimage", "-b", "-f3", "restore", dev, str(image)], env=ENV,
+                               stdin=subprocess.DEVNULL, capture_output=True, timeout=300)
+            assert p.returncode == 0, f"partimage restore failed: {p.stdout[-2000:]!r}"
+        return sha256_file(target)
+    finally:
+        target.unlink(missing_ok=True)
+
+
+def partclone_restore_sha(zst: Path, size: int, work: Path) -> str:
+    """sha256 of ``zstd -dc zst | partclone.restore -s - -O FILE`` on a zero-filled file."""
+    target = zero_file(work / "pc-restore.img", size)
+    try:
+        p = subprocess.run(f"zstd -dc '{zst}' | partclone.restore -s - -O '{target}'",
+                           shell=True, capture_output=True, timeout=300, env=ENV)
+        assert p.returncode == 0, f"partclone.restore failed: {p.stderr[-2000:]!r}"
+        assert target.stat().st_size == size
+        return sha256_file(target)
+    finally:
+        target.unlink(missing_ok=True)
+
+
+def _fill_ext(dev: str, mnt: Path, random_mib: int, seed: int) -> None:
+    with mounted(dev, mnt):
+        (mnt / "hello.txt").write_text("hello from imgfarm\n")
+        (mnt / "numbers.txt").write_text("".join(f"{i}\n" for i in range(200000)))
+        rnd = hashlib.sha256(str(seed).encode()).digest()
+        with open(mnt / "random.bin", "wb") as fh:  # deterministic, incompressible
+            for i in range(random_mib * MiB // 32):
+                fh.write(hashlib.sha256(rnd + i.to_bytes(8, "little")).digest())
+        (mnt / "sub").mkdir()
+        (mnt / "sub" / "zeros.bin").write_bytes(bytes(MiB))
+        (mnt / "sub" / "text.txt").write_text("imgfarm " * 50000)
+        run("sync")
+
+
+class Legacy:
+    """One legacy image made by real partimage, with the reference restore hash."""
+
+    def __init__(self, image: Path, size: int, reference_sha: str) -> None:
+        self.image = image
+        self.size = size
+        self.reference_sha = reference_sha
+
+
+def make_ext(work: Path, label: str, *, fs: str, size_mib: int, random_mib: int, z: int,
+             volume_mib: int | None = None, saves: int = 1) -> list[Legacy]:
+    """Make an ext2/3 fs on a loop device, fill it, save it `saves` times."""
+    d = work / label
+    d.mkdir()
+    src = zero_file(d / "fs.img", size_mib * MiB)
+    run(f"mkfs.{fs}", "-q", "-F", "-b", "1024", "-L", label, src)
+    out = []
+    with loop_device(src) as dev:
+        _fill_ext(dev, d / "mnt", random_mib, seed=size_mib)
+        for i in range(saves):
+            img_dir = d / f"save{i}"
+            img_dir.mkdir()
+            partimage_save(dev, img_dir / label, z=z, volume_mib=volume_mib)
+    src.unlink()
+    for i in range(saves):
+        img_dir = d / f"save{i}"
+        first = img_dir / f"{label}.000"
+        if not first.exists():
+            first = img_dir / label
+        out.append(Legacy(first, size_mib * MiB, partimage_restore_sha(first, size_mib * MiB, d)))
+    return out
+
+
+def make_fat32(work: Path, label: str, *, size_mib: int = 64) -> Legacy:
+    """FAT32 filled with mtools (no vfat driver here), saved with gzip."""
+    d = work / label
+    d.mkdir()
+    src = zero_file(d / "fat.img", size_mib * MiB)
+    run("mkfs.vfat", "-F", "32", "-n", "IMGFARM", src)
+    files = d / "files"
+    files.mkdir()
+    (files / "readme.txt").write_text("FAT32 sample for imgfarm\n" * 1000)
+    with open(files / "random.bin", "wb") as fh:
+        seed = b"fat32"
+        for i in range(2 * MiB // 32):
+            fh.write(hashlib.sha256(seed + i.to_bytes(8, "little")).digest())
+    (files / "dir").mkdir()
+    (files / "dir" / "nested.txt").write_text("nested\n" * 5000)
+    env = {**ENV, "MTOOLS_SKIP_CHECK": "1"}
+    subprocess.run(["mcopy", "-s", "-i", str(src), str(files / "readme.txt"),
+                    str(files / "random.bin"), str(files / "dir"), "::"],
+                   check=True, capture_output=True, env=env)
+    img_dir = d / "save"
+    img_dir.mkdir()
+    with loop_device(src) as dev:
+        partimage_save(dev, img_dir / label, z=1)
+    src.unlink()
+    first = img_dir / f"{label}.000"
+    return Legacy(first, size_mib * MiB, partimage_restore_sha(first, size_mib * MiB, d))
