@@ -64,8 +64,15 @@ def _open_job(job: Job) -> None:
 def job_spec(job: Job) -> dict[str, Any]:
     settings = get_settings()
     store: dict[str, Any]
-    if settings.image_store_nfs:
-        store = {"type": "nfs", "export": settings.image_store_nfs}
+    nfs = settings.image_store_nfs
+    if not nfs and job.node is not None and job.node.boot_driver == "xcat":
+        # An xCAT site names its image library in the site table
+        # (IMAGELIBSERVER, IMAGELIBINSTALLDIR): no duplicate configuration.
+        from imgfarm.worker.drivers.xcat import xcat_image_store
+
+        nfs = xcat_image_store() or ""
+    if nfs:
+        store = {"type": "nfs", "export": nfs}
     else:
         store = {"type": "local", "path": str(store_root())}
     spec: dict[str, Any] = {

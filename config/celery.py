@@ -73,6 +73,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "schedule": settings.reconcile_interval,
                 "options": {"expires": settings.reconcile_interval},
             },
+            "imgfarm-power-sync": {
+                "task": "imgfarm.power_sync",
+                "schedule": settings.ipmi.sync_interval,
+                "options": {"expires": settings.ipmi.sync_interval},
+            },
             "imgfarm-window-tick": {
                 "task": "imgfarm.window_tick",
                 "schedule": settings.window_tick_interval,

@@ -49,7 +49,7 @@ LEGACY_FS = {
     "reiserfs-3.6": ("reiserfs", "REISERFS"),
     "jfs": ("jfs", "JFS"),
     "xfs": ("xfs", "XFS"),
-    "hfs": ("hfs", "HFS Plus"),
+    "hfs": ("hfs", "raw"),  # HFS classic: partclone only knows "HFS Plus"
     "hpfs": ("hpfs", "raw"),
     "ufs": ("ufs", "UFS"),
 }

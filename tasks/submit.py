@@ -141,9 +141,14 @@ def submit_restore(
             from imgfarm.tasks.convert import create_convert_job
 
             target_image = converted_name or f"{image}-ng"
-            convert_job_id = create_convert_job(s, image, target_image, submitted_by=submitted_by)
-            opts["after_job"] = convert_job_id
             target_format = "partimage-ng"
+            done = find_image(s, target_image)
+            if done is not None and (done.origin or {}).get("source_image") != image:
+                raise Conflict(f"image {target_image!r} exists and was not converted from {image!r}",
+                               hint="choose another name for the converted image")
+            if done is None:  # converted once, however many nodes and windows ask
+                convert_job_id = create_convert_job(s, image, target_image, submitted_by=submitted_by)
+                opts["after_job"] = convert_job_id
         job_ids = []
         for n in targets:
             if n.name in skipped:

@@ -19,6 +19,7 @@ app.conf.imports = (
     "imgfarm.tasks.convert",
     "imgfarm.tasks.reconcile",
     "imgfarm.tasks.windows",
+    "imgfarm.tasks.power_sync",
 )
 
 

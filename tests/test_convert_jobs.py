@@ -1,0 +1,90 @@
+"""Conversion as a farm job: `imgfarm convert`, `restore --convert`, and offline refusals.
+
+A real job worker and a real CPU worker (prefork, queue imgfarm.cpu) on real
+Redis; the converted image is restored by the real agent with stock
+partclone and must give the bytes partimage itself gives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.farm import Farm
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
+
+LEGACY = Path(__file__).parent / "data" / "legacy"
+SAMPLE = json.loads((LEGACY / "sample-ext2.json").read_text())
+
+
+def _partition_sha(disk: Path) -> str:
+    with open(disk, "rb") as fh:
+        return hashlib.sha256(fh.read(SAMPLE["partition_size_bytes"])).hexdigest()
+
+
+def test_restore_with_convert_converts_once_then_restores(farm: Farm) -> None:
+    farm.start_api()
+    farm.start_worker()
+    farm.start_worker("cpu", concurrency=1, cpu=True)
+    farm.cli("image", "import", str(LEGACY / "sample-ext2.000"), "--name", "old")
+    size = -(-SAMPLE["partition_size_bytes"] // (1 << 20))
+    disks = [farm.add_node(f"n{i}", "--group", "lab", size_mib=size) for i in (1, 2, 3)]
+
+    out = farm.cli("restore", "@lab", "--image", "old", "--convert", "--wait")
+    assert "succeeded" in out.stdout
+    jobs = farm.cli_json("jobs")
+    kinds = sorted(j["kind"] for j in jobs)
+    assert kinds == ["convert", "restore", "restore", "restore"]  # one conversion for three nodes
+    assert {j["state"] for j in jobs} == {"succeeded"}
+    for disk in disks:
+        assert _partition_sha(disk) == SAMPLE["restored_sha256"]
+    images = {i["name"]: i for i in farm.cli_json("image", "list")}
+    assert images["old-ng"]["format"] == "partimage-ng"
+    assert images["old-ng"]["origin"]["source_image"] == "old"
+    conv = next(j for j in jobs if j["kind"] == "convert")
+    events = farm.cli_json("job", str(conv["id"]))["events"]
+    assert [e["state"] for e in events if e["kind"] == "state"] == [
+        "queued", "running", "finalizing", "succeeded"]
+
+    # a second --convert restore reuses the converted image: no new conversion
+    farm.cli("restore", "n1", "--image", "old", "--convert", "--wait")
+    assert sum(j["kind"] == "convert" for j in farm.cli_json("jobs")) == 1
+    farm.cli("image", "verify", "old-ng")
+
+
+def test_convert_task_and_refusals(farm: Farm, tmp_path: Path) -> None:
+    farm.start_api()
+    farm.start_worker()
+    farm.start_worker("cpu", concurrency=1, cpu=True)
+    farm.cli("image", "import", str(LEGACY / "sample-ext2.000"), "--name", "old")
+    farm.cli("convert", "old", "--name", "new", "--wait")
+    assert {i["name"] for i in farm.cli_json("image", "list")} == {"old", "new"}
+
+    # a corrupt legacy image: refused, exit 6, nothing registered, nothing left behind
+    bad = tmp_path / "bad.000"
+    data = bytearray((LEGACY / "sample-ext2.000").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    out = farm.cli("image", "convert", str(bad), "--name", "broken", check=False)
+    assert out.returncode == 6, out.stderr
+    out = farm.cli("image", "import", str(bad), "--name", "broken", check=False)
+    assert out.returncode == 6, out.stderr
+    store = farm.root / "data" / "images"
+    assert sorted(p.name for p in store.iterdir() if not p.name.startswith(".")) == ["new", "old"]
+    assert not any(p.name.startswith(".") and "broken" in p.name for p in store.iterdir())
+    notimg = tmp_path / "notes.txt"
+    notimg.write_text("hello")
+    out = farm.cli("image", "inspect", str(notimg), check=False)
+    assert out.returncode == 6 and "not a partimage image" in out.stderr
+    out_dir = tmp_path / "out"
+    farm.cli("image", "convert", str(LEGACY / "sample-ext2.000"), "--out", str(out_dir))
+    manifest = json.loads((out_dir / "sample-ext2-ng" / "manifest.json").read_text())
+    assert manifest["format"] == "partimage-ng"
+    assert {i["name"] for i in farm.cli_json("image", "list")} == {"old", "new"}  # --out registers nothing
+    shutil.rmtree(out_dir)
