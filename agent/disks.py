@@ -90,6 +90,42 @@ def partclone_for(fstype: str) -> tuple[str, str]:
     return PARTCLONE_TOOL.get(fstype, ("dd", "raw"))
 
 
+class PartitionDevices:
+    """Block devices for a disk's partitions, whatever the disk is.
+
+    A real disk has /dev/sda1 (after the kernel re-reads its table). A disk
+    *file* (sim nodes) or a device whose partitions the kernel did not
+    expose (containers without partition scanning) gets one loop device per
+    partition, at its offset and size. All are detached on exit.
+    """
+
+    def __init__(self, disk: str, parts: list[tuple[int, int, int]]) -> None:
+        self.disk = disk
+        self.parts = parts  # (number, start byte, size bytes)
+        self.loops: list[str] = []
+
+    def __enter__(self) -> dict[int, str]:
+        out: dict[int, str] = {}
+        if not os.path.isfile(self.disk):
+            subprocess.run(["blockdev", "--rereadpt", self.disk], capture_output=True)
+        for number, start, size in self.parts:
+            node = partition_device(self.disk, number)
+            if not os.path.isfile(self.disk) and os.path.exists(node):
+                out[number] = node
+                continue
+            dev = subprocess.run(
+                ["losetup", "-f", "--show", "--offset", str(start), "--sizelimit", str(size), self.disk],
+                capture_output=True, text=True, check=True,
+            ).stdout.strip()
+            self.loops.append(dev)
+            out[number] = dev
+        return out
+
+    def __exit__(self, *exc: object) -> None:
+        for dev in self.loops:
+            subprocess.run(["losetup", "-d", dev], capture_output=True)
+
+
 class LoopAttach:
     """Attach a disk *file* to a loop device when a tool needs a block device."""
 

@@ -49,7 +49,7 @@ def _now() -> str:
 
 # ---------------------------------------------------------------- capture
 
-def _capture_partition(dev: str, out: Path, progress: Progress, base_done: int) -> dict[str, Any]:
+def _capture_partition(dev: str, out: Path, progress: Progress, base_done: int, size: int = 0) -> dict[str, Any]:
     fstype = disks.fs_type(dev)
     tool, label = disks.partclone_for(fstype)
     cmd = [f"partclone.{tool}", "-c", "-s", dev, "-o", "-"]
@@ -61,9 +61,13 @@ def _capture_partition(dev: str, out: Path, progress: Progress, base_done: int) 
     assert pc.stdout and pc.stderr and zs.stdout
     pc.stdout.close()
     tail: deque[bytes] = deque(maxlen=40)
-    watcher = threading.Thread(
-        target=watch_stderr, args=(pc.stderr, lambda p: progress.update(percent=p), tail), daemon=True
-    )
+    total = progress.bytes_total or 1
+    size = size or total
+
+    def on_percent(pct: float) -> None:  # partclone's percent is of this partition
+        progress.update(percent=100.0 * (base_done + pct / 100.0 * size) / total)
+
+    watcher = threading.Thread(target=watch_stderr, args=(pc.stderr, on_percent, tail), daemon=True)
     watcher.start()
     h = hashlib.sha256()
     written = 0
@@ -72,7 +76,8 @@ def _capture_partition(dev: str, out: Path, progress: Progress, base_done: int) 
             h.update(chunk)
             fh.write(chunk)
             written += len(chunk)
-            progress.update(bytes_done=base_done + rchar(pc.pid))
+            with progress.lock:
+                progress.bytes_done = base_done + rchar(pc.pid)
         fh.flush()
         os.fsync(fh.fileno())
     rc_pc, rc_zs = pc.wait(), zs.wait()
@@ -82,7 +87,7 @@ def _capture_partition(dev: str, out: Path, progress: Progress, base_done: int) 
     info = _parse_partclone_summary(tail)
     return {
         "filesystem": fstype or "unknown",
-        "partclone_fs": label,
+        "partclone_fs": info.pop("partclone_fs", label),
         "tool": tool,
         "file": out.name,
         "sha256": h.hexdigest(),
@@ -97,6 +102,9 @@ def _parse_partclone_summary(tail: deque[bytes]) -> dict[str, Any]:
 
     text = b"\n".join(tail).decode(errors="replace")
     info: dict[str, Any] = {}
+    m = re.search(r"File system:\s*(\S+)", text)
+    if m:  # what partclone wrote in the stream's header (FAT16/FAT32, not just FAT)
+        info["partclone_fs"] = m.group(1)
     m = re.search(r"Block size:\s*(\d+)", text)
     if m:
         info["block_size"] = int(m.group(1))
@@ -122,31 +130,27 @@ def capture_ng(disk: str, outdir: Path, spec: dict[str, Any], progress: Progress
     progress.bytes_total = disk_size
     parts: list[dict[str, Any]] = []
     head_file = None
-    with disks.LoopAttach(disk, partitions=table is not None) as dev:
-        if table is None:
-            progress.stage = "capturing whole-disk filesystem"
-            p = _capture_partition(dev, outdir / "part0.ptcl.zst", progress, 0)
-            parts.append({"index": 0, "name": "part0", "start_bytes": 0, "size_bytes": disk_size, **p})
-        else:
-            sector = int(table["json"].get("sectorsize", 512))
-            entries = table["json"]["partitions"]
-            first = min(int(e["start"]) for e in entries) * sector
-            head = disk if os.path.isfile(disk) else dev
-            with open(head, "rb") as fh:
-                data = fh.read(first)
-            (outdir / "disk-head.bin").write_bytes(data)
-            head_file = {"file": "disk-head.bin", "bytes": len(data),
-                         "sha256": hashlib.sha256(data).hexdigest()}
-            done = 0
-            for i, e in enumerate(entries, start=1):
-                num = _partition_number(e["node"], i)
-                pdev = disks.partition_device(dev, num)
+    if table is None:
+        progress.stage = "capturing whole-disk filesystem"
+        p = _capture_partition(disk, outdir / "part0.ptcl.zst", progress, 0)
+        parts.append({"index": 0, "name": "part0", "start_bytes": 0, "size_bytes": disk_size, **p})
+    else:
+        sector = int(table["json"].get("sectorsize", 512))
+        entries = [(_partition_number(e["node"], i), int(e["start"]) * sector, int(e["size"]) * sector,
+                    e.get("type", "")) for i, e in enumerate(table["json"]["partitions"], start=1)]
+        first = min(start for _, start, _, _ in entries)
+        with open(disk, "rb") as fh:
+            data = fh.read(first)
+        (outdir / "disk-head.bin").write_bytes(data)
+        head_file = {"file": "disk-head.bin", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        done = 0
+        with disks.PartitionDevices(disk, [(n, start, size) for n, start, size, _ in entries]) as devs:
+            for num, start, size, ptype in entries:
                 progress.stage = f"capturing partition {num}"
-                p = _capture_partition(pdev, outdir / f"part{num}.ptcl.zst", progress, done)
-                size = int(e["size"]) * sector
+                p = _capture_partition(devs[num], outdir / f"part{num}.ptcl.zst", progress, done, size)
                 done += size
-                parts.append({"index": num, "name": f"part{num}", "start_bytes": int(e["start"]) * sector,
-                              "size_bytes": size, "type": e.get("type", ""), **p})
+                parts.append({"index": num, "name": f"part{num}", "start_bytes": start, "size_bytes": size,
+                              "type": ptype, **p})
     manifest = {
         "format": "partimage-ng",
         "version": 1,
@@ -276,13 +280,11 @@ def restore_ng(disk: str, imgdir: Path, spec: dict[str, Any], progress: Progress
             with open(disk, "r+b") as fh:
                 fh.write(data)
         _run_checked(["sfdisk", "-q", "--no-reread", "--no-tell-kernel", disk], stdin=table["sfdisk"])
-        with disks.LoopAttach(disk, partitions=True) as dev:
-            if not os.path.isfile(disk):
-                subprocess.run(["blockdev", "--rereadpt", dev], capture_output=True)
+        spans = [(int(p["index"]), int(p["start_bytes"]), int(p["size_bytes"])) for p in parts]
+        with disks.PartitionDevices(disk, spans) as devs:
             for p in parts:
                 progress.stage = f"restoring partition {p['index']}"
-                target = disks.partition_device(dev, int(p["index"]))
-                files[p["file"]] = _restore_partition(imgdir / p["file"], target, p, progress, done)
+                files[p["file"]] = _restore_partition(imgdir / p["file"], devs[int(p["index"])], p, progress, done)
                 done += int(p.get("stream_bytes") or 0)
     for p in parts:
         if files.get(p["file"]) != p.get("sha256"):

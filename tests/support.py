@@ -65,6 +65,22 @@ def loop_device(path: Path, partitions: bool = False) -> Iterator[str]:
 
 
 @contextlib.contextmanager
+def loop_device_at(path: Path, offset: int, size: int | None) -> Iterator[str]:
+    """A loop device over part of a file (a partition), detached whatever happens."""
+    args = ["losetup", "-f", "--show", "--offset", str(offset)]
+    if size is not None:
+        args += ["--sizelimit", str(size)]
+    dev = run(*args, path).stdout.strip()
+    try:
+        yield dev
+    finally:
+        for _ in range(50):
+            if subprocess.run(["losetup", "-d", dev], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+
+
+@contextlib.contextmanager
 def mounted(dev: str, mountpoint: Path, *opts: str) -> Iterator[Path]:
     """Mount `dev` on `mountpoint`; unmount whatever happens."""
     mountpoint.mkdir(parents=True, exist_ok=True)
