@@ -9,6 +9,7 @@ tells a stranger nothing about which jobs exist.
 from __future__ import annotations
 
 import hmac
+import logging
 from typing import Any
 
 from fastapi import APIRouter, Header
@@ -25,6 +26,7 @@ from imgfarm.models.tables import Job, utcnow
 from imgfarm.worker.wakeup import notify
 
 router = APIRouter(prefix="/agent/v1", tags=["agent"])
+log = logging.getLogger(__name__)
 
 
 class ProgressReport(BaseModel):
@@ -68,9 +70,13 @@ def job_spec(job: Job) -> dict[str, Any]:
     if not nfs and job.node is not None and job.node.boot_driver == "xcat":
         # An xCAT site names its image library in the site table
         # (IMAGELIBSERVER, IMAGELIBINSTALLDIR): no duplicate configuration.
+        from imgfarm.errors import DriverError
         from imgfarm.worker.drivers.xcat import xcat_image_store
 
-        nfs = xcat_image_store() or ""
+        try:
+            nfs = xcat_image_store() or ""
+        except DriverError as exc:  # tabdump failed: the local path is the best we know
+            log.warning("cannot read xCAT's site table for the image store: %s", exc)
     if nfs:
         store = {"type": "nfs", "export": nfs}
     else:

@@ -9,11 +9,11 @@ from pydantic import BaseModel
 from sqlalchemy import select
 
 from imgfarm.config.settings import get_settings
-from imgfarm.errors import InvalidInput, Unauthorized
+from imgfarm.errors import Unauthorized
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
 from imgfarm.models.images import get_image
-from imgfarm.models.jobs import get_job
+from imgfarm.models.jobs import get_job, query_jobs
 from imgfarm.models.nodes import add_node, get_node
 from imgfarm.models.tables import Image, Job, Node
 from imgfarm.models.views import image_view, job_view, node_view
@@ -88,17 +88,8 @@ def list_jobs(
     state: str | None = None, node: str | None = None, kind: str | None = None,
     limit: int = Query(200, ge=1, le=10000),
 ) -> list[dict[str, Any]]:
-    if state and state not in states.ALL:
-        raise InvalidInput(f"unknown state {state!r}", hint=f"one of {', '.join(states.ALL)}")
     with session_scope() as s:
-        q = select(Job).order_by(Job.id.desc()).limit(limit)
-        if state:
-            q = q.where(Job.state == state)
-        if kind:
-            q = q.where(Job.kind == kind)
-        if node:
-            q = q.where(Job.node_id == get_node(s, node).id)
-        return [job_view(j) for j in s.scalars(q)]
+        return [job_view(j) for j in query_jobs(s, state or "", node or "", kind or "", limit)]
 
 
 @router.get("/jobs/{job_id}")

@@ -20,11 +20,9 @@ from imgfarm.cli.output import (
     styled_state,
     table,
 )
-from imgfarm.errors import InvalidInput
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
-from imgfarm.models.jobs import get_job
-from imgfarm.models.nodes import get_node
+from imgfarm.models.jobs import get_job, query_jobs
 from imgfarm.models.tables import Job
 from imgfarm.models.views import job_view
 from imgfarm.tasks import submit
@@ -166,17 +164,8 @@ def jobs(
 
 
 def _jobs(state: str, node: str, kind: str, limit: int, json_out: bool) -> None:
-    if state and state not in states.ALL:
-        raise InvalidInput(f"unknown state {state!r}", hint=f"one of {', '.join(states.ALL)}")
     with session_scope() as s:
-        q = select(Job).order_by(Job.id.desc()).limit(limit)
-        if state:
-            q = q.where(Job.state == state)
-        if kind:
-            q = q.where(Job.kind == kind)
-        if node:
-            q = q.where(Job.node_id == get_node(s, node).id)
-        views = [job_view(j) for j in s.scalars(q)]
+        views = [job_view(j) for j in query_jobs(s, state, node, kind, limit)]
     if json_out:
         print_json(views)
         return

@@ -86,5 +86,26 @@ def begin_finalizing(
     )
 
 
+def query_jobs(
+    session: Session, state: str = "", node: str = "", kind: str = "", limit: int = 200
+) -> list[Job]:
+    """Jobs newest first, filtered; one query for the CLI and the API alike."""
+    from imgfarm.errors import InvalidInput
+    from imgfarm.models.nodes import get_node
+
+    if state and state not in states.ALL:
+        raise InvalidInput(f"unknown state {state!r}", hint=f"one of {', '.join(states.ALL)}")
+    if kind and kind not in states.KINDS:
+        raise InvalidInput(f"unknown job kind {kind!r}", hint=f"one of {', '.join(states.KINDS)}")
+    q = select(Job).order_by(Job.id.desc()).limit(limit)
+    if state:
+        q = q.where(Job.state == state)
+    if kind:
+        q = q.where(Job.kind == kind)
+    if node:
+        q = q.where(Job.node_id == get_node(session, node).id)
+    return list(session.scalars(q))
+
+
 def active_jobs(session: Session) -> list[Job]:
     return list(session.scalars(select(Job).where(Job.state.in_(states.ACTIVE))))

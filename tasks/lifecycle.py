@@ -42,6 +42,7 @@ from imgfarm.worker.wakeup import get_waker
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[dict[str, Any]], None]
+_last_boot: dict[int, bool] = {}  # job ids this process has just booted (see run_job)
 
 
 class JobEnded(Exception):
@@ -103,6 +104,7 @@ def _start(job_id: int) -> bool:
     try:
         boot_driver(info.boot_driver).boot_agent(info, orders)
         power_driver(info.power_driver).reboot(info)
+        _last_boot[job_id] = True
     except ImgfarmError as exc:
         with session_scope() as s:
             begin_finalizing(s, job_id, states.FAILED, f"could not boot {info.name}: {exc}")
@@ -156,8 +158,17 @@ def _next_deadline_in(job: Any) -> float:
 
 def run_job(job_id: int, on_progress: ProgressFn | None = None) -> Summary:
     """Drive one capture/restore job to its end; safe to call more than once."""
-    _start(job_id)
-    return wait_and_finish(job_id, on_progress)
+    waker = get_waker(get_settings().redis_url)
+    slot = waker.register(job_id)  # before booting: the agent's first report must not be missed
+    try:
+        booted = _start(job_id) and _booted_by_me(job_id)
+        return wait_and_finish(job_id, on_progress, slot=slot, just_booted=booted)
+    finally:
+        waker.unregister(job_id, slot)
+
+
+def _booted_by_me(job_id: int) -> bool:
+    return _last_boot.pop(job_id, False)
 
 
 _WATCH = (Job.id, Job.state, Job.waiter, Job.cancel_requested, Job.deadline_at, Job.last_report_at,
@@ -166,44 +177,56 @@ _WATCH = (Job.id, Job.state, Job.waiter, Job.cancel_requested, Job.deadline_at, 
 SAFETY_RECHECK = 60.0  # re-read the row at least this often, in case a wake-up was lost
 
 
-def wait_and_finish(job_id: int, on_progress: ProgressFn | None = None) -> Summary:
+def wait_and_finish(
+    job_id: int, on_progress: ProgressFn | None = None, slot: Any = None, just_booted: bool = False
+) -> Summary:
     """Wait for the job's end, acting on deadlines and cancels if this worker holds it.
 
     A progress report wakes the thread with the report itself (from the API's
     pub/sub message), so it is passed on to Flower without touching the
     database; the row is read only when a deadline is due, a cancel or a
-    result arrives, or every SAFETY_RECHECK seconds.
+    result arrives, or every SAFETY_RECHECK seconds. Right after this thread
+    booted the node the row's content is known (booting, held by us, the boot
+    deadline ahead), so the first read is skipped: that matters when 500 jobs
+    start at once.
     """
     settings = get_settings()
     waker = get_waker(settings.redis_url)
-    slot = waker.register(job_id)
-    last_progress: tuple[Any, ...] = ()
+    own_slot = slot is None
+    if own_slot:
+        slot = waker.register(job_id)
+    last_progress: tuple[Any, ...] = (states.BOOTING, 0.0, 0)  # Flower shows STARTED already
     try:
         while True:
-            finalize = False
-            with session_scope() as s:
-                job = s.execute(select(*_WATCH).where(Job.id == job_id)).one()
-                if last_progress == () and job.state == states.BOOTING:
-                    last_progress = (states.BOOTING, 0.0, 0)  # Flower shows STARTED already
-                if job.state in states.FINAL:
-                    return Summary(job.id, job.state, job.error, dict(job.result or {}))
-                mine = job.waiter == worker_id()
-                if job.state == states.FINALIZING:
-                    finalize = mine
-                elif mine and job.cancel_requested:
-                    begin_finalizing(s, job_id, states.CANCELLED, "cancelled by operator")
-                    continue
-                elif mine:
-                    expired = _check_deadlines(job)
-                    if expired:
-                        begin_finalizing(s, job_id, expired[0], expired[1])
+            if just_booted:
+                just_booted = False
+                progress = {"job_id": job_id, "state": states.BOOTING, "percent": 0.0, "bytes_done": 0,
+                            "bytes_total": 0, "rate": 0.0}
+                boot_limit = float(settings.boot_timeout)
+                wake_at = time.monotonic() + min(boot_limit + 0.05, SAFETY_RECHECK)
+            else:
+                finalize = False
+                with session_scope() as s:
+                    job = s.execute(select(*_WATCH).where(Job.id == job_id)).one()
+                    if job.state in states.FINAL:
+                        return Summary(job.id, job.state, job.error, dict(job.result or {}))
+                    mine = job.waiter == worker_id()
+                    if job.state == states.FINALIZING:
+                        finalize = mine
+                    elif mine and job.cancel_requested:
+                        begin_finalizing(s, job_id, states.CANCELLED, "cancelled by operator")
                         continue
-            if finalize:
-                finalize_job(job_id)  # outside the session: it opens its own
-                continue
-            progress = {"job_id": job_id, "state": job.state, "percent": job.progress,
-                        "bytes_done": job.bytes_done, "bytes_total": job.bytes_total, "rate": job.rate}
-            wake_at = time.monotonic() + min(_next_deadline_in(job) + 0.05, SAFETY_RECHECK)
+                    elif mine:
+                        expired = _check_deadlines(job)
+                        if expired:
+                            begin_finalizing(s, job_id, expired[0], expired[1])
+                            continue
+                if finalize:
+                    finalize_job(job_id)  # outside the session: it opens its own
+                    continue
+                progress = {"job_id": job_id, "state": job.state, "percent": job.progress,
+                            "bytes_done": job.bytes_done, "bytes_total": job.bytes_total, "rate": job.rate}
+                wake_at = time.monotonic() + min(_next_deadline_in(job) + 0.05, SAFETY_RECHECK)
             while True:
                 snapshot = (progress["state"], round(progress["percent"] or 0, 1), progress["bytes_done"])
                 if on_progress and snapshot != last_progress:
@@ -216,7 +239,8 @@ def wait_and_finish(job_id: int, on_progress: ProgressFn | None = None) -> Summa
                                 bytes_done=payload.get("bytes_done", 0),
                                 bytes_total=payload.get("bytes_total", 0), rate=payload.get("rate", 0.0))
     finally:
-        waker.unregister(job_id, slot)
+        if own_slot:
+            waker.unregister(job_id, slot)
 
 
 def reset_node(info: NodeInfo, power_cycle: bool) -> str:

@@ -16,6 +16,7 @@ and a live task) cannot both act on one job.
 from __future__ import annotations
 
 import logging
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -63,17 +64,20 @@ def reconcile_once() -> dict[str, Any]:
             if j.state == states.QUEUED and (j.options or {}).get("after_job") and not j.celery_task_id
         ]
     for job_id, kind, node, image, waiter in orphans:
+        task_id = uuid.uuid4().hex
         with session_scope() as s:
             res = s.execute(
-                update(Job).where(Job.id == job_id, Job.waiter == waiter).values(waiter="")
+                update(Job).where(Job.id == job_id, Job.waiter == waiter)
+                .values(waiter="", celery_task_id=task_id, attempt=Job.attempt + 1)
             )
             if res.rowcount != 1:  # type: ignore[attr-defined]
                 continue
-            add_event(s, job_id, "note", f"worker {waiter} is gone; job handed to another worker")
+            why = f"worker {waiter} is gone" if waiter else "no worker holds it"
+            add_event(s, job_id, "note", f"{why}; job handed to another worker (task {task_id})")
         if kind == "convert":
             enqueue_convert(job_id)
         else:
-            JOB_TASKS[kind].apply_async(args=(job_id, node, image))
+            JOB_TASKS[kind].apply_async(args=(job_id, node, image), task_id=task_id)
         resumed.append(job_id)
     for job_id in stuck:
         with session_scope() as s:
