@@ -4,7 +4,10 @@ Prints, in one run, for a partimage (gzip) image of an ext3 filesystem with
 mixed data (text, random, zeros):
 
   (a) decode floor  -- zlib-decompressing the volume(s) in one process, output discarded;
-  (b) imgfarm       -- convert_legacy() of the same image (in a child process, for its RSS);
+  (b) imgfarm       -- convert_legacy() of the same image (in a child process, for its RSS),
+                       with verify="stream" (the default), "none" and "full" (read-back);
+                       the ratio is to the best floor measured so far (re-measured after
+                       each variant, as the machine's load changes);
   (c) tool route    -- partimage restore to a loop device, then
                        partclone.ext3 -c -s DEV -o - | zstd -T0 > file.
 
@@ -13,6 +16,7 @@ Needs root (loop devices, mount).  The legacy image is cached under
 
     python bench/convert.py                 # 512 MiB filesystem
     python bench/convert.py --size-mib 1024 # twice the size: RSS must stay flat
+    python bench/convert.py --compare --levels=-5,-1,1,2,3   # the choices, documented
 """
 
 from __future__ import annotations
@@ -115,12 +119,21 @@ def decode_floor(vols: list[Path]) -> tuple[float, int]:
     return best
 
 
-def _decode_once(vols: list[Path]) -> tuple[float, int]:
+def decode_floor_isal(vols: list[Path]) -> float | None:
+    """The same floor with ISA-L's inflate (python-isal), if installed."""
+    try:
+        from isal import isal_zlib
+    except ImportError:
+        return None
+    return min(_decode_once(vols, isal_zlib)[0] for _ in range(3))
+
+
+def _decode_once(vols: list[Path], mod: object = zlib) -> tuple[float, int]:
     t = time.perf_counter()
     total = 0
     for v in vols:
         with open(v, "rb") as fh:
-            d = zlib.decompressobj(31)
+            d = mod.decompressobj(31)  # type: ignore[attr-defined]
             while chunk := fh.read(MiB):
                 while chunk:
                     out = d.decompress(chunk, 4 * MiB)
@@ -129,12 +142,37 @@ def _decode_once(vols: list[Path]) -> tuple[float, int]:
     return time.perf_counter() - t, total
 
 
+def zstd_levels(vols: list[Path], levels: list[int]) -> None:
+    """Ratio and single-thread time of each zstd level on the logical stream (in memory)."""
+    import zstandard
+
+    data = bytearray()
+    for v in vols:
+        with open(v, "rb") as fh:
+            d = zlib.decompressobj(31)
+            while chunk := fh.read(MiB):
+                data += d.decompress(chunk)
+    for level in levels:
+        c = zstandard.ZstdCompressor(level=level)
+        best = None
+        for _ in range(2):
+            t = time.perf_counter()
+            n = len(c.compress(data))
+            dt = time.perf_counter() - t
+            best = dt if best is None else min(best, dt)
+        assert best is not None
+        print(f"    zstd level {level:3d}: ratio {len(data) / n:4.2f}, {best:5.2f} s "
+              f"({len(data) / MiB / best:5.0f} MiB/s), {n / MiB:.0f} MiB")
+    del data
+
+
 _CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
 from imgfarm.imageformats.convert import convert_legacy
+kw = json.loads(sys.argv[3])
 t = time.perf_counter()
-m = convert_legacy(Path(sys.argv[1]), Path(sys.argv[2]), name="bench", verify=sys.argv[3] == "1")
+m = convert_legacy(Path(sys.argv[1]), Path(sys.argv[2]), name="bench", **kw)
 dt = time.perf_counter() - t
 ru = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"seconds": dt, "rss_kib": ru.ru_maxrss, "cpu": ru.ru_utime + ru.ru_stime,
@@ -143,11 +181,13 @@ print(json.dumps({"seconds": dt, "rss_kib": ru.ru_maxrss, "cpu": ru.ru_utime + r
 """
 
 
-def imgfarm_convert(img: Path, verify: bool) -> dict[str, float]:
+def imgfarm_convert(img: Path, kw: dict[str, object], inflate: str = "") -> dict[str, float]:
+    """One convert_legacy(**kw) in a child process; `inflate="zlib"` disables ISA-L."""
     dest = Path(tempfile.mkdtemp(prefix="convert-", dir=CACHE))
+    env = {**os.environ, "IMGFARM_INFLATE": inflate} if inflate else None
     try:
-        p = subprocess.run([sys.executable, "-c", _CHILD, str(img), str(dest),
-                            "1" if verify else "0"], check=True, capture_output=True, text=True)
+        p = subprocess.run([sys.executable, "-c", _CHILD, str(img), str(dest), json.dumps(kw)],
+                           check=True, capture_output=True, text=True, env=env)
         return json.loads(p.stdout.strip().splitlines()[-1])
     finally:
         shutil.rmtree(dest, ignore_errors=True)
@@ -179,6 +219,10 @@ def main() -> None:
     ap.add_argument("--size-mib", type=int, default=512)
     ap.add_argument("--no-tools", action="store_true", help="skip the (slow) tool route")
     ap.add_argument("--repeat", type=int, default=3, help="conversions per variant (best kept)")
+    ap.add_argument("--compare", action="store_true",
+                    help="also time zlib inflate, zstd level 3 and other zstd threading")
+    ap.add_argument("--levels", default="",
+                    help="comma-separated zstd levels: print ratio and time of each (e.g. -5,-1,1,3)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("needs root (loop devices, mount)")
@@ -189,23 +233,49 @@ def main() -> None:
     print(f"image: {img} ({len(vols)} volume(s), {comp / MiB:.0f} MiB gzip), "
           f"cores: {os.cpu_count()}")
     subprocess.run(["cat", *map(str, vols)], stdout=subprocess.DEVNULL)  # warm the page cache
+    print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     floor_s, raw_bytes = decode_floor(vols)
     print(f"(a) decode floor (zlib, 1 process):   {floor_s:6.2f} s  "
           f"({raw_bytes / MiB / floor_s:5.0f} MiB/s of {raw_bytes / MiB:.0f} MiB logical stream)")
-    for verify in (False, True):
-        runs = [imgfarm_convert(img, verify) for _ in range(args.repeat)]
+    isal_s = decode_floor_isal(vols)
+    if isal_s is not None:
+        print(f"    (same with ISA-L inflate, for reference: {isal_s:6.2f} s)")
+    variants: list[tuple[str, dict[str, object], str]] = [
+        ("default (verify='stream')          ", {}, ""),
+        ("verify='none'                      ", {"verify": "none"}, ""),
+        ("verify='full' (read-back)          ", {"verify": "full"}, ""),
+    ]
+    if args.compare:
+        from imgfarm.imageformats import partimage
+
+        if partimage.INFLATE == "isal":
+            variants.append(("default, zlib inflate (no ISA-L)   ", {}, "zlib"))
+        variants += [
+            ("default, zstd level 3 (old default)", {"level": 3}, ""),
+            ("default, zstd in the caller thread ", {"zstd_threads": 0}, ""),
+            ("default, zstd_threads=2            ", {"zstd_threads": 2}, ""),
+        ]
+    results = {}
+    for label, kw, inflate in variants:
+        runs = [imgfarm_convert(img, kw, inflate) for _ in range(args.repeat)]
         r = min(runs, key=lambda x: x["seconds"])
-        label = "with read-back verify" if verify else "convert only         "
-        print(f"(b) imgfarm convert, {label}: {r['seconds']:6.2f} s = "
-              f"{r['seconds'] / floor_s:4.2f}x floor (CPU {r['cpu']:.2f} s); peak RSS "
+        results[label] = r
+        near = min(floor_s, decode_floor(vols)[0])  # the load changes: re-measure next to it
+        print(f"(b) imgfarm convert, {label}: {r['seconds']:5.2f} s = "
+              f"{r['seconds'] / near:4.2f}x floor {near:.2f} s (CPU {r['cpu']:.2f} s); peak RSS "
               f"{max(x['rss_kib'] for x in runs) / 1024:.0f} MiB; "
-              f"{r['stream_bytes'] / MiB:.0f} MiB zst")
+              f"{r['stream_bytes'] / MiB:.0f} MiB zst", flush=True)
+    r = results[variants[0][0]]
     if not args.no_tools:
         t_restore, t_clone, size = tool_route(img, args.size_mib)
         total = t_restore + t_clone
         print(f"(c) tool route: partimage restore {t_restore:6.2f} s + partclone|zstd "
               f"{t_clone:6.2f} s = {total:6.2f} s ({size / MiB:.0f} MiB zst); "
-              f"imgfarm (with verify) is {total / r['seconds']:.1f}x faster")
+              f"imgfarm (default) is {total / r['seconds']:.1f}x faster")
+    if args.levels:  # last: it holds the logical stream in memory (children would inherit
+        # the bench's peak RSS in their ru_maxrss)
+        print("zstd levels on the logical stream (1 thread, in memory):")
+        zstd_levels(vols, [int(x) for x in args.levels.split(",")])
     print(f"bench process peak RSS: "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 

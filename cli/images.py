@@ -87,6 +87,31 @@ def import_legacy(
     print_json(view) if json_out else typer.echo(f"imported {name}: {len(vols)} volume(s)")
 
 
+@app.command("remove")
+@handles_errors
+def remove(
+    name: str = typer.Argument(..., help="image to remove from the registry and the store"),
+    keep_files: bool = typer.Option(False, "--keep-files", help="unregister only; leave the directory"),
+) -> None:
+    """Remove an image that no active job uses (its files go too, unless --keep-files)."""
+    from imgfarm.errors import Conflict
+    from imgfarm.models import states
+    from imgfarm.models.tables import Job
+
+    with session_scope() as s:
+        img = get_image(s, name)
+        busy = s.scalar(select(Job.id).where(Job.image_name == name, Job.state.in_(states.ACTIVE)))
+        if busy:
+            raise Conflict(f"image {name!r} is in use by job {busy}", hint=f"wait, or `imgfarm cancel {busy}`")
+        location = store_root() / img.location
+        s.delete(img)
+    if not keep_files and location.is_dir():
+        trash = location.with_name(f".removed-{name}")
+        location.rename(trash)  # out of sight at once, then deleted
+        shutil.rmtree(trash, ignore_errors=True)
+    typer.echo(f"removed image {name}" + (" (files kept)" if keep_files else ""))
+
+
 def _resolve_source(source: str) -> Path:
     """A registered image name, or a path to an image file/directory."""
     path = Path(source)

@@ -20,6 +20,7 @@ from imgfarm.cli.output import (
     styled_state,
     table,
 )
+from imgfarm.errors import InvalidInput
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
 from imgfarm.models.jobs import get_job, query_jobs
@@ -90,14 +91,21 @@ def capture(
     image: str = typer.Option(..., "--image", "-i", help="name of the new image"),
     fmt: str = typer.Option("partimage-ng", "--format", "-f", help="partimage-ng (default) or partimage"),
     wait: bool = typer.Option(False, "--wait", "-w", help="wait for the end; exit 1 unless it succeeded"),
+    timeout: float = typer.Option(0, "--timeout", help="seconds for the whole job (default: settings)"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Capture a node's disk into a new image."""
-    handles_errors(_capture)(node, image, fmt, wait, json_out)
+    handles_errors(_capture)(node, image, fmt, wait, timeout, json_out)
 
 
-def _capture(node: str, image: str, fmt: str, wait: bool, json_out: bool) -> None:
-    sub = submit.submit_capture(node, image, fmt, submitted_by=who())
+def _options(timeout: float) -> dict[str, Any]:
+    if timeout < 0:
+        raise InvalidInput(f"--timeout {timeout:g} is negative")
+    return {"timeout": timeout} if timeout else {}
+
+
+def _capture(node: str, image: str, fmt: str, wait: bool, timeout: float, json_out: bool) -> None:
+    sub = submit.submit_capture(node, image, fmt, submitted_by=who(), options=_options(timeout))
     _after_submit(sub.job_ids, {}, wait, json_out)
 
 
@@ -123,14 +131,17 @@ def restore(
     wait: bool = typer.Option(False, "--wait", "-w", help="wait for all; exit 1 if any did not succeed"),
     skip_busy: bool = typer.Option(False, "--skip-busy", help="restore the others when some nodes are busy"),
     convert: bool = typer.Option(False, "--convert", help="convert a legacy partimage image once, then restore that"),
+    timeout: float = typer.Option(0, "--timeout", help="seconds for each node's whole job (default: settings)"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Restore an image onto many nodes at once."""
-    handles_errors(_restore)(nodes, image, wait, skip_busy, convert, json_out)
+    handles_errors(_restore)(nodes, image, wait, skip_busy, convert, timeout, json_out)
 
 
-def _restore(nodes: str, image: str, wait: bool, skip_busy: bool, convert: bool, json_out: bool) -> None:
-    sub = submit.submit_restore(nodes, image, submitted_by=who(), skip_busy=skip_busy, convert=convert)
+def _restore(nodes: str, image: str, wait: bool, skip_busy: bool, convert: bool, timeout: float,
+             json_out: bool) -> None:
+    sub = submit.submit_restore(nodes, image, submitted_by=who(), skip_busy=skip_busy, convert=convert,
+                                options=_options(timeout))
     extra = [sub.convert_job_id] if sub.convert_job_id else None
     _after_submit(sub.job_ids, sub.skipped, wait, json_out, extra)
 

@@ -32,6 +32,8 @@ CPU_QUEUE = "imgfarm.cpu"
 def celery_config(settings: Settings) -> dict[str, Any]:
     transport: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout}
     result_backend = settings.result_backend
+    if settings.broker_prefix:
+        transport["global_keyprefix"] = settings.broker_prefix
     if settings.broker_url.startswith("filesystem://"):
         # No Redis: Celery's file-system broker, good for one machine (make demo).
         folder = settings.data_dir / "broker"

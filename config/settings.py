@@ -77,6 +77,7 @@ class Settings(BaseSettings):
     broker_url: str = "redis://127.0.0.1:6379/0"
     result_backend: str = ""  # default: the broker
     redis_url: str = ""  # for job wake-ups; default: the broker if it is redis
+    broker_prefix: str = ""  # key prefix, so several farms (or test runs) can share one Redis
 
     image_store: Path | None = None  # default: data_dir/images
     image_store_nfs: str = ""  # "server:/export" that agents mount; empty: local path

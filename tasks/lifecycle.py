@@ -42,7 +42,7 @@ from imgfarm.worker.wakeup import get_waker
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[dict[str, Any]], None]
-_last_boot: dict[int, bool] = {}  # job ids this process has just booted (see run_job)
+_last_boot: dict[int, float] = {}  # job id -> seconds to its first deadline, for jobs just booted here
 
 
 class JobEnded(Exception):
@@ -82,6 +82,8 @@ def _start(job_id: int) -> bool:
         if node is None:
             begin_finalizing(s, job_id, states.FAILED, "the job's node no longer exists")
             return True
+        timeout = float(job.options.get("timeout") or settings.job_timeout)
+        first_deadline = min(timeout, float(job.options.get("boot_timeout") or settings.boot_timeout))
         won = transition(
             s,
             job_id,
@@ -91,7 +93,7 @@ def _start(job_id: int) -> bool:
             token_hash=hash_token(token),
             started_at=now,
             last_report_at=now,
-            deadline_at=now + timedelta(seconds=float(job.options.get("timeout") or settings.job_timeout)),
+            deadline_at=now + timedelta(seconds=timeout),
             boot_calls=Job.boot_calls + 1,
             waiter=worker_id(),
         )
@@ -104,7 +106,7 @@ def _start(job_id: int) -> bool:
     try:
         boot_driver(info.boot_driver).boot_agent(info, orders)
         power_driver(info.power_driver).reboot(info)
-        _last_boot[job_id] = True
+        _last_boot[job_id] = first_deadline
     except ImgfarmError as exc:
         with session_scope() as s:
             begin_finalizing(s, job_id, states.FAILED, f"could not boot {info.name}: {exc}")
@@ -161,14 +163,11 @@ def run_job(job_id: int, on_progress: ProgressFn | None = None) -> Summary:
     waker = get_waker(get_settings().redis_url)
     slot = waker.register(job_id)  # before booting: the agent's first report must not be missed
     try:
-        booted = _start(job_id) and _booted_by_me(job_id)
-        return wait_and_finish(job_id, on_progress, slot=slot, just_booted=booted)
+        _start(job_id)
+        first_deadline = _last_boot.pop(job_id, None)
+        return wait_and_finish(job_id, on_progress, slot=slot, just_booted=first_deadline)
     finally:
         waker.unregister(job_id, slot)
-
-
-def _booted_by_me(job_id: int) -> bool:
-    return _last_boot.pop(job_id, False)
 
 
 _WATCH = (Job.id, Job.state, Job.waiter, Job.cancel_requested, Job.deadline_at, Job.last_report_at,
@@ -178,7 +177,7 @@ SAFETY_RECHECK = 60.0  # re-read the row at least this often, in case a wake-up 
 
 
 def wait_and_finish(
-    job_id: int, on_progress: ProgressFn | None = None, slot: Any = None, just_booted: bool = False
+    job_id: int, on_progress: ProgressFn | None = None, slot: Any = None, just_booted: float | None = None
 ) -> Summary:
     """Wait for the job's end, acting on deadlines and cancels if this worker holds it.
 
@@ -186,8 +185,8 @@ def wait_and_finish(
     pub/sub message), so it is passed on to Flower without touching the
     database; the row is read only when a deadline is due, a cancel or a
     result arrives, or every SAFETY_RECHECK seconds. Right after this thread
-    booted the node the row's content is known (booting, held by us, the boot
-    deadline ahead), so the first read is skipped: that matters when 500 jobs
+    booted the node the row's content is known (booting, held by us, its first
+    deadline `just_booted` seconds ahead), so the first read is skipped: that matters when 500 jobs
     start at once.
     """
     settings = get_settings()
@@ -198,12 +197,11 @@ def wait_and_finish(
     last_progress: tuple[Any, ...] = (states.BOOTING, 0.0, 0)  # Flower shows STARTED already
     try:
         while True:
-            if just_booted:
-                just_booted = False
+            if just_booted is not None:
                 progress = {"job_id": job_id, "state": states.BOOTING, "percent": 0.0, "bytes_done": 0,
                             "bytes_total": 0, "rate": 0.0}
-                boot_limit = float(settings.boot_timeout)
-                wake_at = time.monotonic() + min(boot_limit + 0.05, SAFETY_RECHECK)
+                wake_at = time.monotonic() + min(just_booted + 0.05, SAFETY_RECHECK)
+                just_booted = None
             else:
                 finalize = False
                 with session_scope() as s:

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,8 @@ class Farm:
             "IMGFARM_DATA_DIR": str(root / "data"),
             "IMGFARM_DATABASE_URL": database_url,
             "IMGFARM_BROKER_URL": f"redis://127.0.0.1:6379/{redis_db}",
+            # a prefix of its own: test runs sharing this Redis never take each other's tasks
+            "IMGFARM_BROKER_PREFIX": f"t{uuid.uuid4().hex[:8]}:",
             "IMGFARM_API_PORT": str(self.port),
             "IMGFARM_API_URL": f"http://127.0.0.1:{self.port}",
             "IMGFARM_PROGRESS_INTERVAL": "0.5",

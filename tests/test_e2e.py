@@ -123,6 +123,22 @@ def test_agent_that_never_reports_times_out(farm: Farm) -> None:
     assert "did not report within 3s" in j["error"]
     assert boot_target(farm, "mute") == "local"
 
+    # the job's overall deadline, given per submission, comes first when it is shorter
+    out = farm.cli("restore", "mute", "--image", "base", "--timeout", "1.5", "--wait", check=False)
+    assert out.returncode == 1
+    j = farm.cli_json("jobs", "--node", "mute")[0]
+    assert (j["state"], j["options"]["timeout"]) == ("timed_out", 1.5)
+    assert "overall deadline passed" in j["error"]
+    assert 1.4 < j["duration"] < 3.0
+    assert boot_target(farm, "mute") == "local"
+
+    # an image in use cannot be removed; a free one goes with its files
+    out = farm.cli("image", "remove", "nope", check=False)
+    assert out.returncode == 3
+    farm.cli("image", "remove", "base")
+    assert farm.cli_json("image", "list") == []
+    assert not (farm.root / "data" / "images" / "base").exists()
+
 
 def test_cancel_resets_the_node(farm: Farm) -> None:
     farm.start_api()

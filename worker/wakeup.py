@@ -20,6 +20,12 @@ log = logging.getLogger(__name__)
 
 CHANNEL = "imgfarm:job:{}"
 PATTERN = "imgfarm:job:*"
+
+
+def _prefix() -> str:
+    from imgfarm.config.settings import get_settings
+
+    return get_settings().broker_prefix
 POLL_FALLBACK = 2.0
 
 _pub_lock = threading.Lock()
@@ -39,7 +45,7 @@ def notify(redis_url: str, job_id: int, payload: dict[str, Any]) -> None:
                 client = _pub_clients[redis_url] = redis.Redis.from_url(
                     redis_url, socket_timeout=5, socket_connect_timeout=5
                 )
-        client.publish(CHANNEL.format(job_id), json.dumps(payload))
+        client.publish(_prefix() + CHANNEL.format(job_id), json.dumps(payload))
     except Exception as exc:  # noqa: BLE001 - the waiter re-reads the row anyway
         log.warning("could not publish wake-up for job %s: %s", job_id, exc)
 
@@ -76,7 +82,7 @@ class Waker:
             try:
                 client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=5)
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
-                pubsub.psubscribe(PATTERN)
+                pubsub.psubscribe(_prefix() + PATTERN)
                 self._ok = True
                 for msg in pubsub.listen():
                     if msg.get("type") != "pmessage":

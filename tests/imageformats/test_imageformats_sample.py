@@ -358,3 +358,102 @@ def test_fast_tail_check_agrees(tmp_path: Path) -> None:
             pytest.raises(ImageError, match="tail checksum mismatch"):
         for _ in r.data():
             pass
+
+
+# ---------------------------------------------------------------------------- speed knobs
+def test_convert_levels_and_verify_modes(tmp_path: Path) -> None:
+    """Every zstd level / verify mode gives a valid image of the same partclone stream."""
+    import zstandard
+
+    from imgfarm.imageformats import convert as cv
+
+    streams = set()
+    for i, kw in enumerate([{}, {"level": -1}, {"level": 3}, {"verify": "none"},
+                            {"verify": "full"}, {"verify": True}, {"verify": False},
+                            {"zstd_threads": 0}]):
+        dest = tmp_path / f"d{i}"
+        dest.mkdir()
+        m = convert_legacy(SAMPLE, dest, name="x", **kw)  # type: ignore[arg-type]
+        img = dest / "x"
+        rep = verify_image(img)
+        assert rep.partitions[0].sha256 == m["partitions"][0]["sha256"]
+        assert sha256_file(img / cv.PART_FILE) == m["partitions"][0]["sha256"]
+        streams.add(zstandard.ZstdDecompressor().decompressobj().decompress(
+            (img / cv.PART_FILE).read_bytes()))
+    assert len(streams) == 1  # the level changes the compression, never the content
+    with pytest.raises(ValueError, match="verify must be"):
+        convert_legacy(SAMPLE, tmp_path, name="y", verify="quick")
+    assert not (tmp_path / "y").exists()
+
+
+def test_stream_verify_catches_bad_compressed_bytes(tmp_path: Path, dest: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A byte changed between zstd and the file (sha256 would match it!) is caught by the
+    in-line zstd round trip of the default verify, and nothing is left behind."""
+    from imgfarm.imageformats import convert as cv
+
+    real_write = cv._HashingFile.write
+    seen = [0]
+
+    def corrupting_write(self: cv._HashingFile, b: bytes | memoryview) -> int:
+        data = bytearray(b)
+        if seen[0] < 20000 <= seen[0] + len(data):  # flip a byte inside the data
+            data[20000 - seen[0]] ^= 0x01
+        seen[0] += len(data)
+        return real_write(self, bytes(data))
+
+    monkeypatch.setattr(cv._HashingFile, "write", corrupting_write)
+    with pytest.raises(ImageError, match="zstd round trip"):
+        convert_legacy(SAMPLE, dest)
+    assert list(dest.iterdir()) == []
+    seen[0] = 0
+    with pytest.raises(ImageError, match="zstd round trip"):
+        convert_legacy(SAMPLE, dest, verify="full")
+    assert list(dest.iterdir()) == []
+    seen[0] = 0  # verify="none" stores it (the sha256 is of the bytes written) ...
+    convert_legacy(SAMPLE, dest, verify="none")
+    with pytest.raises(ImageError, match="corrupt zstd stream"):  # ... image verify finds it
+        verify_image(dest / "sample-ext2")
+
+
+def test_stream_verify_catches_truncated_output(dest: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from imgfarm.imageformats import convert as cv
+
+    real_close = cv._HashingFile.close
+
+    def close_dropping_last(self: cv._HashingFile) -> None:
+        real_close(self)
+        self.fh.truncate(self.count - 6)  # the file lost its last bytes (the frame end)
+
+    monkeypatch.setattr(cv._HashingFile, "close", close_dropping_last)
+    with pytest.raises(ImageError, match="bytes on disk"):
+        convert_legacy(SAMPLE, dest)
+    assert list(dest.iterdir()) == []
+
+
+def test_isal_and_zlib_paths_agree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ISA-L inflate/crc32 (optional) and plain zlib give the same image and the same refusals."""
+    digests = set()
+    for mode in ("zlib", pi.INFLATE):
+        monkeypatch.setattr(pi, "INFLATE", mode)
+        monkeypatch.setattr(pi, "crc32", zlib.crc32 if mode == "zlib" else pi.crc32)
+        dest = tmp_path / mode
+        dest.mkdir(exist_ok=True)
+        m = convert_legacy(SAMPLE, dest, name="x")
+        digests.add(m["partitions"][0]["sha256"])
+        bad = tmp_path / f"flip-{mode}.000"
+        raw = bytearray(SAMPLE.read_bytes())
+        raw[len(raw) // 2] ^= 0x10
+        bad.write_bytes(raw)
+        with pytest.raises(ImageError, match=r"corrupt gzip|CHK CRC mismatch"):
+            convert_legacy(bad, dest, name="y")
+        cut = tmp_path / f"cut-{mode}.000"
+        cut.write_bytes(SAMPLE.read_bytes()[:-1000])
+        with pytest.raises(ImageError, match=r"gzip stream is truncated"):
+            convert_legacy(cut, dest, name="z")
+        assert sorted(p.name for p in dest.iterdir()) == ["x"]
+    assert len(digests) == 1
+    buf = os.urandom(70000)
+    assert pc.crc32(buf, 12345) == zlib.crc32(buf, 12345)
+    assert pi.crc32(memoryview(buf)[5:], 7) == zlib.crc32(buf[5:], 7)
