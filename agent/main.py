@@ -24,6 +24,8 @@ from imgfarm_agent.client import ApiError, FarmClient
 from imgfarm_agent.orders import Orders, OrdersError, parse_cmdline
 from imgfarm_agent.progress import Progress, Reporter
 
+RUN_DIR = Path("/run/imgfarm")
+
 
 def log(msg: str) -> None:
     print(f"imgfarm-agent: {msg}", file=sys.stderr, flush=True)
@@ -39,7 +41,7 @@ class StoreMount:
 
     def __enter__(self) -> Path:
         if self.store.get("type") == "nfs":
-            mnt = Path(f"/run/imgfarm/store-{self.job_id}")
+            mnt = RUN_DIR / f"store-{self.job_id}"
             mnt.mkdir(parents=True, exist_ok=True)
             opts = self.store.get("options") or "vers=3,hard,nolock"
             out = subprocess.run(["mount", "-t", "nfs", "-o", opts, self.store["export"], str(mnt)],
