@@ -195,6 +195,7 @@ def wait_and_finish(
     if own_slot:
         slot = waker.register(job_id)
     last_progress: tuple[Any, ...] = (states.BOOTING, 0.0, 0)  # Flower shows STARTED already
+    heartbeat = float(settings.heartbeat_timeout)
     try:
         while True:
             if just_booted is not None:
@@ -236,6 +237,8 @@ def wait_and_finish(
                 progress.update(state=states.RUNNING, percent=payload.get("percent", 0.0),
                                 bytes_done=payload.get("bytes_done", 0),
                                 bytes_total=payload.get("bytes_total", 0), rate=payload.get("rate", 0.0))
+                # from this report on, silence is measured against the heartbeat deadline
+                wake_at = min(wake_at, time.monotonic() + heartbeat + 0.05)
     finally:
         if own_slot:
             waker.unregister(job_id, slot)

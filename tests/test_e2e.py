@@ -173,3 +173,20 @@ def test_cli_errors_name_the_bad_input_and_record_nothing(farm: Farm) -> None:
     assert out.returncode == 2 and "bad" in out.stderr
     assert farm.cli_json("jobs") == []
     assert shutil.which("imgfarm-agent") or True
+
+
+def test_agent_killed_mid_job_times_out_on_heartbeat(farm: Farm) -> None:
+    """The node's agent dies (SIGKILL) after it started: no more reports, the job ends."""
+    farm.env["IMGFARM_HEARTBEAT_TIMEOUT"] = "3"
+    farm.start_api()
+    farm.start_worker()
+    farm.add_node("n1", fill=True)
+    farm.cli("capture", "n1", "--image", "base", "--wait")
+    farm.add_node("dies", "--set", "kernel_args=imgfarm.delay=60")
+    job_id = farm.cli_json("restore", "dies", "--image", "base")["job_ids"][0]
+    wait_for(lambda: job(farm, job_id)["state"] == "running", 30, what="the job to run")
+    pid = json.loads((farm.root / "data" / "sim" / "dies" / "power.json").read_text())["pid"]
+    os.killpg(pid, 9)
+    final = wait_for(lambda: (j := job(farm, job_id))["state"] == "timed_out" and j, 30, what="timed_out")
+    assert "no report from the agent for 3s" in final["error"]
+    assert boot_target(farm, "dies") == "local"
