@@ -90,10 +90,11 @@ def session_scope(url: str | None = None) -> Iterator[Session]:
         session.close()
 
 
-def dispose_all() -> None:
-    """Drop every pooled connection (after fork, and in tests)."""
+def dispose_all(close: bool = True) -> None:
+    """Drop every pooled connection (in tests; after fork with close=False, so
+    the parent's connections are left alone, as SQLAlchemy advises)."""
     with _lock:
         for engine in _engines.values():
-            engine.dispose()
+            engine.dispose(close=close)
         _engines.clear()
         _makers.clear()

@@ -15,7 +15,7 @@ import logging
 from typing import Any
 
 from celery import Task
-from celery.signals import worker_ready
+from celery.signals import worker_process_init, worker_ready
 
 from imgfarm.models import states
 from imgfarm.tasks.lifecycle import JobEnded, run_job
@@ -52,6 +52,14 @@ def restore(self: Task, job_id: int, node: str = "", image: str = "") -> dict[st
 
 
 JOB_TASKS = {"capture": capture, "restore": restore}
+
+
+@worker_process_init.connect
+def _on_child_start(**_: Any) -> None:
+    """A prefork child (the convert worker) must not reuse its parent's DB connections."""
+    from imgfarm.models.db import dispose_all
+
+    dispose_all(close=False)
 
 
 @worker_ready.connect
