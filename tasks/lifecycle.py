@@ -31,7 +31,6 @@ from imgfarm.errors import DriverError, ImgfarmError
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
 from imgfarm.models.jobs import add_event, begin_finalizing, get_job, hash_token, transition
-from imgfarm.models.nodes import node_info
 from imgfarm.models.tables import Job, Node, utcnow
 from imgfarm.tasks.finalize import finalize_job
 from imgfarm.worker.drivers.base import AgentOrders, NodeInfo
@@ -60,6 +59,9 @@ class Summary:
         return {"job_id": self.job_id, "state": self.state, "error": self.error, **self.result}
 
 
+_NODE_INFO = (Node.name, Node.mac, Node.ip, Node.boot_driver, Node.power_driver, Node.driver_info, Node.disk)
+
+
 def _start(job_id: int) -> bool:
     """queued -> booting, once: mint the token, boot the agent, power-cycle.
 
@@ -70,20 +72,26 @@ def _start(job_id: int) -> bool:
     token = secrets.token_urlsafe(32)
     now = utcnow()
     with session_scope() as s:
-        job = get_job(s, job_id)
+        # Core, not the ORM: this runs for every job at its start, 500 at once
+        job = s.execute(select(Job.state, Job.cancel_requested, Job.options, Job.node_id)
+                        .where(Job.id == job_id)).one_or_none()
+        if job is None:
+            get_job(s, job_id)  # raises NotFound
+        assert job is not None
         if job.state != states.QUEUED:
             if job.state not in states.FINAL:
-                job.waiter = worker_id()
+                s.execute(update(Job).where(Job.id == job_id).values(waiter=worker_id()))
             return False
         if job.cancel_requested:
             begin_finalizing(s, job_id, states.CANCELLED, "cancelled before it started")
             return True
-        node = s.get(Node, job.node_id) if job.node_id else None
+        node = s.execute(select(*_NODE_INFO).where(Node.id == job.node_id)).one_or_none()
         if node is None:
             begin_finalizing(s, job_id, states.FAILED, "the job's node no longer exists")
             return True
-        timeout = float(job.options.get("timeout") or settings.job_timeout)
-        first_deadline = min(timeout, float(job.options.get("boot_timeout") or settings.boot_timeout))
+        options = job.options or {}
+        timeout = float(options.get("timeout") or settings.job_timeout)
+        first_deadline = min(timeout, float(options.get("boot_timeout") or settings.boot_timeout))
         won = transition(
             s,
             job_id,
@@ -97,9 +105,11 @@ def _start(job_id: int) -> bool:
             boot_calls=Job.boot_calls + 1,
             waiter=worker_id(),
         )
-        info = node_info(node)
+        info = NodeInfo(name=node.name, mac=node.mac, ip=node.ip, boot_driver=node.boot_driver,
+                        power_driver=node.power_driver, driver_info=dict(node.driver_info or {}),
+                        disk=node.disk)
         if won:  # what we are about to ask of the node; finalize sets local again
-            node.boot_target, node.power_state = "agent", "on"
+            s.execute(update(Node).where(Node.id == job.node_id).values(boot_target="agent", power_state="on"))
     if not won:
         return True
     orders = AgentOrders(api_url=settings.api_url, job_id=job_id, token=token)

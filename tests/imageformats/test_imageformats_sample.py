@@ -368,7 +368,7 @@ def test_convert_levels_and_verify_modes(tmp_path: Path) -> None:
     from imgfarm.imageformats import convert as cv
 
     streams = set()
-    for i, kw in enumerate([{}, {"level": -1}, {"level": 3}, {"verify": "none"},
+    for i, kw in enumerate([{}, {"level": -1}, {"level": 3}, {"verify": "written"},
                             {"verify": "full"}, {"verify": True}, {"verify": False},
                             {"zstd_threads": 0}]):
         dest = tmp_path / f"d{i}"
@@ -410,8 +410,8 @@ def test_stream_verify_catches_bad_compressed_bytes(tmp_path: Path, dest: Path,
     with pytest.raises(ImageError, match="zstd round trip"):
         convert_legacy(SAMPLE, dest, verify="full")
     assert list(dest.iterdir()) == []
-    seen[0] = 0  # verify="none" stores it (the sha256 is of the bytes written) ...
-    convert_legacy(SAMPLE, dest, verify="none")
+    seen[0] = 0  # verify="written" stores it (the sha256 is of the bytes written) ...
+    convert_legacy(SAMPLE, dest, verify="written")
     with pytest.raises(ImageError, match="corrupt zstd stream"):  # ... image verify finds it
         verify_image(dest / "sample-ext2")
 
