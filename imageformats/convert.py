@@ -283,7 +283,7 @@ def convert_legacy(source: Path, dest_dir: Path, *, name: str | None = None,
       must equal the bytes written.
     * ``"full"`` (or True): "stream", then a read-back of the finished
       directory with :func:`ng.verify_image` (sha256 of the file, every
-      partclone CRC through zstd) -- about 40 % more time.
+      partclone CRC through zstd) -- ~0.2-0.3 s more per 373 MiB on 2 cores.
     * ``"written"`` (or False): "stream" without the zstd round trip: the input
       checks, sha256 of the bytes written, fsync and the size on disk.
     """
