@@ -12,6 +12,7 @@ the waiting budget cannot afford.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from celery import Task
@@ -24,12 +25,46 @@ from imgfarm.worker.app import app
 log = logging.getLogger(__name__)
 
 
+class _ProgressEvents:
+    """One event dispatcher, on a broker connection of its own, for every job thread.
+
+    `Task.send_event` borrows a producer per call, and on the Redis transport
+    each publish then builds a new client: at hundreds of waiting jobs that
+    was most of the worker's CPU while it waits. One connection, one lock.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._dispatcher: Any = None
+
+    def send(self, task: Task, fields: dict[str, Any]) -> None:
+        with self._lock:
+            try:
+                if self._dispatcher is None:
+                    self._dispatcher = app.events.Dispatcher(
+                        app.connection_for_write(), hostname=task.request.hostname, enabled=True
+                    )
+                self._dispatcher.send("task-progress", uuid=task.request.id, **fields)
+            except Exception as exc:  # noqa: BLE001 - monitoring must never end a job
+                log.debug("progress event failed: %s", exc)
+                self._reset()
+
+    def _reset(self) -> None:
+        try:
+            if self._dispatcher is not None:
+                self._dispatcher.close()
+                self._dispatcher.connection.release()
+        except Exception:  # noqa: BLE001
+            pass
+        self._dispatcher = None
+
+
+_events = _ProgressEvents()
+
+
 def _progress_reporter(task: Task) -> Any:
     def report(p: dict[str, Any]) -> None:
-        try:
-            task.send_event("task-progress", **p)
-        except Exception as exc:  # noqa: BLE001 - monitoring must never end a job
-            log.debug("progress event failed: %s", exc)
+        _events.send(task, p)
 
     return report
 
