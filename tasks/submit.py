@@ -53,8 +53,11 @@ def _enqueue(job_ids: list[int]) -> None:
             for jid, tid in ids.items():
                 s.execute(update(Job).where(Job.id == jid).values(celery_task_id=tid))
         rows = [(r[0], r[1], r[2], r[3], r[4] or ids[r[0]]) for r in rows]
-    for job_id, kind, node, image, task_id in rows:
-        JOB_TASKS[kind].apply_async(args=(job_id, node, image), task_id=task_id)
+    from imgfarm.worker.app import app
+
+    with app.producer_or_acquire() as producer:  # one connection for the whole batch
+        for job_id, kind, node, image, task_id in rows:
+            JOB_TASKS[kind].apply_async(args=(job_id, node, image), task_id=task_id, producer=producer)
 
 
 def new_task_id() -> str:
