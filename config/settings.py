@@ -96,7 +96,7 @@ class Settings(BaseSettings):
     heartbeat_timeout: float = 180.0  # between two agent reports
     job_timeout: float = 4 * 3600.0  # whole job
     progress_interval: float = 5.0  # agent: seconds between progress reports
-    power_cycle_after: bool = False  # power-cycle again after local boot is set
+    power_cycle_after: bool = True  # after success too: the node comes up in its (new) local OS
 
     # Worker liveness, used to resume jobs whose waiting task died.
     worker_heartbeat: float = 10.0
