@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.farm import Farm  # noqa: E402
+from tests.farm import Farm, running_farm  # noqa: E402
 
 PG_CANDIDATES = [
     os.environ.get("IMGFARM_TEST_PG", ""),
@@ -117,7 +117,6 @@ def settings_env(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 @pytest.fixture
 def farm(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Farm]:
     """A farm on SQLite (or PostgreSQL with @pytest.mark.parametrize('farm_db', ['postgresql']))."""
-    import redis
 
     backend = getattr(request, "param", None) or "sqlite"
     if backend == "postgresql":
@@ -125,12 +124,5 @@ def farm(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Farm]:
         _reset_pg(url)
     else:
         url = f"sqlite:///{tmp_path / 'data' / 'imgfarm.db'}"
-    redis_db = 3
-    redis.Redis(db=redis_db).flushdb()
-    f = Farm(tmp_path, url, redis_db)
-    try:
-        f.cli("db", "upgrade")
+    with running_farm(tmp_path, url, redis_db=3) as f:
         yield f
-    finally:
-        f.stop()
-        redis.Redis(db=redis_db).flushdb()

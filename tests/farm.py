@@ -8,6 +8,7 @@ filesystems in disk files.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -150,3 +152,18 @@ class Farm:
         disk = self.make_disk(name, size_mib, fill)
         self.cli("node", "add", name, "--disk", str(disk), *extra)
         return disk
+
+
+@contextlib.contextmanager
+def running_farm(root: Path, database_url: str, redis_db: int, **extra_env: str) -> Iterator[Farm]:
+    """A migrated farm whose processes are stopped and Redis DB emptied afterwards."""
+    import redis
+
+    redis.Redis(db=redis_db).flushdb()
+    farm = Farm(root, database_url, redis_db, **extra_env)
+    try:
+        farm.cli("db", "upgrade")
+        yield farm
+    finally:
+        farm.stop()
+        redis.Redis(db=redis_db).flushdb()

@@ -21,7 +21,7 @@ from imgfarm.models.db import session_scope
 from imgfarm.models.images import register_image
 from imgfarm.models.nodes import add_node
 from imgfarm.models.tables import Job, utcnow
-from tests.farm import Farm
+from tests.farm import Farm, running_farm
 
 REDIS_DB = 9
 
@@ -71,13 +71,7 @@ def start_job(job_id: int) -> None:
 @pytest.fixture
 def win_farm(tmp_path: Path) -> Iterator[Farm]:
     """A whole farm on SQLite with Redis DB 9 and a 1 s window tick."""
-    redis.Redis(db=REDIS_DB).flushdb()
     url = f"sqlite:///{tmp_path / 'data' / 'imgfarm.db'}"
-    f = Farm(tmp_path, url, REDIS_DB, IMGFARM_WINDOW_TICK_INTERVAL="1",
-             IMGFARM_RECONCILE_INTERVAL="5")
-    try:
-        f.cli("db", "upgrade")
+    with running_farm(tmp_path, url, REDIS_DB, IMGFARM_WINDOW_TICK_INTERVAL="1",
+                      IMGFARM_RECONCILE_INTERVAL="5") as f:
         yield f
-    finally:
-        f.stop()
-        redis.Redis(db=REDIS_DB).flushdb()
