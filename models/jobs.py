@@ -108,7 +108,3 @@ def query_jobs(
     if node:
         q = q.where(Job.node_id == get_node(session, node).id)
     return list(session.scalars(q))
-
-
-def active_jobs(session: Session) -> list[Job]:
-    return list(session.scalars(select(Job).where(Job.state.in_(states.ACTIVE))))

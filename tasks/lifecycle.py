@@ -30,7 +30,7 @@ from imgfarm.config.settings import get_settings
 from imgfarm.errors import DriverError, ImgfarmError
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
-from imgfarm.models.jobs import add_event, begin_finalizing, get_job, hash_token, transition
+from imgfarm.models.jobs import begin_finalizing, get_job, hash_token, transition
 from imgfarm.models.tables import Job, Node, utcnow
 from imgfarm.tasks.finalize import finalize_job
 from imgfarm.worker.drivers.base import AgentOrders, NodeInfo
@@ -272,8 +272,3 @@ def reset_node(info: NodeInfo, power_cycle: bool) -> str:
         except (DriverError, Exception) as exc:  # noqa: BLE001
             errors.append(f"could not power-cycle {info.name}: {exc}")
     return "; ".join(errors)
-
-
-def note(job_id: int, message: str, data: dict[str, Any] | None = None) -> None:
-    with session_scope() as s:
-        add_event(s, job_id, "note", message, data=data)

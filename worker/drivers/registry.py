@@ -42,7 +42,8 @@ def _load(kind: str, name: str, builtin: dict[str, str]) -> object:
                     target = ep.value
                     break
         if target is None:
-            known = sorted(set(builtin) | {e.name for e in entry_points(group=f"imgfarm.{kind}_drivers")})
+            boot, power = known_drivers()
+            known = boot if kind == "boot" else power
             raise InvalidInput(
                 f"unknown {kind} driver {name!r}", hint=f"choose one of: {', '.join(known)}"
             )
