@@ -126,6 +126,8 @@ def main() -> int:
     started = time.monotonic()
     try:
         redis_server = shutil.which("redis-server")
+        if os.environ.get("IMGFARM_DEMO_BROKER") == "filesystem":  # try the no-Redis path
+            redis_server = None
         if redis_server:
             port = free_port()
             say(f"starting a private Redis on 127.0.0.1:{port}")
