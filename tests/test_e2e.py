@@ -36,6 +36,17 @@ def job(farm: Farm, job_id: int) -> dict:
     return farm.cli_json("job", str(job_id))
 
 
+def restore_running(farm: Farm, node: str, delay: int) -> tuple[int, Path, Path]:
+    """Capture n1 to `base`, then restore it to a node whose agent waits `delay` s;
+    return (job id, source disk, target disk) once the job is running."""
+    src = farm.add_node("n1", fill=True)
+    farm.cli("capture", "n1", "--image", "base", "--wait")
+    disk = farm.add_node(node, "--set", f"kernel_args=imgfarm.delay={delay}")
+    job_id = farm.cli_json("restore", node, "--image", "base")["job_ids"][0]
+    wait_for(lambda: job(farm, job_id)["state"] == "running", 30, what="the job to run")
+    return job_id, src, disk
+
+
 @pytest.mark.parametrize("farm", ["sqlite", "postgresql"], indirect=True)
 def test_capture_then_restore_to_many(farm: Farm) -> None:
     farm.start_api()
@@ -93,11 +104,7 @@ def test_worker_killed_while_job_waits(farm: Farm) -> None:
     """SIGKILL the worker mid-job: a new worker resumes it, the node is booted once."""
     farm.start_api()
     farm.start_worker("w1")
-    src = farm.add_node("n1", fill=True)
-    farm.cli("capture", "n1", "--image", "base", "--wait")
-    disk = farm.add_node("n2", "--set", "kernel_args=imgfarm.delay=4")
-    job_id = farm.cli_json("restore", "n2", "--image", "base")["job_ids"][0]
-    wait_for(lambda: job(farm, job_id)["state"] == "running", 30, what="the job to run")
+    job_id, src, disk = restore_running(farm, "n2", delay=4)
     farm.kill("w1")
     farm.start_worker("w2")
     final = wait_for(lambda: (j := job(farm, job_id))["state"] in ("succeeded", "failed") and j, 60,
@@ -143,11 +150,7 @@ def test_agent_that_never_reports_times_out(farm: Farm) -> None:
 def test_cancel_resets_the_node(farm: Farm) -> None:
     farm.start_api()
     farm.start_worker()
-    farm.add_node("n1", fill=True)
-    farm.cli("capture", "n1", "--image", "base", "--wait")
-    farm.add_node("slow", "--set", "kernel_args=imgfarm.delay=60")
-    job_id = farm.cli_json("restore", "slow", "--image", "base")["job_ids"][0]
-    wait_for(lambda: job(farm, job_id)["state"] == "running", 30, what="the job to run")
+    job_id, _, _ = restore_running(farm, "slow", delay=60)
     power = json.loads((farm.root / "data" / "sim" / "slow" / "power.json").read_text())
     farm.cli("cancel", str(job_id))
     final = wait_for(lambda: (j := job(farm, job_id))["state"] == "cancelled" and j, 30, what="cancelled")
@@ -180,11 +183,7 @@ def test_agent_killed_mid_job_times_out_on_heartbeat(farm: Farm) -> None:
     farm.env["IMGFARM_HEARTBEAT_TIMEOUT"] = "3"
     farm.start_api()
     farm.start_worker()
-    farm.add_node("n1", fill=True)
-    farm.cli("capture", "n1", "--image", "base", "--wait")
-    farm.add_node("dies", "--set", "kernel_args=imgfarm.delay=60")
-    job_id = farm.cli_json("restore", "dies", "--image", "base")["job_ids"][0]
-    wait_for(lambda: job(farm, job_id)["state"] == "running", 30, what="the job to run")
+    job_id, _, _ = restore_running(farm, "dies", delay=60)
     pid = json.loads((farm.root / "data" / "sim" / "dies" / "power.json").read_text())["pid"]
     os.killpg(pid, 9)
     final = wait_for(lambda: (j := job(farm, job_id))["state"] == "timed_out" and j, 30, what="timed_out")
