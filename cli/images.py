@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any
@@ -142,8 +143,7 @@ def inspect(
     else:
         from imgfarm.imageformats.partimage import inspect as pi_inspect
 
-        raw = pi_inspect(path)
-        info = raw if isinstance(raw, dict) else dict(getattr(raw, "__dict__", {}) or raw._asdict())  # type: ignore[union-attr]
+        info = pi_inspect(path).to_dict()
     if json_out:
         print_json(info)
         return
@@ -162,7 +162,7 @@ def verify(
 
     path = _resolve_source(source)
     report = verify_image(path)
-    data = report if isinstance(report, dict) else getattr(report, "__dict__", {"ok": True})
+    data = dataclasses.asdict(report)
     if json_out:
         print_json(data)
     else:
@@ -182,8 +182,6 @@ def convert(
     """Convert a legacy partimage image to partimage-ng here and now (no broker needed)."""
     from imgfarm.imageformats.convert import convert_legacy
 
-    if out is not None and name and not out:
-        raise InvalidInput("give --out or --name")
     path = _resolve_source(source)
     if path.is_dir():
         raise ImageError(f"{source} is not a legacy partimage image")
