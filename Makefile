@@ -40,7 +40,7 @@ lint: venv
 
 bench: setup services
 	$(PY) bench/inflight.py
-	$(PY) bench/convert.py
+	$(PY) bench/convert.py --grow
 	$(PY) bench/pxe_files.py
 
 clean:

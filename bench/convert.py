@@ -224,6 +224,9 @@ def main() -> None:
                     help="also time zlib inflate, zstd level 3 and other zstd threading")
     ap.add_argument("--levels", default="",
                     help="comma-separated zstd levels: print ratio and time of each (e.g. -5,-1,1,3)")
+    ap.add_argument("--grow", action="store_true",
+                    help="also convert an image of twice --size-mib (made once, cached) and "
+                         "print both peak RSS figures: memory must stay flat as images grow")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("needs root (loop devices, mount)")
@@ -260,7 +263,7 @@ def main() -> None:
     for label, kw, inflate in variants:
         runs = [imgfarm_convert(img, kw, inflate) for _ in range(args.repeat)]
         r = min(runs, key=lambda x: x["seconds"])
-        results[label] = r
+        results[label] = {**r, "rss_max_kib": max(x["rss_kib"] for x in runs)}
         floor_s = min(floor_s, decode_floor(vols)[0])  # the load changes: re-measure
         print(f"(b) imgfarm convert, {label}: {r['seconds']:5.2f} s = "
               f"{r['seconds'] / floor_s:4.2f}x floor {floor_s:.2f} s (CPU {r['cpu']:.2f} s); "
@@ -268,12 +271,27 @@ def main() -> None:
               f"{max(x['rss_kib'] for x in runs) / 1024:.0f} MiB; "
               f"{r['stream_bytes'] / MiB:.0f} MiB zst", flush=True)
     r = results[variants[0][0]]
+    ratio = r["seconds"] / floor_s
+    print(f"goal (b) <= 1.5x the decode floor: {'met' if ratio <= 1.5 else 'NOT met'} "
+          f"({ratio:.2f}x)")
     if not args.no_tools:
         t_restore, t_clone, size = tool_route(img, args.size_mib)
         total = t_restore + t_clone
         print(f"(c) tool route: partimage restore {t_restore:6.2f} s + partclone|zstd "
               f"{t_clone:6.2f} s = {total:6.2f} s ({size / MiB:.0f} MiB zst); "
               f"imgfarm (default) is {total / r['seconds']:.1f}x faster")
+        print(f"goal (c)/(b) >= 4x: {'met' if total / r['seconds'] >= 4 else 'NOT met'}")
+    if args.grow:
+        big = make_image(2 * args.size_mib)
+        subprocess.run(["cat", *map(str, volumes(big))], stdout=subprocess.DEVNULL)
+        runs = [imgfarm_convert(big, {}, "") for _ in range(args.repeat)]
+        rb = min(runs, key=lambda x: x["seconds"])
+        rss_small = r["rss_max_kib"] / 1024
+        rss_big = max(x["rss_kib"] for x in runs) / 1024
+        print(f"memory as the image grows (default variant): {args.size_mib} MiB fs -> peak RSS "
+              f"{rss_small:.0f} MiB; {2 * args.size_mib} MiB fs ({rb['used_bytes'] / MiB:.0f} "
+              f"MiB used, {rb['seconds']:.2f} s) -> peak RSS {rss_big:.0f} MiB "
+              f"({'flat' if rss_big <= rss_small * 1.25 else 'GROWS'})")
     if args.levels:  # last: it holds the logical stream in memory (children would inherit
         # the bench's peak RSS in their ru_maxrss)
         print("zstd levels on the logical stream (1 thread, in memory):")

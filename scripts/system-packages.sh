@@ -2,6 +2,7 @@
 # Install the Debian packages imgfarm's tools and tests use, when root and missing.
 set -euo pipefail
 PKGS=(partimage partclone zstd redis-server postgresql dosfstools mtools ipmitool openipmi
+      ntfs-3g reiserfsprogs xfsprogs
       tftpd-hpa tftp-hpa grub-common fdisk util-linux e2fsprogs python3-venv python3-pip)
 missing=()
 for p in "${PKGS[@]}"; do

@@ -156,3 +156,55 @@ def make_fat32(work: Path, label: str, *, size_mib: int = 64) -> Legacy:
     src.unlink()
     first = img_dir / f"{label}.000"
     return Legacy(first, size_mib * MiB, partimage_restore_sha(first, size_mib * MiB, d))
+
+
+def _deterministic(seed: bytes, size: int) -> bytes:
+    return b"".join(hashlib.sha256(seed + i.to_bytes(8, "little")).digest()
+                    for i in range(size // 32))
+
+
+# mkfs command line per partimage file system beyond ext2/3 and FAT32 (the minimum size
+# each mkfs accepts: XFS 300 MiB, ReiserFS its 32 MiB journal + some)
+OTHER_FS = {
+    "ntfs": (["mkntfs", "-q", "-F", "-f", "-L", "IMGFARM"], 64),
+    "reiserfs": (["mkreiserfs", "-q", "-f", "-l", "imgfarm"], 64),
+    # partimage 0.6.9 knows XFS v4 only (no metadata CRCs)
+    "xfs": (["mkfs.xfs", "-q", "-f", "-m", "crc=0", "-L", "imgfarm"], 320),
+    "fat16": (["mkfs.vfat", "-F", "16", "-n", "IMGFARM"], 64),
+}
+
+
+def make_other_fs(work: Path, fs: str) -> Legacy:
+    """A partimage gzip image of `fs` (see OTHER_FS), with files where userspace can add them.
+
+    No kernel driver is needed: NTFS is filled with ntfscp, FAT16 with mcopy;
+    ReiserFS and XFS are saved fresh (their journal, bitmaps and inode areas
+    are already spread over the partition, which is what the mapping test needs).
+    Skips when the mkfs tool is missing or refuses (XFS v4 will be dropped one day).
+    """
+    cmd, size_mib = OTHER_FS[fs]
+    if not shutil.which(cmd[0]):
+        pytest.skip(f"{cmd[0]} is not installed")
+    d = work / fs
+    d.mkdir()
+    src = zero_file(d / f"{fs}.img", size_mib * MiB)
+    p = subprocess.run([*cmd, str(src)], capture_output=True, stdin=subprocess.DEVNULL)
+    if p.returncode != 0:
+        pytest.skip(f"{cmd[0]} refused: {p.stderr.decode(errors='replace')[-300:]}")
+    files = d / "files"
+    files.mkdir()
+    (files / "random.bin").write_bytes(_deterministic(fs.encode(), 3 * MiB))
+    (files / "numbers.txt").write_text("".join(f"{i}\n" for i in range(100000)))
+    if fs == "ntfs":
+        for f in files.iterdir():
+            run("ntfscp", "-f", src, f, f.name)
+    elif fs == "fat16":
+        subprocess.run(["mcopy", "-i", str(src), *map(str, files.iterdir()), "::"], check=True,
+                       capture_output=True, env={**ENV, "MTOOLS_SKIP_CHECK": "1"})
+    img_dir = d / "save"
+    img_dir.mkdir()
+    with loop_device(src) as dev:
+        partimage_save(dev, img_dir / fs, z=1)
+    src.unlink()
+    first = img_dir / f"{fs}.000"
+    return Legacy(first, size_mib * MiB, partimage_restore_sha(first, size_mib * MiB, d))
