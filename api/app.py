@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
 
 from imgfarm import __version__
 from imgfarm.api import agent_routes, operator_routes, windows_routes
 from imgfarm.errors import ImgfarmError
+from imgfarm.models.db import explain_db_error
 
 
 def create_app() -> FastAPI:
@@ -22,6 +24,13 @@ def create_app() -> FastAPI:
     @app.exception_handler(ImgfarmError)
     async def _farm_error(_req: Request, exc: ImgfarmError) -> JSONResponse:
         return JSONResponse({"error": exc.message, "hint": exc.hint}, status_code=exc.http_status)
+
+    @app.exception_handler(DBAPIError)
+    async def _db_error(req: Request, exc: DBAPIError) -> JSONResponse:
+        farm_error = explain_db_error(exc)
+        if farm_error is None:
+            raise exc
+        return await _farm_error(req, farm_error)
 
     @app.get("/healthz", tags=["meta"])
     def healthz() -> dict[str, str]:

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy.exc import DBAPIError
 
 from imgfarm.errors import ImgfarmError
 
@@ -63,6 +64,13 @@ def styled_state(state: str) -> str:
     return f"[{STATE_STYLE.get(state, 'white')}]{state}[/]"
 
 
+def _fail(exc: ImgfarmError) -> None:
+    err_console.print(f"[red]error:[/] {exc.message}", highlight=False)
+    if exc.hint:
+        err_console.print(f"  hint: {exc.hint}", highlight=False)
+    raise typer.Exit(exc.exit_code) from None
+
+
 def handles_errors(fn: F) -> F:
     """Turn farm errors into one red line (and its hint) and the error's exit code."""
 
@@ -71,9 +79,13 @@ def handles_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except ImgfarmError as exc:
-            err_console.print(f"[red]error:[/] {exc.message}", highlight=False)
-            if exc.hint:
-                err_console.print(f"  hint: {exc.hint}", highlight=False)
-            raise typer.Exit(exc.exit_code) from None
+            _fail(exc)
+        except DBAPIError as exc:
+            from imgfarm.models.db import explain_db_error
+
+            farm_error = explain_db_error(exc)
+            if farm_error is None:
+                raise
+            _fail(farm_error)
 
     return wrapper  # type: ignore[return-value]

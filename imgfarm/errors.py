@@ -13,6 +13,7 @@ the same thing the same way.
     +-- Unauthorized (exit 5, HTTP 401)       an agent call without the job's token
     +-- ImageError (exit 6, HTTP 422)         an image that is corrupt or incomplete
     +-- DriverError (exit 7, HTTP 502)        a boot/power driver call failed
+    +-- ServiceUnavailable (exit 8, HTTP 503) the job database or the broker cannot be used
 """
 
 from __future__ import annotations
@@ -67,3 +68,8 @@ class ImageError(ImgfarmError):
 class DriverError(ImgfarmError):
     exit_code = 7
     http_status = 502
+
+
+class ServiceUnavailable(ImgfarmError):
+    exit_code = 8
+    http_status = 503

@@ -62,12 +62,24 @@ def enqueue_convert(job_id: int) -> None:
     with session_scope() as s:
         job = get_job(s, job_id)
         args = (job.id, job.options.get("source", ""), job.image_name)
-    res = convert.apply_async(args=args)
+    try:
+        res = convert.apply_async(args=args, ignore_result=True)
+    except Exception as exc:
+        from imgfarm.tasks.submit import fail_unqueued
+
+        try:
+            fail_unqueued([job_id], exc)
+        finally:
+            release_dependents(job_id)  # the restores waiting on it end with its reason
     with session_scope() as s:
         get_job(s, job_id).celery_task_id = res.id
 
 
 def submit_convert(source: str, target: str | None = None, submitted_by: str = "", enqueue: bool = True) -> int:
+    if enqueue:
+        from imgfarm.tasks.submit import check_broker
+
+        check_broker()
     with session_scope() as s:
         job_id = create_convert_job(s, source, target or f"{source}-ng", submitted_by)
     if enqueue:

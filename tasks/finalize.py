@@ -101,6 +101,12 @@ def finalize_job(job_id: int) -> None:
         node = s.get(Node, job.node_id) if job.node_id else None
         info = node_info(node) if node else None
         kind, name, fmt, result = job.kind, job.image_name, job.format, dict(job.result or {})
+        # A job that never left `queued` made no driver call: its node is as it was (maybe
+        # running someone's work), so ending the job must not reboot it.
+        touched = job.boot_calls > 0
+        if info is not None and not touched:
+            add_event(s, job_id, "note", f"{info.name} was never booted by this job: its boot "
+                      "state and power were left as they were")
     errors: list[str] = []
     verified: dict[str, Any] | None = None
     verify_error = ""
@@ -111,7 +117,7 @@ def finalize_job(job_id: int) -> None:
             outcome, verify_error = states.FAILED, f"capture did not verify: {exc}"
         else:
             verify_error = ""
-    if info is not None:
+    if info is not None and touched:
         cycle = outcome != states.SUCCEEDED or settings.power_cycle_after
         err = reset_node(info, power_cycle=cycle)
         if err:

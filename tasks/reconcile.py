@@ -77,7 +77,8 @@ def reconcile_once() -> dict[str, Any]:
         if kind == "convert":
             enqueue_convert(job_id)
         else:
-            JOB_TASKS[kind].apply_async(args=(job_id, node, image), task_id=task_id)
+            JOB_TASKS[kind].apply_async(args=(job_id, node, image), task_id=task_id,
+                                        ignore_result=True)
         resumed.append(job_id)
     for job_id in stuck:
         with session_scope() as s:

@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from imgfarm.errors import Conflict, InvalidInput
+from imgfarm.errors import Conflict, InvalidInput, ServiceUnavailable
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
 from imgfarm.models.images import check_format, check_image_name, find_image, get_image
@@ -55,9 +55,46 @@ def _enqueue(job_ids: list[int]) -> None:
         rows = [(r[0], r[1], r[2], r[3], r[4] or ids[r[0]]) for r in rows]
     from imgfarm.worker.app import app
 
-    with app.producer_or_acquire() as producer:  # one connection for the whole batch
-        for job_id, kind, node, image, task_id in rows:
-            JOB_TASKS[kind].apply_async(args=(job_id, node, image), task_id=task_id, producer=producer)
+    sent: set[int] = set()
+    try:
+        with app.producer_or_acquire() as producer:  # one connection for the whole batch
+            for job_id, kind, node, image, task_id in rows:
+                # ignore_result: the job row is the result; without it Celery would
+                # also SUBSCRIBE to a result channel per job here, and store a result
+                # per job in Redis for a week, for a .get() nobody calls.
+                JOB_TASKS[kind].apply_async(args=(job_id, node, image), task_id=task_id,
+                                            producer=producer, ignore_result=True)
+                sent.add(job_id)
+    except Exception as exc:
+        fail_unqueued([r[0] for r in rows if r[0] not in sent], exc)
+
+
+def fail_unqueued(job_ids: list[int], exc: BaseException) -> None:
+    """End jobs whose task could not be sent (the broker went away mid-submit), then raise.
+
+    Why not leave them queued: nothing would ever run them, and their nodes
+    would stay reserved.  They never booted anything, so ending them touches
+    no node (finalize_job skips the drivers for such jobs).
+    """
+    from imgfarm.models.jobs import begin_finalizing
+    from imgfarm.tasks.finalize import finalize_job
+
+    reason = f"could not be queued: {exc}"
+    for jid in job_ids:
+        with session_scope() as s:
+            begin_finalizing(s, jid, states.FAILED, reason)
+        finalize_job(jid)
+    ids = ", ".join(map(str, job_ids))
+    raise ServiceUnavailable(f"the broker failed while queueing: {exc}; job(s) {ids} ended as "
+                             "failed", hint="check IMGFARM_BROKER_URL and that Redis runs, "
+                             "then submit again") from exc
+
+
+def check_broker() -> None:
+    """Refuse to submit while the broker is unreachable (see worker.app.check_broker)."""
+    from imgfarm.worker.app import check_broker as _check
+
+    _check()
 
 
 def new_task_id() -> str:
@@ -74,6 +111,8 @@ def submit_capture(
 ) -> Submitted:
     check_image_name(image)
     check_format(fmt)
+    if enqueue:
+        check_broker()
     with session_scope() as s:
         n = get_node(s, node)
         if find_image(s, image) is not None:
@@ -122,6 +161,8 @@ def submit_restore(
 ) -> Submitted:
     """Restore `image` to every node of the range; all-or-nothing unless skip_busy."""
     check_image_name(image)
+    if enqueue:
+        check_broker()
     with session_scope() as s:
         img = get_image(s, image)
         targets = resolve_nodes(s, nodes)

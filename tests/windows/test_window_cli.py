@@ -49,7 +49,7 @@ def test_window_cli_round_trip_and_errors(win_db: str) -> None:
     code, out = _cli("run-now", "lab1-weekly", "--json")
     assert code == 0, out
     started = json.loads(out)
-    assert len(started["submitted"]) == 2
+    assert len(started["submitted"]) == 2, json.dumps(started)
     code, out = _cli("show", "lab1-weekly", "--runs", "--json")
     run = json.loads(out)["runs"][0]
     assert run["trigger"] == "run-now" and run["counts"]["queued"] == 2
