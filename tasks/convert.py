@@ -17,7 +17,7 @@ from celery import Task
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from imgfarm.errors import Conflict, ImgfarmError
+from imgfarm.errors import Conflict, ImgfarmError, InvalidInput
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
 from imgfarm.models.images import (
@@ -42,7 +42,7 @@ def create_convert_job(s: Session, source: str, target: str, submitted_by: str =
     check_image_name(target)
     img = get_image(s, source)
     if img.format != "partimage":
-        raise ImgfarmError(f"image {source!r} is {img.format}; only partimage images convert")
+        raise InvalidInput(f"image {source!r} is {img.format}; only partimage images convert")
     if find_image(s, target) is not None:
         raise Conflict(f"image {target!r} exists already", hint="choose another --name")
     other = s.scalar(

@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -22,7 +22,7 @@ from imgfarm.models.db import session_scope
 from imgfarm.models.images import check_format, check_image_name, find_image, get_image
 from imgfarm.models.jobs import add_event
 from imgfarm.models.nodes import get_node, resolve_nodes
-from imgfarm.models.tables import Job, Node
+from imgfarm.models.tables import Job, JobEvent, Node, utcnow
 
 
 @dataclass
@@ -193,21 +193,9 @@ def submit_restore(
             if done is None:  # converted once, however many nodes and windows ask
                 convert_job_id = create_convert_job(s, image, target_image, submitted_by=submitted_by)
                 opts["after_job"] = convert_job_id
-        job_ids = []
-        for n in targets:
-            if n.name in skipped:
-                continue
-            job = Job(kind="restore", node_id=n.id, image_name=target_image, format=target_format,
-                      submitted_by=submitted_by, options=opts, window_run_id=window_run_id,
-                      celery_task_id="" if convert_job_id else new_task_id())
-            s.add(job)
-            try:
-                s.flush()
-            except IntegrityError as exc:
-                raise Conflict(f"node {n.name} already has an active job") from exc
-            add_event(s, job.id, "state", f"restore of {target_image} to {n.name} submitted",
-                      state=states.QUEUED)
-            job_ids.append(job.id)
+        todo = [n for n in targets if n.name not in skipped]
+        job_ids = _insert_restores(s, todo, target_image, target_format, submitted_by, opts,
+                                   window_run_id, with_task_ids=not convert_job_id)
     if enqueue:
         if convert_job_id:
             from imgfarm.tasks.convert import enqueue_convert
@@ -216,6 +204,34 @@ def submit_restore(
         else:
             _enqueue(job_ids)
     return Submitted(job_ids, skipped, convert_job_id)
+
+
+def _insert_restores(s: Session, nodes: list[Node], image: str, fmt: str, submitted_by: str,
+                     options: dict[str, Any], window_run_id: int | None,
+                     with_task_ids: bool) -> list[int]:
+    """One multi-row INSERT for the jobs and one for their events, ids in node order.
+
+    Why batched: a 500-node restore was 1,000 round trips (a flush per job);
+    on PostgreSQL that alone took 0.7 s.  The partial unique index still
+    refuses a node that got an active job since the busy check: the whole
+    batch is then rolled back, nothing is recorded.
+    """
+    if not nodes:
+        return []
+    rows = [{"kind": "restore", "node_id": n.id, "image_name": image, "format": fmt,
+             "submitted_by": submitted_by, "options": options, "window_run_id": window_run_id,
+             "celery_task_id": new_task_id() if with_task_ids else ""} for n in nodes]
+    try:
+        ids = list(s.scalars(insert(Job).returning(Job.id, sort_by_parameter_order=True), rows))
+    except IntegrityError as exc:
+        raise Conflict("a node of the range got an active job while this restore was submitted; "
+                       "nothing was submitted", hint="see `imgfarm jobs --state queued`, then "
+                       "submit again") from exc
+    now = utcnow()
+    s.execute(insert(JobEvent), [
+        {"job_id": jid, "at": now, "kind": "state", "state": states.QUEUED, "data": {},
+         "message": f"restore of {image} to {n.name} submitted"} for jid, n in zip(ids, nodes, strict=True)])
+    return ids
 
 
 def enqueue_jobs(job_ids: list[int]) -> None:

@@ -129,3 +129,20 @@ def test_cli_on_a_database_without_tables_says_db_upgrade(tmp_path: Path) -> Non
     assert out.returncode == 8, out.stderr
     assert "has no imgfarm tables" in out.stderr and "imgfarm db upgrade" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_node_taken_between_check_and_insert_records_nothing(settings_env: str) -> None:
+    """The busy check and the insert are not atomic; the database's unique index is."""
+    from imgfarm.errors import Conflict
+    from imgfarm.models.nodes import resolve_nodes
+    from imgfarm.tasks.submit import _insert_restores
+
+    _setup(3)
+    with session_scope() as s:
+        n1, n2, n3 = resolve_nodes(s, "n[1-3]")
+        s.add(Job(kind="capture", node_id=n2.id, image_name="other"))  # the racing submit
+    with pytest.raises(Conflict, match="nothing was submitted"), session_scope() as s:
+        _insert_restores(s, [n1, n2, n3], "base", "partimage-ng", "t", {}, None, True)
+    with session_scope() as s:
+        assert [j.node_id for j in s.scalars(select(Job))] == [n2.id]
+        assert s.scalars(select(JobEvent)).all() == []
