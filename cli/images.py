@@ -10,8 +10,8 @@ from typing import Any
 import typer
 from sqlalchemy import select
 
-from imgfarm.cli.output import console, handles_errors, human_bytes, print_json, table
-from imgfarm.errors import ImageError, InvalidInput
+from imgfarm.cli.output import console, handles_errors, human_bytes, json_option, print_json, table
+from imgfarm.errors import Conflict, ImageError, InvalidInput
 from imgfarm.models.db import session_scope
 from imgfarm.models.images import (
     check_image_name,
@@ -29,7 +29,7 @@ app = typer.Typer(help="List, import, inspect, convert and verify images.", no_a
 
 @app.command("list")
 @handles_errors
-def list_images(json_out: bool = typer.Option(False, "--json")) -> None:
+def list_images(json_out: bool = json_option()) -> None:
     """Images in the registry."""
     with session_scope() as s:
         views = [image_view(i) for i in s.scalars(select(Image).order_by(Image.name))]
@@ -53,7 +53,7 @@ def _legacy_volumes(first: Path) -> list[Path]:
 def import_legacy(
     source: Path = typer.Argument(..., help="a legacy partimage image: NAME.000 (its other volumes come along)"),
     name: str = typer.Option(..., "--name", "-n", help="name in the registry"),
-    json_out: bool = typer.Option(False, "--json"),
+    json_out: bool = json_option(),
 ) -> None:
     """Copy a legacy partimage image into the store and register it (verified first)."""
     from imgfarm.imageformats.ng import verify_image
@@ -132,7 +132,7 @@ def _resolve_source(source: str) -> Path:
 @handles_errors
 def inspect(
     source: str = typer.Argument(..., help="image name, or path to a NAME.000 / image directory"),
-    json_out: bool = typer.Option(False, "--json"),
+    json_out: bool = json_option(),
 ) -> None:
     """Print an image's headers or manifest without converting anything."""
     path = _resolve_source(source)
@@ -155,7 +155,7 @@ def inspect(
 @handles_errors
 def verify(
     source: str = typer.Argument(..., help="image name, or path"),
-    json_out: bool = typer.Option(False, "--json"),
+    json_out: bool = json_option(),
 ) -> None:
     """Check every CRC and sha256 of an image; exit non-zero on the first fault."""
     from imgfarm.imageformats.ng import verify_image
@@ -177,9 +177,18 @@ def convert(
     source: str = typer.Argument(..., help="legacy image name, or path to NAME.000"),
     out: Path | None = typer.Option(None, "--out", help="write the image under DIR, do not register it"),
     name: str = typer.Option("", "--name", help="name of the new image (registered in the store)"),
-    json_out: bool = typer.Option(False, "--json"),
+    json_out: bool = json_option(),
 ) -> None:
-    """Convert a legacy partimage image to partimage-ng here and now (no broker needed)."""
+    """Convert a legacy partimage image to partimage-ng here and now (no broker needed).
+
+    Every volume header, CHK CRC and the tail are checked while converting; the
+    new image is renamed into place only when all of them held, so a failed
+    conversion leaves nothing behind.  SOURCE is a registered legacy image or a
+    path: `imgfarm image convert /old/win7.000 --name win7-ng`.  To convert on
+    the farm's CPU workers instead, use `imgfarm convert IMAGE`.
+    """
+    import time
+
     from imgfarm.imageformats.convert import convert_legacy
 
     path = _resolve_source(source)
@@ -187,6 +196,7 @@ def convert(
         raise ImageError(f"{source} is not a legacy partimage image")
     target = name or (Path(source).name.removesuffix(".000") + "-ng")
     check_image_name(target)
+    started = time.monotonic()
     with console.status(f"converting {path.name} ...") as status:
         def progress(done: int, total: int) -> None:
             status.update(f"converting {path.name}: {100.0 * done / max(total, 1):.0f}% "
@@ -198,17 +208,26 @@ def convert(
         else:
             with session_scope() as s:
                 if find_image(s, target) is not None:
-                    raise InvalidInput(f"image {target!r} exists already", hint="choose another --name")
+                    raise Conflict(f"image {target!r} exists already", hint="choose another --name")
             manifest = convert_legacy(path, store_root(), name=target, progress=progress)
-            with session_scope() as s:
-                register_image(
-                    s, target, "partimage-ng", target,
-                    size_bytes=sum(p.get("stream_bytes", 0) for p in manifest.get("partitions", [])),
-                    checksums={p["file"]: p["sha256"] for p in manifest.get("partitions", [])},
-                    manifest=manifest, origin={"kind": "convert", "source": str(path), **manifest.get("origin", {})},
-                )
+            try:
+                with session_scope() as s:
+                    register_image(
+                        s, target, "partimage-ng", target,
+                        size_bytes=sum(p.get("stream_bytes", 0) for p in manifest.get("partitions", [])),
+                        checksums={p["file"]: p["sha256"] for p in manifest.get("partitions", [])},
+                        manifest=manifest,
+                        origin={"kind": "convert", "source": str(path), **manifest.get("origin", {})},
+                    )
+            except BaseException:  # e.g. the name was taken meanwhile: no unregistered leftovers
+                shutil.rmtree(image_dir(target), ignore_errors=True)
+                raise
     if json_out:
         print_json(manifest)
     else:
         dest = (out / target) if out is not None else image_dir(target)
-        typer.echo(f"converted {path.name} -> {dest}")
+        part = manifest["partitions"][0]
+        typer.echo(f"converted {path.name} -> {dest} ({part['filesystem']}, "
+                   f"{human_bytes(part['used_bytes'])} used -> {human_bytes(part['stream_bytes'])} "
+                   f"zstd, {time.monotonic() - started:.1f} s; every CRC checked"
+                   f"{'' if out is not None else f', registered as {target}'})")

@@ -16,6 +16,7 @@ from imgfarm.cli.output import (
     handles_errors,
     human_bytes,
     human_duration,
+    json_option,
     print_json,
     styled_state,
     table,
@@ -92,7 +93,7 @@ def capture(
     fmt: str = typer.Option("partimage-ng", "--format", "-f", help="partimage-ng (default) or partimage"),
     wait: bool = typer.Option(False, "--wait", "-w", help="wait for the end; exit 1 unless it succeeded"),
     timeout: float = typer.Option(0, "--timeout", help="seconds for the whole job (default: settings)"),
-    json_out: bool = typer.Option(False, "--json"),
+    json_out: bool = json_option(),
 ) -> None:
     """Capture a node's disk into a new image."""
     handles_errors(_capture)(node, image, fmt, wait, timeout, json_out)
@@ -132,7 +133,7 @@ def restore(
     skip_busy: bool = typer.Option(False, "--skip-busy", help="restore the others when some nodes are busy"),
     convert: bool = typer.Option(False, "--convert", help="convert a legacy partimage image once, then restore that"),
     timeout: float = typer.Option(0, "--timeout", help="seconds for each node's whole job (default: settings)"),
-    json_out: bool = typer.Option(False, "--json"),
+    json_out: bool = json_option(),
 ) -> None:
     """Restore an image onto many nodes at once."""
     handles_errors(_restore)(nodes, image, wait, skip_busy, convert, timeout, json_out)
@@ -150,7 +151,7 @@ def convert(
     image: str = typer.Argument(..., help="registered legacy partimage image"),
     name: str = typer.Option("", "--name", help="name of the new image (default IMAGE-ng)"),
     wait: bool = typer.Option(False, "--wait", "-w"),
-    json_out: bool = typer.Option(False, "--json"),
+    json_out: bool = json_option(),
 ) -> None:
     """Queue a conversion to partimage-ng on the CPU queue (imgfarm.convert)."""
     handles_errors(_convert)(image, name, wait, json_out)
@@ -168,7 +169,7 @@ def jobs(
     node: str = typer.Option("", "--node", "-n", help="only this node's jobs"),
     kind: str = typer.Option("", "--kind", help="capture, restore or convert"),
     limit: int = typer.Option(50, "--limit"),
-    json_out: bool = typer.Option(False, "--json"),
+    json_out: bool = json_option(),
 ) -> None:
     """List jobs, newest first."""
     handles_errors(_jobs)(state, node, kind, limit, json_out)
@@ -193,7 +194,7 @@ def print_jobs_table(views: list[dict[str, Any]], title: str | None = None) -> N
 def job(
     job_id: int = typer.Argument(...),
     follow: bool = typer.Option(False, "--follow", "-f", help="live progress until the job ends"),
-    json_out: bool = typer.Option(False, "--json"),
+    json_out: bool = json_option(),
 ) -> None:
     """One job with its events; --follow shows a live progress bar."""
     handles_errors(_job)(job_id, follow, json_out)

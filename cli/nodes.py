@@ -9,7 +9,7 @@ from typing import Any
 import typer
 from sqlalchemy import select
 
-from imgfarm.cli.output import handles_errors, print_json, table
+from imgfarm.cli.output import handles_errors, json_option, print_json, table
 from imgfarm.errors import InvalidInput
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
@@ -107,7 +107,7 @@ def set_node(
 
 @app.command("list")
 @handles_errors
-def list_nodes(json_out: bool = typer.Option(False, "--json")) -> None:
+def list_nodes(json_out: bool = json_option()) -> None:
     """List nodes with their drivers, state and active job."""
     with session_scope() as s:
         active = dict(s.execute(select(Job.node_id, Job.id).where(Job.state.in_(states.ACTIVE))).all())
@@ -122,7 +122,7 @@ def list_nodes(json_out: bool = typer.Option(False, "--json")) -> None:
 
 @app.command("show")
 @handles_errors
-def show(name: str, json_out: bool = typer.Option(False, "--json")) -> None:
+def show(name: str, json_out: bool = json_option()) -> None:
     """Everything about one node."""
     with session_scope() as s:
         view = node_view(get_node(s, name))
@@ -152,7 +152,7 @@ def remove(name: str) -> None:
 @handles_errors
 def import_csv(
     path: Path = typer.Argument(..., help="CSV with a header: name,mac,ip,groups,boot,power,disk[,KEY...]"),
-    json_out: bool = typer.Option(False, "--json"),
+    json_out: bool = json_option(),
 ) -> None:
     """Add many nodes from a CSV file, all or nothing.
 

@@ -20,6 +20,11 @@ err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def json_option() -> Any:
+    """The `--json` flag every command shares."""
+    return typer.Option(False, "--json", help="print JSON (for scripts) instead of text")
+
+
 def human_bytes(n: float | int | None) -> str:
     if not n:
         return "-"

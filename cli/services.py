@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from imgfarm.cli.output import handles_errors, print_json
+from imgfarm.cli.output import handles_errors, json_option, print_json
 from imgfarm.config.celery import CPU_QUEUE, JOB_QUEUE
 from imgfarm.config.settings import get_settings
 
@@ -76,7 +76,7 @@ def flower(port: int = typer.Option(5555), address: str = typer.Option("127.0.0.
                                f"--port={port}", f"--address={address}"])
 
 
-def reconcile(json_out: bool = typer.Option(False, "--json")) -> None:
+def reconcile(json_out: bool = json_option()) -> None:
     """Run one reconcile pass now (resume orphaned jobs, end stuck ones)."""
     from imgfarm.tasks.reconcile import reconcile_once
 

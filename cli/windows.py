@@ -13,7 +13,7 @@ from typing import Any
 import typer
 from sqlalchemy import select
 
-from imgfarm.cli.output import handles_errors, print_json, table
+from imgfarm.cli.output import handles_errors, json_option, print_json, table
 from imgfarm.models.db import session_scope
 from imgfarm.models.windows import (
     ON_CLOSE_FINISH,
@@ -47,7 +47,7 @@ def add(
                                  help="at the end: finish (let running jobs end) or cancel"),
     max_retries: int = typer.Option(1, "--max-retries", help="retries of a failed node"),
     disabled: bool = typer.Option(False, "--disabled", help="add it disabled"),
-    json_out: bool = typer.Option(False, "--json"),
+    json_out: bool = json_option(),
 ) -> None:
     """Add a window, e.g. `window add lab1 --cron '0 2 * * 6' --duration 240 -g lab1 -i base`."""
     with session_scope() as s:
@@ -65,7 +65,7 @@ def add(
 
 @app.command("list")
 @handles_errors
-def list_(json_out: bool = typer.Option(False, "--json")) -> None:
+def list_(json_out: bool = json_option()) -> None:
     """List windows with their schedule, cap and next opening."""
     with session_scope() as s:
         views = [window_view(x) for x in s.scalars(select(Window).order_by(Window.name))]
@@ -85,7 +85,7 @@ def show(
     name: str,
     runs: bool = typer.Option(False, "--runs", help="also its runs and each node's outcome"),
     limit: int = typer.Option(10, "--limit", help="how many recent runs"),
-    json_out: bool = typer.Option(False, "--json"),
+    json_out: bool = json_option(),
 ) -> None:
     """Show a window; with --runs, its recent runs node by node."""
     with session_scope() as s:
@@ -123,21 +123,21 @@ def _set_enabled(name: str, enabled: bool, json_out: bool) -> None:
 
 @app.command("enable")
 @handles_errors
-def enable(name: str, json_out: bool = typer.Option(False, "--json")) -> None:
+def enable(name: str, json_out: bool = json_option()) -> None:
     """Enable a window: it opens at its next cron slot."""
     _set_enabled(name, True, json_out)
 
 
 @app.command("disable")
 @handles_errors
-def disable(name: str, json_out: bool = typer.Option(False, "--json")) -> None:
+def disable(name: str, json_out: bool = json_option()) -> None:
     """Disable a window: it opens no more, and an open run starts no new jobs."""
     _set_enabled(name, False, json_out)
 
 
 @app.command("remove")
 @handles_errors
-def remove(name: str, json_out: bool = typer.Option(False, "--json")) -> None:
+def remove(name: str, json_out: bool = json_option()) -> None:
     """Remove a window and its run history (jobs stay in the job database)."""
     from imgfarm.errors import Conflict
     from imgfarm.models.windows import RUN_CLOSED
@@ -153,7 +153,7 @@ def remove(name: str, json_out: bool = typer.Option(False, "--json")) -> None:
 
 @app.command("run-now")
 @handles_errors
-def run_now(name: str, json_out: bool = typer.Option(False, "--json")) -> None:
+def run_now(name: str, json_out: bool = json_option()) -> None:
     """Open a window now for its duration (outside its schedule) and start its first jobs."""
     from imgfarm.tasks.window_runner import run_now as _run_now
 

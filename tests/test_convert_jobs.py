@@ -87,4 +87,8 @@ def test_convert_task_and_refusals(farm: Farm, tmp_path: Path) -> None:
     manifest = json.loads((out_dir / "sample-ext2-ng" / "manifest.json").read_text())
     assert manifest["format"] == "partimage-ng"
     assert {i["name"] for i in farm.cli_json("image", "list")} == {"old", "new"}  # --out registers nothing
+    out = farm.cli("image", "convert", str(LEGACY / "sample-ext2.000"), "--name", "new", check=False)
+    assert out.returncode == 4 and "image 'new' exists already" in out.stderr
+    out = farm.cli("image", "convert", str(LEGACY / "sample-ext2.000"), "--name", "third")
+    assert "every CRC checked, registered as third" in " ".join(out.stdout.split())
     shutil.rmtree(out_dir)
