@@ -130,6 +130,20 @@ def make_ext(work: Path, label: str, *, fs: str, size_mib: int, random_mib: int,
     return out
 
 
+def _save_gzip(src: Path, label: str) -> Legacy:
+    """Save the file system in `src` (a file) with partimage -z1 from a loop device, drop
+    `src`, and take the reference restore of the image."""
+    d = src.parent
+    img_dir = d / "save"
+    img_dir.mkdir()
+    size = src.stat().st_size
+    with loop_device(src) as dev:
+        partimage_save(dev, img_dir / label, z=1)
+    src.unlink()
+    first = img_dir / f"{label}.000"
+    return Legacy(first, size, partimage_restore_sha(first, size, d))
+
+
 def make_fat32(work: Path, label: str, *, size_mib: int = 64) -> Legacy:
     """FAT32 filled with mtools (no vfat driver here), saved with gzip."""
     d = work / label
@@ -149,13 +163,7 @@ def make_fat32(work: Path, label: str, *, size_mib: int = 64) -> Legacy:
     subprocess.run(["mcopy", "-s", "-i", str(src), str(files / "readme.txt"),
                     str(files / "random.bin"), str(files / "dir"), "::"],
                    check=True, capture_output=True, env=env)
-    img_dir = d / "save"
-    img_dir.mkdir()
-    with loop_device(src) as dev:
-        partimage_save(dev, img_dir / label, z=1)
-    src.unlink()
-    first = img_dir / f"{label}.000"
-    return Legacy(first, size_mib * MiB, partimage_restore_sha(first, size_mib * MiB, d))
+    return _save_gzip(src, label)
 
 
 def _deterministic(seed: bytes, size: int) -> bytes:
@@ -201,10 +209,4 @@ def make_other_fs(work: Path, fs: str) -> Legacy:
     elif fs == "fat16":
         subprocess.run(["mcopy", "-i", str(src), *map(str, files.iterdir()), "::"], check=True,
                        capture_output=True, env={**ENV, "MTOOLS_SKIP_CHECK": "1"})
-    img_dir = d / "save"
-    img_dir.mkdir()
-    with loop_device(src) as dev:
-        partimage_save(dev, img_dir / fs, z=1)
-    src.unlink()
-    first = img_dir / f"{fs}.000"
-    return Legacy(first, size_mib * MiB, partimage_restore_sha(first, size_mib * MiB, d))
+    return _save_gzip(src, fs)
