@@ -28,3 +28,4 @@ def test_demo_runs_without_redis(tmp_path: Path) -> None:
     assert "demo OK" in out.stdout
     assert out.stdout.count("identical, fsck clean") == 7
     assert "matches what partimage restore gives" in out.stdout
+    assert "node07 partition sha256" in out.stdout and "of the original gives" in out.stdout
