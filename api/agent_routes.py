@@ -86,7 +86,7 @@ def job_spec(job: Job) -> dict[str, Any]:
         "kind": job.kind,
         "format": job.format,
         "node": job.node_name,
-        "disk_hint": job.node.disk if job.node else "",
+        "disk_hint": (job.options or {}).get("disk") or (job.node.disk if job.node else ""),
         "store": store,
         "progress_interval": settings.progress_interval,
         "image": {"name": job.image_name},

@@ -34,6 +34,8 @@ class CaptureIn(BaseModel):
     image: str
     format: str = "partimage-ng"
     submitted_by: str = "api"
+    timeout: float = 0
+    disk: str = ""  # this job's device on the node instead of the node's disk
 
 
 class RestoreIn(BaseModel):
@@ -43,6 +45,8 @@ class RestoreIn(BaseModel):
     convert: bool = False
     converted_name: str | None = None
     submitted_by: str = "api"
+    timeout: float = 0
+    disk: str = ""  # this job's device on each node instead of the node's disk
 
 
 class ConvertIn(BaseModel):
@@ -64,7 +68,8 @@ class NodeIn(BaseModel):
 
 @router.post("/jobs/capture", status_code=201)
 def capture(body: CaptureIn) -> dict[str, Any]:
-    sub = submit.submit_capture(body.node, body.image, body.format, submitted_by=body.submitted_by)
+    sub = submit.submit_capture(body.node, body.image, body.format, submitted_by=body.submitted_by,
+                                options=submit.job_options(body.timeout, body.disk))
     return {"job_ids": sub.job_ids}
 
 
@@ -72,7 +77,8 @@ def capture(body: CaptureIn) -> dict[str, Any]:
 def restore(body: RestoreIn) -> dict[str, Any]:
     sub = submit.submit_restore(body.nodes, body.image, submitted_by=body.submitted_by,
                                 skip_busy=body.skip_busy, convert=body.convert,
-                                converted_name=body.converted_name)
+                                converted_name=body.converted_name,
+                                options=submit.job_options(body.timeout, body.disk))
     return {"job_ids": sub.job_ids, "skipped": sub.skipped, "convert_job_id": sub.convert_job_id}
 
 

@@ -21,7 +21,6 @@ from imgfarm.cli.output import (
     styled_state,
     table,
 )
-from imgfarm.errors import InvalidInput
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
 from imgfarm.models.jobs import get_job, query_jobs
@@ -87,26 +86,27 @@ def report_and_exit(views: list[dict[str, Any]], json_out: bool) -> None:
         raise typer.Exit(1)
 
 
+DISK_HELP = ("device to image on the node for this job only (default: the node's --disk), "
+             "e.g. /dev/sda1 for a partition image")
+
+
 def capture(
     node: str = typer.Argument(..., help="the node whose disk to capture"),
     image: str = typer.Option(..., "--image", "-i", help="name of the new image"),
     fmt: str = typer.Option("partimage-ng", "--format", "-f", help="partimage-ng (default) or partimage"),
     wait: bool = typer.Option(False, "--wait", "-w", help="wait for the end; exit 1 unless it succeeded"),
     timeout: float = typer.Option(0, "--timeout", help="seconds for the whole job (default: settings)"),
+    disk: str = typer.Option("", "--disk", help=DISK_HELP),
     json_out: bool = json_option(),
 ) -> None:
     """Capture a node's disk into a new image."""
-    handles_errors(_capture)(node, image, fmt, wait, timeout, json_out)
+    handles_errors(_capture)(node, image, fmt, wait, timeout, disk, json_out)
 
 
-def _options(timeout: float) -> dict[str, Any]:
-    if timeout < 0:
-        raise InvalidInput(f"--timeout {timeout:g} is negative")
-    return {"timeout": timeout} if timeout else {}
-
-
-def _capture(node: str, image: str, fmt: str, wait: bool, timeout: float, json_out: bool) -> None:
-    sub = submit.submit_capture(node, image, fmt, submitted_by=who(), options=_options(timeout))
+def _capture(node: str, image: str, fmt: str, wait: bool, timeout: float, disk: str,
+             json_out: bool) -> None:
+    sub = submit.submit_capture(node, image, fmt, submitted_by=who(),
+                                options=submit.job_options(timeout, disk))
     _after_submit(sub.job_ids, {}, wait, json_out)
 
 
@@ -133,16 +133,17 @@ def restore(
     skip_busy: bool = typer.Option(False, "--skip-busy", help="restore the others when some nodes are busy"),
     convert: bool = typer.Option(False, "--convert", help="convert a legacy partimage image once, then restore that"),
     timeout: float = typer.Option(0, "--timeout", help="seconds for each node's whole job (default: settings)"),
+    disk: str = typer.Option("", "--disk", help=DISK_HELP),
     json_out: bool = json_option(),
 ) -> None:
     """Restore an image onto many nodes at once."""
-    handles_errors(_restore)(nodes, image, wait, skip_busy, convert, timeout, json_out)
+    handles_errors(_restore)(nodes, image, wait, skip_busy, convert, timeout, disk, json_out)
 
 
 def _restore(nodes: str, image: str, wait: bool, skip_busy: bool, convert: bool, timeout: float,
-             json_out: bool) -> None:
+             disk: str, json_out: bool) -> None:
     sub = submit.submit_restore(nodes, image, submitted_by=who(), skip_busy=skip_busy, convert=convert,
-                                options=_options(timeout))
+                                options=submit.job_options(timeout, disk))
     extra = [sub.convert_job_id] if sub.convert_job_id else None
     _after_submit(sub.job_ids, sub.skipped, wait, json_out, extra)
 

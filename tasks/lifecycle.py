@@ -112,7 +112,8 @@ def _start(job_id: int) -> bool:
             s.execute(update(Node).where(Node.id == job.node_id).values(boot_target="agent", power_state="on"))
     if not won:
         return True
-    orders = AgentOrders(api_url=settings.api_url, job_id=job_id, token=token)
+    orders = AgentOrders(api_url=settings.api_url, job_id=job_id, token=token,
+                         disk=str(options.get("disk") or ""))
     try:
         boot_driver(info.boot_driver).boot_agent(info, orders)
         power_driver(info.power_driver).reboot(info)

@@ -8,6 +8,7 @@ unique index), not by a check that could race.
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -95,6 +96,30 @@ def check_broker() -> None:
     from imgfarm.worker.app import check_broker as _check
 
     _check()
+
+
+_DISK = re.compile(r"^/[^\s'\"\\;]{1,255}$")
+
+
+def job_options(timeout: float = 0, disk: str = "") -> dict[str, Any]:
+    """Per-job options from the CLI/API, checked: a timeout, and a target device.
+
+    `disk` overrides the node's disk for this job only -- e.g. /dev/sda1 to
+    restore a partition image (a legacy partimage image, or one converted from
+    it) into the first partition instead of over the whole disk.  It goes on
+    the agent's kernel command line, hence the strict shape.
+    """
+    opts: dict[str, Any] = {}
+    if timeout < 0:
+        raise InvalidInput(f"--timeout {timeout:g} is negative")
+    if timeout:
+        opts["timeout"] = timeout
+    if disk:
+        if not _DISK.match(disk):
+            raise InvalidInput(f"bad --disk {disk!r}: give an absolute device path without "
+                               "spaces or quotes", hint="e.g. /dev/sda1 or /dev/disk/by-id/...")
+        opts["disk"] = disk
+    return opts
 
 
 def new_task_id() -> str:

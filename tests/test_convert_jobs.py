@@ -92,3 +92,23 @@ def test_convert_task_and_refusals(farm: Farm, tmp_path: Path) -> None:
     out = farm.cli("image", "convert", str(LEGACY / "sample-ext2.000"), "--name", "third")
     assert "every CRC checked, registered as third" in " ".join(out.stdout.split())
     shutil.rmtree(out_dir)
+
+
+def test_restore_into_a_partition_given_per_job(farm: Farm, tmp_path: Path) -> None:
+    """`--disk` overrides the node's disk for one job: a converted partition image goes to
+    the device named (here a second sim disk file), and the node's own disk is untouched."""
+    farm.start_api()
+    farm.start_worker()
+    farm.cli("image", "convert", str(LEGACY / "sample-ext2.000"), "--name", "part-ng")
+    size = -(-SAMPLE["partition_size_bytes"] // (1 << 20))
+    own = farm.add_node("p1", size_mib=size)
+    other = tmp_path / "p1-sda1.img"
+    with open(other, "wb") as fh:
+        fh.truncate(size << 20)
+    out = farm.cli("restore", "p1", "--image", "part-ng", "--disk", "relative/path", check=False)
+    assert out.returncode == 2 and "bad --disk 'relative/path'" in out.stderr
+    farm.cli("restore", "p1", "--image", "part-ng", "--disk", str(other), "--wait")
+    assert _partition_sha(other) == SAMPLE["restored_sha256"]
+    assert not any(own.read_bytes())  # the node's --disk was not written
+    job = farm.cli_json("jobs")[0]
+    assert job["state"] == "succeeded"
