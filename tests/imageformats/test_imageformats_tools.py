@@ -187,3 +187,20 @@ def test_refuses_swapped_volumes(ext2_bzip2_split: list[Legacy], dest: Path,
     v2.rename(v1)
     (tmp_path / "tmpvol").rename(v2)
     _refuse(img, dest, r"e2bz\.001: wrong volume number 2 \(expected 1\)")
+
+
+def test_full_destination_leaves_nothing(tmp_path: Path) -> None:
+    """ENOSPC half-way through: a clear ImageError, and no partial image on the full disk."""
+    import subprocess
+
+    from pi_helpers import DATA
+
+    full = tmp_path / "small"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(full)], check=True)
+    try:
+        with pytest.raises(ImageError, match="No space left on device"):
+            convert_legacy(DATA / "sample-ext2.000", full)  # ~350 KiB of output
+        assert list(full.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
