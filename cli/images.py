@@ -147,8 +147,28 @@ def inspect(
     if json_out:
         print_json(info)
         return
-    for key, value in info.items():
-        console.print(f"{key:20} {value}", highlight=False)
+    _print_tree(info)
+
+
+def _print_tree(data: Any, indent: int = 0) -> None:
+    """Nested headers as indented `key  value` lines; sizes also in KiB/MiB/GiB."""
+    pad = " " * indent
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if isinstance(value, dict | list) and value:
+                console.print(f"{pad}{key}", highlight=False)
+                _print_tree(value, indent + 2)
+                continue
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 1024 and (
+                    key.endswith(("_bytes", "_size", "size"))):
+                value = f"{value} ({human_bytes(value)})"
+            console.print(f"{pad}{key:{max(22 - indent, 8)}} {value}", highlight=False)
+    elif isinstance(data, list):
+        for i, item in enumerate(data):
+            console.print(f"{pad}[{i}]", highlight=False)
+            _print_tree(item, indent + 2)
+    else:
+        console.print(f"{pad}{data}", highlight=False)
 
 
 @app.command("verify")

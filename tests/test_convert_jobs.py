@@ -78,6 +78,10 @@ def test_convert_task_and_refusals(farm: Farm, tmp_path: Path) -> None:
     store = farm.root / "data" / "images"
     assert sorted(p.name for p in store.iterdir() if not p.name.startswith(".")) == ["new", "old"]
     assert not any(p.name.startswith(".") and "broken" in p.name for p in store.iterdir())
+    shown = farm.cli("image", "inspect", "old").stdout
+    assert "filesystem             ext2fs" in shown
+    assert f"partition_size         {SAMPLE['partition_size_bytes']} (" in shown  # + KiB/MiB
+    assert "volumes\n  [0]\n    index              0" in shown
     notimg = tmp_path / "notes.txt"
     notimg.write_text("hello")
     out = farm.cli("image", "inspect", str(notimg), check=False)
