@@ -185,10 +185,18 @@ def verify(
     data = dataclasses.asdict(report)
     if json_out:
         print_json(data)
-    else:
-        typer.echo(f"{source}: OK")
-        for k, v in data.items():
-            typer.echo(f"  {k}: {v}")
+        return
+    if data.get("legacy"):
+        r = data["legacy"]
+        typer.echo(f"{source}: OK (partimage, {r['volumes']} volume(s)): header sums, "
+                   f"{r['chk_records']} CHK CRCs and the tail checked over "
+                   f"{human_bytes(r['data_bytes'])} of block data")
+        return
+    parts = data.get("partitions") or []
+    typer.echo(f"{source}: OK ({data.get('format')}, {len(parts)} partition stream(s))")
+    for p in parts:
+        typer.echo(f"  {p['file']}: sha256 matches the manifest ({human_bytes(p['stream_bytes'])}); "
+                   f"{p['checksums']} partclone CRCs checked over {human_bytes(p['data_bytes'])}")
 
 
 @app.command("convert")

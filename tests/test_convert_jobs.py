@@ -55,7 +55,11 @@ def test_restore_with_convert_converts_once_then_restores(farm: Farm) -> None:
     # a second --convert restore reuses the converted image: no new conversion
     farm.cli("restore", "n1", "--image", "old", "--convert", "--wait")
     assert sum(j["kind"] == "convert" for j in farm.cli_json("jobs")) == 1
-    farm.cli("image", "verify", "old-ng")
+    shown = " ".join(farm.cli("image", "verify", "old-ng").stdout.split())
+    assert "old-ng: OK (partimage-ng, 1 partition stream(s))" in shown
+    assert "sha256 matches the manifest" in shown and "partclone CRCs checked" in shown
+    shown = " ".join(farm.cli("image", "verify", "old").stdout.split())
+    assert "old: OK (partimage, 1 volume(s)): header sums," in shown and "CHK CRCs" in shown
 
 
 def test_convert_task_and_refusals(farm: Farm, tmp_path: Path) -> None:
