@@ -11,6 +11,7 @@ failed with its reason when it does not: one conversion, however many nodes.
 from __future__ import annotations
 
 import logging
+import shutil
 from typing import Any
 
 from celery import Task
@@ -149,6 +150,9 @@ def run_convert(job_id: int, progress: Any = None) -> str:
                 except ImgfarmError as exc:
                     error = str(exc)
                     begin_finalizing(s, job_id, states.FAILED, error)
+                    # convert_legacy made that directory (it refuses an existing one): an
+                    # unregistered image must not be left to look like one
+                    shutil.rmtree(store_root() / target, ignore_errors=True)
     with session_scope() as s:
         job = get_job(s, job_id)
         final = job.outcome or states.FAILED

@@ -101,6 +101,20 @@ def test_convert_task_and_refusals(farm: Farm, tmp_path: Path) -> None:
     assert "every CRC checked, registered as third" in " ".join(out.stdout.split())
     shutil.rmtree(out_dir)
 
+    # the same refusal on the CPU queue: a registered legacy image damaged on disk later
+    farm.cli("image", "import", str(LEGACY / "sample-ext2.000"), "--name", "rotten")
+    (vol,) = (store / "rotten").glob("*.000")
+    raw = bytearray(vol.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    vol.write_bytes(bytes(raw))
+    before = sorted(p.name for p in store.iterdir())
+    out = farm.cli("convert", "rotten", "--wait", check=False)
+    assert out.returncode == 1, out.stdout + out.stderr
+    conv = next(j for j in farm.cli_json("jobs", "--kind", "convert") if j["image"] == "rotten-ng")
+    assert conv["state"] == "failed" and "corrupt" in conv["error"], conv
+    assert "rotten-ng" not in {i["name"] for i in farm.cli_json("image", "list")}
+    assert sorted(p.name for p in store.iterdir()) == before  # no dir, no temp dir left
+
 
 def test_restore_into_a_partition_given_per_job(farm: Farm, tmp_path: Path) -> None:
     """`--disk` overrides the node's disk for one job: a converted partition image goes to
