@@ -74,15 +74,21 @@ def test_flower_shows_jobs_with_args_state_progress_and_failure_reason(
 
     # Watch the good one live: Flower must show PROGRESS before SUCCESS.
     seen: list[str] = []
+    shown_progress: set[str] = set()  # what Flower's Result column says while it runs
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        state = _task(base, ok_task).get("state")
+        info = _task(base, ok_task)
+        state = info.get("state")
         if state and (not seen or seen[-1] != state):
             seen.append(state)
+        if state == "PROGRESS" and info.get("result"):
+            shown_progress.add(info["result"])
         if state == "SUCCESS":
             break
         time.sleep(0.1)
     assert "PROGRESS" in seen and seen[-1] == "SUCCESS", seen
+    assert any(r.startswith(("booting ", "running ")) and "%" in r for r in shown_progress), \
+        shown_progress
 
     ok = _task(base, ok_task)
     assert ok["name"] == "imgfarm.restore"
