@@ -54,9 +54,10 @@ def check_broker(timeout: float = 3.0) -> None:
     for what, url in urls.items():
         if url.startswith(("filesystem://", "memory://")):
             continue
-        conn = Connection(url, connect_timeout=timeout,
-                          transport_options={"socket_connect_timeout": timeout,
-                                             "socket_timeout": timeout})
+        quick = {"socket_connect_timeout": timeout, "socket_timeout": timeout}
+        conn = (app.connection_for_write(connect_timeout=timeout, transport_options=quick)
+                if what == "broker"  # the app's own TLS and transport settings
+                else Connection(url, connect_timeout=timeout, transport_options=quick))
         try:
             conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2,
                                    interval_max=0.2, timeout=timeout)
