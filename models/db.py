@@ -101,8 +101,6 @@ def dispose_all(close: bool = True) -> None:
         _makers.clear()
 
 
-
-
 def explain_db_error(error: exc.DBAPIError, url: str | None = None) -> ServiceUnavailable | None:
     """A database failure an operator can fix, as a farm error (None for anything else).
 
