@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import typer
 from sqlalchemy import select
 
 from imgfarm.cli.output import console, handles_errors, human_bytes, json_option, print_json, table
-from imgfarm.errors import Conflict, ImageError, InvalidInput
+from imgfarm.errors import Conflict, InvalidInput, NotFound
 from imgfarm.models.db import session_scope
 from imgfarm.models.images import (
     check_image_name,
@@ -114,16 +115,38 @@ def remove(
 
 
 def _resolve_source(source: str) -> Path:
-    """A registered image name, or a path to an image file/directory."""
+    """A registered image name, or a path: NAME.000, NAME (the base of NAME.000), another
+    volume of the set (NAME.001 -> NAME.000), an image directory.  Unknown -> NotFound."""
+    from imgfarm.models.images import legacy_first_volume
+
     path = Path(source)
-    if path.exists():
+    if path.is_dir():
+        if (path / "manifest.json").is_file():
+            return path
+        firsts = sorted(p.name for p in path.glob("*.000"))
+        if len(firsts) > 1:
+            raise InvalidInput(f"{source} holds {len(firsts)} legacy images "
+                               f"({', '.join(firsts[:4])}{', ...' if len(firsts) > 4 else ''})",
+                               hint="name the one you mean: DIR/NAME.000")
+        if firsts:
+            return legacy_first_volume(path)
+        raise NotFound(f"{source} holds no image (no manifest.json, no NAME.000)",
+                       hint="give the image directory, or the path of NAME.000")
+    if path.is_file():
+        m = re.fullmatch(r"(.+)\.(\d{3})", path.name)
+        if m and m.group(2) != "000" and path.with_name(f"{m.group(1)}.000").is_file():
+            return path.with_name(f"{m.group(1)}.000")  # volumes are read from the first
         return path
+    if path.with_name(path.name + ".000").is_file():
+        return path.with_name(path.name + ".000")
+    if "/" in source or source.startswith("."):
+        raise NotFound(f"{source}: no such file or directory",
+                       hint="give the path of NAME.000 (or of the image directory), or a "
+                            "registered image name (`imgfarm image list`)")
     with session_scope() as s:
         img = get_image(s, source)
         d = store_root() / img.location
     if img.format == "partimage":
-        from imgfarm.models.images import legacy_first_volume
-
         return legacy_first_volume(d)
     return d
 
@@ -221,7 +244,9 @@ def convert(
 
     path = _resolve_source(source)
     if path.is_dir():
-        raise ImageError(f"{source} is not a legacy partimage image")
+        raise InvalidInput(f"{source} is a partimage-ng image already; there is nothing to "
+                           "convert", hint="`imgfarm image convert` takes a legacy partimage "
+                           "image (NAME.000)")
     target = name or (Path(source).name.removesuffix(".000") + "-ng")
     check_image_name(target)
     started = time.monotonic()

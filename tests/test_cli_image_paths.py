@@ -1,0 +1,62 @@
+"""How `imgfarm image inspect|convert|verify` find an image from what a person types.
+
+NAME.000, the base NAME, another volume of the set, the image's directory, or a
+registered name; anything else is a clear error naming the input, never a traceback.
+Uses the committed legacy sample (made by the real partimage 0.6.9).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from imgfarm.cli.main import app
+
+SAMPLE = Path(__file__).parent / "data" / "legacy" / "sample-ext2.000"
+runner = CliRunner()
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, ["image", *args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result.exit_code, " ".join(result.output.split())
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    d = tmp_path / "old"
+    d.mkdir()
+    shutil.copy(SAMPLE, d / "lab.000")
+    return d
+
+
+def test_paths_people_type_find_the_first_volume(settings_env: str, images: Path) -> None:
+    for typed in (images / "lab.000", images / "lab", images / "lab.001", images):
+        if typed.name == "lab.001":
+            (images / "lab.001").write_bytes(b"")  # a later volume: read from lab.000
+        code, out = _cli("inspect", str(typed))
+        assert code == 0, (typed, out)
+        assert f"path {images / 'lab.000'}" in out and "filesystem ext2fs" in out
+
+
+def test_paths_that_are_not_an_image_are_named(settings_env: str, images: Path,
+                                               tmp_path: Path) -> None:
+    code, out = _cli("inspect", "/nonexistent/x.000")
+    assert code == 3 and "/nonexistent/x.000: no such file or directory" in out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, out = _cli("inspect", str(empty))
+    assert code == 3 and "holds no image (no manifest.json, no NAME.000)" in out
+    shutil.copy(SAMPLE, images / "other.000")
+    code, out = _cli("convert", str(images), "--out", str(tmp_path / "out"))
+    assert code == 2 and "holds 2 legacy images (lab.000, other.000)" in out
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    code, out = _cli("convert", str(images / "lab.000"), "--out", str(tmp_path / "ng"))
+    assert code == 0, out
+    code, out = _cli("convert", str(tmp_path / "ng" / "lab-ng"), "--out", str(tmp_path / "ng2"))
+    assert code == 2 and "is a partimage-ng image already" in out
+    code, out = _cli("verify", "nosuch")
+    assert code == 3 and "image 'nosuch' not found" in out
