@@ -52,41 +52,66 @@ def _legacy_volumes(first: Path) -> list[Path]:
 @app.command("import")
 @handles_errors
 def import_legacy(
-    source: Path = typer.Argument(..., help="a legacy partimage image: NAME.000 (its other volumes come along)"),
-    name: str = typer.Option(..., "--name", "-n", help="name in the registry"),
+    source: str = typer.Argument(..., help="a legacy partimage image: NAME.000 (its other "
+                                 "volumes come along), NAME, or its directory"),
+    name: str = typer.Option("", "--name", "-n", help="name in the registry (default: NAME)"),
     json_out: bool = json_option(),
 ) -> None:
-    """Copy a legacy partimage image into the store and register it (verified first)."""
+    """Copy a legacy partimage image into the store and register it (verified first).
+
+    Every header sum, CHK CRC and the tail are checked before anything is
+    copied; a damaged image is refused and nothing is registered.  Example:
+    `imgfarm image import /old/images/win7.000` registers `win7`.
+    """
     from imgfarm.imageformats.ng import verify_image
+    from imgfarm.imageformats.partimage import volume_paths
     from imgfarm.tasks.finalize import sha256_file
 
+    path = _resolve_path(source)
+    if path is None:
+        raise NotFound(f"{source}: no such file or directory",
+                       hint="give the path of NAME.000 or of the directory holding it")
+    if path.is_dir():
+        raise InvalidInput(f"{source} is a partimage-ng image; import takes legacy partimage "
+                           "images", hint="partimage-ng images are registered by capture and "
+                           "convert")
+    name = name or volume_paths(path)[1].name
     check_image_name(name)
-    if not source.is_file():
-        raise InvalidInput(f"{source} does not exist or is not a file")
     with session_scope() as s:
         if find_image(s, name) is not None:
-            raise InvalidInput(f"image {name!r} exists already", hint="choose another --name")
-    vols = _legacy_volumes(source)
-    verify_image(vols[0])  # every CRC, before anything is copied
+            raise Conflict(f"image {name!r} exists already", hint="choose another --name")
+    vols = _legacy_volumes(path)
+    with console.status(f"checking every CRC of {path.name} ..."):
+        verify_image(vols[0])  # every CRC, before anything is copied
     dest = image_dir(name)
     tmp = store_root() / f".import-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        for v in vols:
-            shutil.copyfile(v, tmp / v.name)
-        checksums = {v.name: sha256_file(tmp / v.name) for v in vols}
+        with console.status(f"copying {len(vols)} volume(s) into the store ..."):
+            for v in vols:
+                shutil.copyfile(v, tmp / v.name)
+            checksums = {v.name: sha256_file(tmp / v.name) for v in vols}
         if dest.exists():
-            raise InvalidInput(f"{dest} exists in the image store", hint="remove it or choose another name")
+            raise Conflict(f"{dest} exists in the image store", hint="remove it or choose another name")
         tmp.rename(dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    with session_scope() as s:
-        img = register_image(s, name, "partimage", name, size_bytes=sum(v.stat().st_size for v in vols),
-                             checksums=checksums, origin={"kind": "import", "source_path": str(source)})
-        view = image_view(img)
-    print_json(view) if json_out else typer.echo(f"imported {name}: {len(vols)} volume(s)")
+    size = sum(v.stat().st_size for v in vols)
+    try:
+        with session_scope() as s:
+            img = register_image(s, name, "partimage", name, size_bytes=size, checksums=checksums,
+                                 origin={"kind": "import", "source_path": str(path)})
+            view = image_view(img)
+    except BaseException:  # the name was taken meanwhile: no unregistered copy left behind
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    if json_out:
+        print_json(view)
+    else:
+        typer.echo(f"imported {name}: {len(vols)} volume(s), {human_bytes(size)}, every CRC "
+                   "checked")
 
 
 @app.command("remove")
@@ -114,9 +139,10 @@ def remove(
     typer.echo(f"removed image {name}" + (" (files kept)" if keep_files else ""))
 
 
-def _resolve_source(source: str) -> Path:
-    """A registered image name, or a path: NAME.000, NAME (the base of NAME.000), another
-    volume of the set (NAME.001 -> NAME.000), an image directory.  Unknown -> NotFound."""
+def _resolve_path(source: str) -> Path | None:
+    """What a typed path means: an ng image directory, or the NAME.000 of a legacy image
+    (from NAME.000, NAME, another volume NAME.001, or a directory holding one); None when
+    nothing is there."""
     from imgfarm.models.images import legacy_first_volume
 
     path = Path(source)
@@ -139,6 +165,16 @@ def _resolve_source(source: str) -> Path:
         return path
     if path.with_name(path.name + ".000").is_file():
         return path.with_name(path.name + ".000")
+    return None
+
+
+def _resolve_source(source: str) -> Path:
+    """A path (see _resolve_path) or a registered image name; unknown -> NotFound."""
+    from imgfarm.models.images import legacy_first_volume
+
+    path = _resolve_path(source)
+    if path is not None:
+        return path
     if "/" in source or source.startswith("."):
         raise NotFound(f"{source}: no such file or directory",
                        hint="give the path of NAME.000 (or of the image directory), or a "

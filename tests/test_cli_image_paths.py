@@ -60,3 +60,14 @@ def test_paths_that_are_not_an_image_are_named(settings_env: str, images: Path,
     assert code == 2 and "is a partimage-ng image already" in out
     code, out = _cli("verify", "nosuch")
     assert code == 3 and "image 'nosuch' not found" in out
+
+
+def test_import_names_the_image_after_the_file(settings_env: str, images: Path) -> None:
+    code, out = _cli("import", str(images / "lab"))
+    assert code == 0 and "imported lab: 1 volume(s)" in out and "every CRC checked" in out
+    code, out = _cli("import", str(images / "lab.000"))
+    assert code == 4 and "image 'lab' exists already" in out
+    code, out = _cli("import", str(images / "nope.000"))
+    assert code == 3 and "no such file or directory" in out
+    code, out = _cli("list", "--json")
+    assert code == 0 and '"name": "lab"' in out
