@@ -42,33 +42,74 @@ def _views(job_ids: list[int]) -> list[dict[str, Any]]:
         return [job_view(j) for j in s.scalars(select(Job).where(Job.id.in_(job_ids)).order_by(Job.id))]
 
 
+MANY = 20  # above this many jobs, --wait shows totals instead of a line per job
+
+
+def state_counts(views: list[dict[str, Any]]) -> str:
+    """`412 running, 60 booting, 28 succeeded`: jobs by state, in lifecycle order."""
+    counts: dict[str, int] = {}
+    for v in views:
+        counts[v["state"]] = counts.get(v["state"], 0) + 1
+    order = [*states.ACTIVE, *states.FINAL]
+    return ", ".join(f"{counts[s]} {s}" for s in order if s in counts)
+
+
 def wait_for_jobs(job_ids: list[int], quiet: bool = False, poll: float = 1.0) -> list[dict[str, Any]]:
-    """One progress line per job until all have ended; returns the final views."""
+    """Progress until all jobs have ended; returns the final views.
+
+    Up to MANY jobs: a line (or bar) per job.  More: one bar for the mean
+    progress with the count per state, and a line for each job that ends
+    without succeeding, as it happens -- 500 bars help nobody.
+    """
     if not job_ids:
         return []
+    many = len(job_ids) > MANY
     if quiet or not console.is_terminal:
         last: dict[int, str] = {}
+        last_counts = ""
         while True:
             views = _views(job_ids)
             for v in views:
-                line = f"{v['state']} {v['progress']:.0f}%"
+                line = v["state"] if many else f"{v['state']} {v['progress']:.0f}%"
                 if not quiet and last.get(v["id"]) != line:
-                    typer.echo(f"job {v['id']} {v['kind']} {v['node'] or v['image']}: {line}")
+                    if not many or (v["state"] in states.FINAL and v["state"] != states.SUCCEEDED):
+                        typer.echo(f"job {v['id']} {v['kind']} {v['node'] or v['image']}: {line}")
                     last[v["id"]] = line
+            if many and not quiet and (counts := state_counts(views)) != last_counts:
+                typer.echo(f"{len(views)} jobs: {counts}")
+                last_counts = counts
             if all(v["state"] in states.FINAL for v in views):
                 return views
             time.sleep(poll)
     with Progress(TextColumn("{task.fields[label]}"), BarColumn(), TaskProgressColumn(),
                   TextColumn("{task.fields[state]} {task.fields[extra]}"), console=console) as prog:
         tasks = {}
-        for v in _views(job_ids):
-            label = f"job {v['id']:>5} {v['kind']:8} {v['node'] or v['image']:12}"
-            tasks[v["id"]] = prog.add_task("", total=100, label=label, state=v["state"], extra="")
+        views = _views(job_ids)
+        if many:
+            total = prog.add_task("", total=100, label=f"{len(views)} jobs", state="", extra="")
+        else:
+            for v in views:
+                label = f"job {v['id']:>5} {v['kind']:8} {v['node'] or v['image']:12}"
+                tasks[v["id"]] = prog.add_task("", total=100, label=label, state=v["state"], extra="")
+        told: set[int] = set()
         while True:
             views = _views(job_ids)
-            for v in views:
-                extra = f"{human_bytes(v['rate'])}/s" if v["rate"] else ""
-                prog.update(tasks[v["id"]], completed=v["progress"], state=styled_state(v["state"]), extra=extra)
+            if many:
+                mean = sum(v["progress"] for v in views) / len(views)
+                rate = sum(v["rate"] or 0 for v in views)
+                prog.update(total, completed=mean, state=state_counts(views),
+                            extra=f"{human_bytes(rate)}/s" if rate else "")
+                for v in views:
+                    if v["state"] in states.FINAL and v["state"] != states.SUCCEEDED and v["id"] not in told:
+                        told.add(v["id"])
+                        reason = f": {v['error'].splitlines()[0]}" if v["error"] else ""
+                        prog.console.print(f"job {v['id']} {v['node'] or v['image']} "
+                                           f"{styled_state(v['state'])}{reason}", highlight=False)
+            else:
+                for v in views:
+                    extra = f"{human_bytes(v['rate'])}/s" if v["rate"] else ""
+                    prog.update(tasks[v["id"]], completed=v["progress"], state=styled_state(v["state"]),
+                                extra=extra)
             if all(v["state"] in states.FINAL for v in views):
                 return views
             time.sleep(poll)
@@ -78,10 +119,13 @@ def report_and_exit(views: list[dict[str, Any]], json_out: bool) -> None:
     if json_out:
         print_json(views)
     else:
-        for v in views:
+        shown = views if len(views) <= MANY else [v for v in views if v["state"] != states.SUCCEEDED]
+        for v in shown:
             reason = f": {v['error'].splitlines()[0]}" if v["error"] else ""
             console.print(f"job {v['id']} {v['kind']} {v['node'] or v['image']} "
                           f"{styled_state(v['state'])}{reason}", highlight=False)
+        if len(views) > MANY:
+            console.print(f"{len(views)} jobs: {state_counts(views)}", highlight=False)
     if any(v["state"] != states.SUCCEEDED for v in views):
         raise typer.Exit(1)
 

@@ -71,3 +71,4 @@ def test_import_names_the_image_after_the_file(settings_env: str, images: Path) 
     assert code == 3 and "no such file or directory" in out
     code, out = _cli("list", "--json")
     assert code == 0 and '"name": "lab"' in out
+
