@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -63,8 +62,8 @@ def import_legacy(
     copied; a damaged image is refused and nothing is registered.  Example:
     `imgfarm image import /old/images/win7.000` registers `win7`.
     """
+    from imgfarm.imageformats.convert import default_name
     from imgfarm.imageformats.ng import verify_image
-    from imgfarm.imageformats.partimage import volume_paths
     from imgfarm.tasks.finalize import sha256_file
 
     path = _resolve_path(source)
@@ -75,7 +74,7 @@ def import_legacy(
         raise InvalidInput(f"{source} is a partimage-ng image; import takes legacy partimage "
                            "images", hint="partimage-ng images are registered by capture and "
                            "convert")
-    name = name or volume_paths(path)[1].name
+    name = name or default_name(path)
     check_image_name(name)
     with session_scope() as s:
         if find_image(s, name) is not None:
@@ -143,6 +142,7 @@ def _resolve_path(source: str) -> Path | None:
     """What a typed path means: an ng image directory, or the NAME.000 of a legacy image
     (from NAME.000, NAME, another volume NAME.001, or a directory holding one); None when
     nothing is there."""
+    from imgfarm.imageformats.partimage import volume_paths
     from imgfarm.models.images import legacy_first_volume
 
     path = Path(source)
@@ -158,14 +158,8 @@ def _resolve_path(source: str) -> Path | None:
             return legacy_first_volume(path)
         raise NotFound(f"{source} holds no image (no manifest.json, no NAME.000)",
                        hint="give the image directory, or the path of NAME.000")
-    if path.is_file():
-        m = re.fullmatch(r"(.+)\.(\d{3})", path.name)
-        if m and m.group(2) != "000" and path.with_name(f"{m.group(1)}.000").is_file():
-            return path.with_name(f"{m.group(1)}.000")  # volumes are read from the first
-        return path
-    if path.with_name(path.name + ".000").is_file():
-        return path.with_name(path.name + ".000")
-    return None
+    first = volume_paths(path)[0]  # NAME, NAME.001 -> NAME.000
+    return first if first.is_file() else None
 
 
 def _resolve_source(source: str) -> Path:

@@ -283,13 +283,16 @@ def volume_paths(path: str | os.PathLike[str]) -> tuple[Path, Path, str]:
 
     partimage strips a trailing ``.NNN`` to get the base; volume n is
     ``base.%03d``.  An unsplit image is one file with no suffix.  Passing the
-    base name of a split image (``img`` when only ``img.000`` exists) works too.
+    base name of a split image (``img`` when only ``img.000`` exists) works too,
+    and so does any later volume (``img.001`` -> ``img.000``): an image is read
+    from its first volume.
     """
     p = Path(path)
     m = _VOL_SUFFIX.search(p.name)
     if m:
         base = p.with_name(p.name[: m.start()])
-        return p, base, base.name
+        first = base.with_name(f"{base.name}.000")
+        return (first if m.group(1) != "000" and first.is_file() else p), base, base.name
     if not p.exists() and p.with_name(p.name + ".000").exists():
         return p.with_name(p.name + ".000"), p, p.name
     return p, p, p.name
