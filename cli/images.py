@@ -18,6 +18,7 @@ from imgfarm.models.images import (
     find_image,
     get_image,
     image_dir,
+    register_converted,
     register_image,
     store_root,
 )
@@ -295,13 +296,8 @@ def convert(
             manifest = convert_legacy(path, store_root(), name=target, progress=progress)
             try:
                 with session_scope() as s:
-                    register_image(
-                        s, target, "partimage-ng", target,
-                        size_bytes=sum(p.get("stream_bytes", 0) for p in manifest.get("partitions", [])),
-                        checksums={p["file"]: p["sha256"] for p in manifest.get("partitions", [])},
-                        manifest=manifest,
-                        origin={"kind": "convert", "source": str(path), **manifest.get("origin", {})},
-                    )
+                    register_converted(s, target, manifest,
+                                       origin={"kind": "convert", "source": str(path)})
             except BaseException:  # e.g. the name was taken meanwhile: no unregistered leftovers
                 shutil.rmtree(image_dir(target), ignore_errors=True)
                 raise

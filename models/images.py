@@ -96,6 +96,23 @@ def register_image(
     return image
 
 
+def register_converted(session: Session, name: str, manifest: dict[str, Any],
+                       origin: dict[str, Any], source_job_id: int | None = None) -> Image:
+    """Register the partimage-ng directory a conversion wrote as store/NAME.
+
+    One place for both ways in (the offline CLI and the convert task): the
+    size is the sum of its streams, the checksums the manifest's sha256 per
+    stream, and the manifest's own origin record completes `origin`.
+    """
+    parts = manifest.get("partitions", [])
+    return register_image(
+        session, name, "partimage-ng", name,
+        size_bytes=sum(p.get("stream_bytes", 0) for p in parts),
+        checksums={p["file"]: p["sha256"] for p in parts},
+        manifest=manifest, origin={**origin, **(manifest.get("origin") or {})},
+        source_job_id=source_job_id)
+
+
 def legacy_first_volume(directory: Path) -> Path:
     """The NAME.000 (or single unsplit file) of a legacy image directory."""
     vols = sorted(directory.glob("*.000"))

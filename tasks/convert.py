@@ -26,7 +26,7 @@ from imgfarm.models.images import (
     find_image,
     get_image,
     legacy_first_volume,
-    register_image,
+    register_converted,
     store_root,
 )
 from imgfarm.models.jobs import add_event, begin_finalizing, get_job, transition
@@ -137,15 +137,9 @@ def run_convert(job_id: int, progress: Any = None) -> str:
                 begin_finalizing(s, job_id, outcome, error)
             else:
                 try:
-                    size = sum(p.get("stream_bytes", 0) for p in manifest.get("partitions", []))
-                    register_image(
-                        s, target, "partimage-ng", target, size_bytes=size,
-                        checksums={p["file"]: p["sha256"] for p in manifest.get("partitions", [])},
-                        manifest=manifest,
-                        origin={"kind": "convert", "source_image": source_name, "job": job_id,
-                                **(manifest.get("origin") or {})},
-                        source_job_id=job_id,
-                    )
+                    register_converted(s, target, manifest, source_job_id=job_id,
+                                       origin={"kind": "convert", "source_image": source_name,
+                                               "job": job_id})
                     begin_finalizing(s, job_id, states.SUCCEEDED)
                 except ImgfarmError as exc:
                     error = str(exc)
