@@ -14,6 +14,7 @@ from rich.table import Table
 from sqlalchemy.exc import DBAPIError
 
 from imgfarm.errors import ImgfarmError
+from imgfarm.units import format_bytes
 
 console = Console()
 err_console = Console(stderr=True)
@@ -26,14 +27,8 @@ def json_option() -> Any:
 
 
 def human_bytes(n: float | int | None) -> str:
-    if not n:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return str(n)
+    """Like format_bytes, but "-" for an unknown or zero size in tables."""
+    return format_bytes(n) if n else "-"
 
 
 def human_duration(seconds: float | None) -> str:

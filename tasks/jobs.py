@@ -20,6 +20,7 @@ from celery.signals import worker_process_init, worker_ready
 
 from imgfarm.models import states
 from imgfarm.tasks.lifecycle import JobEnded, run_job
+from imgfarm.units import format_bytes
 from imgfarm.worker.app import app
 
 log = logging.getLogger(__name__)
@@ -69,17 +70,11 @@ _events = _ProgressEvents()
 
 def progress_line(p: dict[str, Any]) -> str:
     """`running 42% (1.2 GiB of 2.9 GiB, 95.1 MiB/s)`: a job's progress in one line."""
-    def size(n: float) -> str:
-        for unit in ("B", "KiB", "MiB", "GiB"):
-            if n < 1024:
-                return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-            n /= 1024
-        return f"{n:.1f} TiB"
-
     line = f"{p.get('state', '?')} {float(p.get('percent') or 0):.0f}%"
     done, total, rate = p.get("bytes_done") or 0, p.get("bytes_total") or 0, p.get("rate") or 0
     if total:
-        line += f" ({size(done)} of {size(total)}" + (f", {size(rate)}/s)" if rate else ")")
+        line += (f" ({format_bytes(done)} of {format_bytes(total)}"
+                 + (f", {format_bytes(rate)}/s)" if rate else ")"))
     return line
 
 
