@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "tests" / "data" / "legacy"
@@ -104,6 +105,24 @@ def make_source_disk(path: Path, size_mib: int) -> None:
     subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "demo-root", "-E",
                     "lazy_itable_init=0,lazy_journal_init=0", "-d", str(content), str(path)],
                    check=True, capture_output=True)
+
+
+def restore_sample(demo: Demo, node: str, disk: Path, image: str, sample: dict[str, Any],
+                   reference: str, failure: str) -> None:
+    """Restore `image` onto `node`'s zero-filled disk; its partition must hash like the
+    committed legacy sample restored by partimage itself."""
+    with open(disk, "r+b") as fh:  # a zero-filled target, as the reference restore had
+        fh.truncate(0)
+        fh.truncate(64 << 20)
+    out = demo.cli("restore", node, "--image", image, "--wait", check=False)
+    print(out.stdout.rstrip())
+    with open(disk, "rb") as fh:
+        digest = hashlib.sha256(fh.read(sample["partition_size_bytes"])).hexdigest()
+    ok = out.returncode == 0 and digest == sample["restored_sha256"]
+    print(f"    {node} partition sha256 {digest[:16]}... {'matches' if ok else 'DOES NOT MATCH'} "
+          f"{reference}")
+    if not ok:
+        demo.failures.append(failure)
 
 
 def main() -> int:
@@ -190,35 +209,16 @@ def main() -> int:
         sample = json.loads((SAMPLE / "sample-ext2.json").read_text())
         demo.cli("image", "import", str(SAMPLE / "sample-ext2.000"), "--name", "legacy-sample")
         print(demo.cli("image", "inspect", "legacy-sample").stdout.rstrip())
-        with open(disks["node08"], "r+b") as fh:  # a zero-filled target, as partimage expects
-            fh.truncate(0)
-            fh.truncate(64 << 20)
-        out = demo.cli("restore", "node08", "--image", "legacy-sample", "--wait", check=False)
-        print(out.stdout.rstrip())
-        with open(disks["node08"], "rb") as fh:
-            digest = hashlib.sha256(fh.read(sample["partition_size_bytes"])).hexdigest()
-        ok = out.returncode == 0 and digest == sample["restored_sha256"]
-        print(f"    node08 partition sha256 {digest[:16]}... {'matches' if ok else 'DOES NOT MATCH'} "
-              "what partimage restore gives")
-        if not ok:
-            demo.failures.append("legacy restore to node08 did not match")
+        restore_sample(demo, "node08", disks["node08"], "legacy-sample", sample,
+                       "what partimage restore gives", "legacy restore to node08 did not match")
 
         say("converting the legacy sample to partimage-ng (no broker, no node) and restoring it "
             "to node07")
         print("    " + demo.cli("image", "convert", "legacy-sample", "--name", "legacy-sample-ng")
               .stdout.strip())
-        with open(disks["node07"], "r+b") as fh:  # zero-filled, like the reference restore
-            fh.truncate(0)
-            fh.truncate(64 << 20)
-        out = demo.cli("restore", "node07", "--image", "legacy-sample-ng", "--wait", check=False)
-        print(out.stdout.rstrip())
-        with open(disks["node07"], "rb") as fh:
-            digest = hashlib.sha256(fh.read(sample["partition_size_bytes"])).hexdigest()
-        ok = out.returncode == 0 and digest == sample["restored_sha256"]
-        print(f"    node07 partition sha256 {digest[:16]}... {'matches' if ok else 'DOES NOT MATCH'} "
-              "what partimage restore of the original gives")
-        if not ok:
-            demo.failures.append("the converted legacy image restored to node07 did not match")
+        restore_sample(demo, "node07", disks["node07"], "legacy-sample-ng", sample,
+                       "what partimage restore of the original gives",
+                       "the converted legacy image restored to node07 did not match")
 
         say("boot state of every node after its jobs")
         for name in disks:
