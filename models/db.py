@@ -109,7 +109,8 @@ def explain_db_error(error: exc.DBAPIError, url: str | None = None) -> ServiceUn
     setting nor the command that fixes them.
     """
     shown = make_url(url or get_settings().database_url).render_as_string(hide_password=True)
-    text = str(error.orig or error).lower()
+    detail = str(error.orig or error).strip()
+    text = detail.lower()
     missing_table = (  # SQLite's message; PostgreSQL's SQLSTATE 42P01 undefined_table
         "no such table" in text or getattr(error.orig, "sqlstate", None) == "42P01")
     if missing_table:
@@ -117,9 +118,9 @@ def explain_db_error(error: exc.DBAPIError, url: str | None = None) -> ServiceUn
             f"the job database {shown} has no imgfarm tables, or older ones",
             hint="run `imgfarm db upgrade` (creates or migrates the schema; data is kept)")
     if isinstance(error, exc.OperationalError) and not error.connection_invalidated:
-        first = str(error.orig or error).strip().splitlines()[0] if str(error.orig) else ""
         if "locked" in text:
             return None
+        first = detail.splitlines()[0] if detail else ""
         return ServiceUnavailable(
             f"cannot use the job database {shown}: {first}",
             hint="check IMGFARM_DATABASE_URL, and that the database server runs and "

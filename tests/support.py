@@ -43,6 +43,16 @@ def run(*cmd: str | Path, check: bool = True, **kw: object) -> subprocess.Comple
     )
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 5) -> None:  # type: ignore[type-arg]
+    """SIGTERM, then SIGKILL if it is still there after `timeout` seconds; always reaped."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def sparse_file(path: Path, size: int) -> Path:
     with open(path, "wb") as fh:
         fh.truncate(size)

@@ -23,7 +23,7 @@ import pytest
 from imgfarm.errors import DriverError, DriverSettingsError
 from imgfarm.worker.drivers.base import NodeInfo, PowerState
 from imgfarm.worker.drivers.ipmi import IpmiPower
-from tests.support import wait_for
+from tests.support import stop_process, wait_for
 
 pytestmark = pytest.mark.skipif(not (shutil.which("ipmi_sim") and shutil.which("ipmitool")),
                                 reason="openipmi (ipmi_sim) / ipmitool not installed")
@@ -121,12 +121,7 @@ def bmc(tmp_path: Path, settings_env) -> Iterator[Bmc]:
                  timeout=10, interval=0.05, what=f"ipmi_sim on udp port {port}")
         yield Bmc(port, d / "chassis", pw)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def test_power_really_changes(bmc):

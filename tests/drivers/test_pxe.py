@@ -22,7 +22,7 @@ import pytest
 from imgfarm.errors import DriverSettingsError
 from imgfarm.worker.drivers.base import AgentOrders, BootTarget, NodeInfo
 from imgfarm.worker.drivers.pxe import PxeBoot, boot_file, normalize_mac
-from tests.support import run, wait_for
+from tests.support import run, stop_process, wait_for
 
 ORDERS = AgentOrders(api_url="http://10.0.0.1:8470", job_id=7, token="Tok_" + "a" * 40)
 MAC = "AA:BB:CC:00:11:22"
@@ -247,12 +247,7 @@ def test_files_served_by_real_tftpd(tftp_root, tmp_path):
         run("tftp", "127.0.0.1", str(port), "-c", "get", str(rel), str(dest), timeout=5)
         assert check_pxelinux(dest.read_text()) == {"local": {"LOCALBOOT": "0"}}
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server)
 
 
 def test_registry_finds_pxe(settings_env):
