@@ -1,3 +1,3 @@
-from imgfarm_agent.main import main
+from imgfarm.agent.main import main
 
 raise SystemExit(main())

@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from imgfarm_agent.orders import Orders
+from imgfarm.agent.orders import Orders
 
 
 class ApiError(Exception):

@@ -20,8 +20,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from imgfarm_agent import disks
-from imgfarm_agent.progress import Progress, rchar, watch_stderr
+from imgfarm.agent import disks
+from imgfarm.agent.progress import Progress, rchar, watch_stderr
 
 CHUNK = 4 << 20
 

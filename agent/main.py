@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from imgfarm_agent import disks, imaging
-from imgfarm_agent.client import ApiError, FarmClient
-from imgfarm_agent.orders import Orders, OrdersError, parse_cmdline
-from imgfarm_agent.progress import Progress, Reporter
+from imgfarm.agent import disks, imaging
+from imgfarm.agent.client import ApiError, FarmClient
+from imgfarm.agent.orders import Orders, OrdersError, parse_cmdline
+from imgfarm.agent.progress import Progress, Reporter
 
 RUN_DIR = Path("/run/imgfarm")
 

@@ -70,8 +70,8 @@ def job_spec(job: Job) -> dict[str, Any]:
     if not nfs and job.node is not None and job.node.boot_driver == "xcat":
         # An xCAT site names its image library in the site table
         # (IMAGELIBSERVER, IMAGELIBINSTALLDIR): no duplicate configuration.
+        from imgfarm.drivers.xcat import xcat_image_store
         from imgfarm.errors import DriverError
-        from imgfarm.worker.drivers.xcat import xcat_image_store
 
         try:
             nfs = xcat_image_store() or ""

@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="pxe-bench-"))
     os.environ["IMGFARM_PXE__TFTP_ROOT"] = str(root)
     from imgfarm.config.settings import get_settings
-    from imgfarm.worker.drivers.base import AgentOrders, NodeInfo
-    from imgfarm.worker.drivers.pxe import PxeBoot
+    from imgfarm.drivers.base import AgentOrders, NodeInfo
+    from imgfarm.drivers.pxe import PxeBoot
 
     get_settings.cache_clear()
     loaders = ["pxelinux", "ipxe", "grub"] if args.loader == "all" else [args.loader]

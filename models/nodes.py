@@ -16,10 +16,10 @@ from ClusterShell.NodeUtils import GroupResolver, GroupSource
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from imgfarm.drivers.base import NodeInfo
 from imgfarm.errors import Conflict, InvalidInput, NodeRangeError, NotFound
 from imgfarm.models import states
 from imgfarm.models.tables import Group, Node
-from imgfarm.worker.drivers.base import NodeInfo
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
@@ -120,7 +120,7 @@ def node_info(node: Node) -> NodeInfo:
 
 def validate_drivers(info: NodeInfo) -> None:
     """Check the node's driver names and settings now, not when a job runs."""
-    from imgfarm.worker.drivers.registry import boot_driver, power_driver
+    from imgfarm.drivers.registry import boot_driver, power_driver
 
     boot_driver(info.boot_driver).validate(info)
     power_driver(info.power_driver).validate(info)

@@ -27,14 +27,14 @@ from typing import Any
 from sqlalchemy import select, update
 
 from imgfarm.config.settings import get_settings
+from imgfarm.drivers.base import AgentOrders, NodeInfo
+from imgfarm.drivers.registry import boot_driver, power_driver
 from imgfarm.errors import DriverError, ImgfarmError
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
 from imgfarm.models.jobs import begin_finalizing, get_job, hash_token, transition
 from imgfarm.models.tables import Job, Node, utcnow
 from imgfarm.tasks.finalize import finalize_job
-from imgfarm.worker.drivers.base import AgentOrders, NodeInfo
-from imgfarm.worker.drivers.registry import boot_driver, power_driver
 from imgfarm.worker.liveness import worker_id
 from imgfarm.worker.wakeup import get_waker
 

@@ -13,13 +13,13 @@ from typing import Any
 
 from sqlalchemy import select
 
+from imgfarm.drivers.base import PowerState
+from imgfarm.drivers.power_sync import DriftKind, detect_drift
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
 from imgfarm.models.nodes import node_info
 from imgfarm.models.tables import Job, Node, NodeEvent
 from imgfarm.worker.app import app
-from imgfarm.worker.drivers.base import PowerState
-from imgfarm.worker.drivers.power_sync import DriftKind, detect_drift
 
 
 def sync_once() -> list[dict[str, Any]]:

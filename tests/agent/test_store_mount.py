@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from imgfarm_agent.imaging import ToolError
-from imgfarm_agent.main import StoreMount
+from imgfarm.agent.imaging import ToolError
+from imgfarm.agent.main import StoreMount
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def fake_mount(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         )
         script.chmod(script.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
-    monkeypatch.setattr("imgfarm_agent.main.RUN_DIR", tmp_path / "run")
+    monkeypatch.setattr("imgfarm.agent.main.RUN_DIR", tmp_path / "run")
     return log
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from imgfarm.config.settings import get_settings
-from imgfarm.worker.drivers import registry
+from imgfarm.drivers import registry
 
 FAKES = Path(__file__).resolve().parents[1] / "fakes" / "xcat"
 
@@ -73,7 +73,7 @@ class XcatFake:
 @pytest.fixture
 def xcat(settings_env: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> XcatFake:
     """xCAT stand-ins found through settings.xcat.bin_dir, state under tmp_path."""
-    from imgfarm.worker.drivers import xcat as xcat_mod
+    from imgfarm.drivers import xcat as xcat_mod
 
     state = tmp_path / "xcat-state"
     state.mkdir()

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from imgfarm.drivers.base import NodeInfo, PowerState
+from imgfarm.drivers.ipmi import IpmiPower
 from imgfarm.errors import DriverError, DriverSettingsError
-from imgfarm.worker.drivers.base import NodeInfo, PowerState
-from imgfarm.worker.drivers.ipmi import IpmiPower
 from tests.support import stop_process, wait_for
 
 pytestmark = pytest.mark.skipif(not (shutil.which("ipmi_sim") and shutil.which("ipmitool")),
@@ -213,6 +213,6 @@ def test_validate_names_missing_settings(settings_env):
 
 
 def test_registry_finds_ipmi(settings_env):
-    from imgfarm.worker.drivers import registry
+    from imgfarm.drivers import registry
 
     assert isinstance(registry.power_driver("ipmi"), IpmiPower)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import threading
 
+from imgfarm.drivers.base import NodeInfo, PowerState
+from imgfarm.drivers.power_sync import DriftKind, detect_drift
 from imgfarm.errors import DriverError
-from imgfarm.worker.drivers.base import NodeInfo, PowerState
-from imgfarm.worker.drivers.power_sync import DriftKind, detect_drift
 
 ON, OFF, UNKNOWN = PowerState.ON, PowerState.OFF, PowerState.UNKNOWN
 

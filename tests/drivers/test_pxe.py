@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from imgfarm.drivers.base import AgentOrders, BootTarget, NodeInfo
+from imgfarm.drivers.pxe import PxeBoot, boot_file, normalize_mac
 from imgfarm.errors import DriverSettingsError
-from imgfarm.worker.drivers.base import AgentOrders, BootTarget, NodeInfo
-from imgfarm.worker.drivers.pxe import PxeBoot, boot_file, normalize_mac
 from tests.support import run, stop_process, wait_for
 
 ORDERS = AgentOrders(api_url="http://10.0.0.1:8470", job_id=7, token="Tok_" + "a" * 40)
@@ -251,6 +251,6 @@ def test_files_served_by_real_tftpd(tftp_root, tmp_path):
 
 
 def test_registry_finds_pxe(settings_env):
-    from imgfarm.worker.drivers import registry
+    from imgfarm.drivers import registry
 
     assert isinstance(registry.boot_driver("pxe"), PxeBoot)

@@ -15,15 +15,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from imgfarm.errors import DriverError, DriverSettingsError
-from imgfarm.worker.drivers import registry
-from imgfarm.worker.drivers.base import AgentOrders, BootTarget, NodeInfo, PowerState
-from imgfarm.worker.drivers.xcat import (
+from imgfarm.drivers import registry
+from imgfarm.drivers.base import AgentOrders, BootTarget, NodeInfo, PowerState
+from imgfarm.drivers.xcat import (
     XcatBoot,
     XcatPower,
     xcat_image_store,
     xcat_node_status,
 )
+from imgfarm.errors import DriverError, DriverSettingsError
 
 ORDERS = AgentOrders(api_url="http://10.0.0.1:8470", job_id=42, token="t0k3n-" + "x" * 32)
 
@@ -212,7 +212,7 @@ def test_validate_rejects_names_xcat_cannot_take(xcat):
 
 def test_output_parser_reads_every_documented_line_form():
     """Client.pm forms: data, node error with/without [server], general errors."""
-    from imgfarm.worker.drivers._xcat_cmd import CommandResult, per_node
+    from imgfarm.drivers._xcat_cmd import CommandResult, per_node
 
     res = CommandResult(
         ("/opt/xcat/bin/nodeset", "a,b,c,d,e", "stat"), 1,

@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from imgfarm.config.settings import get_settings
-from imgfarm.errors import DriverError, DriverSettingsError
-from imgfarm.worker.drivers.base import (
+from imgfarm.drivers.base import (
     AgentOrders,
     BootInterface,
     BootTarget,
@@ -35,6 +34,7 @@ from imgfarm.worker.drivers.base import (
     PowerInterface,
     PowerState,
 )
+from imgfarm.errors import DriverError, DriverSettingsError
 
 _locks: dict[str, threading.Lock] = {}
 _locks_guard = threading.Lock()
@@ -172,7 +172,7 @@ class SimPower(PowerInterface):
             log = open(d / "agent.log", "ab")  # noqa: SIM115 - handed to the child
             try:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "imgfarm_agent", "--cmdline-file", str(d / "cmdline")],
+                    [sys.executable, "-m", "imgfarm.agent", "--cmdline-file", str(d / "cmdline")],
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,

@@ -30,8 +30,8 @@ import tempfile
 from pathlib import Path
 
 from imgfarm.config.settings import get_settings
+from imgfarm.drivers.base import AgentOrders, BootInterface, BootTarget, NodeInfo
 from imgfarm.errors import DriverError, DriverSettingsError
-from imgfarm.worker.drivers.base import AgentOrders, BootInterface, BootTarget, NodeInfo
 
 LOADERS = ("pxelinux", "ipxe", "grub")
 _MAC = re.compile(r"^[0-9a-f]{2}([:-]?)[0-9a-f]{2}(\1[0-9a-f]{2}){4}$")

@@ -30,10 +30,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from imgfarm.config.settings import get_settings
-from imgfarm.errors import DriverError, DriverSettingsError
-from imgfarm.worker.drivers import _xcat_cmd as xc
-from imgfarm.worker.drivers._xcat_batch import Coalescer
-from imgfarm.worker.drivers.base import (
+from imgfarm.drivers import _xcat_cmd as xc
+from imgfarm.drivers._xcat_batch import Coalescer
+from imgfarm.drivers.base import (
     AgentOrders,
     BootInterface,
     BootTarget,
@@ -41,6 +40,7 @@ from imgfarm.worker.drivers.base import (
     PowerInterface,
     PowerState,
 )
+from imgfarm.errors import DriverError, DriverSettingsError
 
 log = logging.getLogger(__name__)
 

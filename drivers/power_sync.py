@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from imgfarm.worker.drivers.base import NodeInfo, PowerState
+from imgfarm.drivers.base import NodeInfo, PowerState
 
 
 class DriftKind(enum.StrEnum):
@@ -46,7 +46,7 @@ class PowerDrift:
 
 
 def _default_query(node: NodeInfo) -> PowerState:
-    from imgfarm.worker.drivers.registry import power_driver
+    from imgfarm.drivers.registry import power_driver
 
     return power_driver(node.power_driver).get_power_state(node)
 

@@ -12,18 +12,18 @@ import importlib
 import threading
 from importlib.metadata import entry_points
 
+from imgfarm.drivers.base import BootInterface, PowerInterface
 from imgfarm.errors import InvalidInput
-from imgfarm.worker.drivers.base import BootInterface, PowerInterface
 
 BUILTIN_BOOT = {
-    "sim": "imgfarm.worker.drivers.sim:SimBoot",
-    "pxe": "imgfarm.worker.drivers.pxe:PxeBoot",
-    "xcat": "imgfarm.worker.drivers.xcat:XcatBoot",
+    "sim": "imgfarm.drivers.sim:SimBoot",
+    "pxe": "imgfarm.drivers.pxe:PxeBoot",
+    "xcat": "imgfarm.drivers.xcat:XcatBoot",
 }
 BUILTIN_POWER = {
-    "sim": "imgfarm.worker.drivers.sim:SimPower",
-    "ipmi": "imgfarm.worker.drivers.ipmi:IpmiPower",
-    "xcat": "imgfarm.worker.drivers.xcat:XcatPower",
+    "sim": "imgfarm.drivers.sim:SimPower",
+    "ipmi": "imgfarm.drivers.ipmi:IpmiPower",
+    "xcat": "imgfarm.drivers.xcat:XcatPower",
 }
 
 _cache: dict[tuple[str, str], object] = {}

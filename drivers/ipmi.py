@@ -34,8 +34,8 @@ import threading
 import time
 
 from imgfarm.config.settings import get_settings
+from imgfarm.drivers.base import NodeInfo, PowerInterface, PowerState, require
 from imgfarm.errors import DriverError, DriverSettingsError
-from imgfarm.worker.drivers.base import NodeInfo, PowerInterface, PowerState, require
 
 log = logging.getLogger(__name__)
 
