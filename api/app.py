@@ -14,7 +14,7 @@ from sqlalchemy.exc import DBAPIError
 from imgfarm import __version__
 from imgfarm.api import agent_routes, operator_routes, windows_routes
 from imgfarm.errors import ImgfarmError
-from imgfarm.models.db import explain_db_error
+from imgfarm.models.dbapi import explain_db_error
 
 
 def create_app() -> FastAPI:

@@ -6,17 +6,15 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Header, Query
 from pydantic import BaseModel
-from sqlalchemy import select
 
 from imgfarm.config.settings import get_settings
 from imgfarm.errors import Unauthorized
-from imgfarm.models import states
+from imgfarm.models import views
 from imgfarm.models.db import session_scope
-from imgfarm.models.images import get_image
-from imgfarm.models.jobs import get_job, query_jobs
-from imgfarm.models.nodes import add_node, get_node
-from imgfarm.models.tables import Image, Job, Node
-from imgfarm.models.views import image_view, job_view, node_view
+from imgfarm.models.dbapi import reader
+from imgfarm.models.images import get_image, image_views
+from imgfarm.models.nodes import add_node, get_node, node_views
+from imgfarm.models.views import image_view, node_view
 from imgfarm.tasks import submit
 
 
@@ -94,14 +92,14 @@ def list_jobs(
     state: str | None = None, node: str | None = None, kind: str | None = None,
     limit: int = Query(200, ge=1, le=10000),
 ) -> list[dict[str, Any]]:
-    with session_scope() as s:
-        return [job_view(j) for j in query_jobs(s, state or "", node or "", kind or "", limit)]
+    with reader() as db:
+        return views.list_jobs(db, state or "", node or "", kind or "", limit)
 
 
 @router.get("/jobs/{job_id}")
 def read_job(job_id: int) -> dict[str, Any]:
-    with session_scope() as s:
-        return job_view(get_job(s, job_id), events=True)
+    with reader() as db:
+        return views.read_job(db, job_id)
 
 
 @router.post("/jobs/{job_id}/cancel")
@@ -113,8 +111,7 @@ def cancel(job_id: int) -> dict[str, Any]:
 @router.get("/nodes")
 def list_nodes() -> list[dict[str, Any]]:
     with session_scope() as s:
-        active = dict(s.execute(select(Job.node_id, Job.id).where(Job.state.in_(states.ACTIVE))).all())
-        return [node_view(n, active.get(n.id)) for n in s.scalars(select(Node).order_by(Node.name))]
+        return node_views(s)
 
 
 @router.post("/nodes", status_code=201)
@@ -134,7 +131,7 @@ def read_node(name: str) -> dict[str, Any]:
 @router.get("/images")
 def list_images() -> list[dict[str, Any]]:
     with session_scope() as s:
-        return [image_view(i) for i in s.scalars(select(Image).order_by(Image.name))]
+        return image_views(s)
 
 
 @router.get("/images/{name}")

@@ -6,20 +6,17 @@ from typing import Any
 
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel
-from sqlalchemy import select
 
 from imgfarm.api.operator_routes import operator_auth
-from imgfarm.errors import Conflict
 from imgfarm.models.db import session_scope
+from imgfarm.models.states import ON_CLOSE_FINISH
 from imgfarm.models.windows import (
-    ON_CLOSE_FINISH,
-    RUN_CLOSED,
-    Window,
-    WindowRun,
     add_window,
-    get_window,
-    run_view,
+    remove_window,
+    set_enabled,
+    window_detail,
     window_view,
+    window_views,
 )
 
 router = APIRouter(prefix="/api/v1/windows", tags=["windows"],
@@ -45,7 +42,7 @@ class WindowIn(BaseModel):
 @router.get("")
 def list_windows() -> list[dict[str, Any]]:
     with session_scope() as s:
-        return [window_view(x) for x in s.scalars(select(Window).order_by(Window.name))]
+        return window_views(s)
 
 
 @router.post("", status_code=201)
@@ -57,40 +54,25 @@ def create_window(body: WindowIn) -> dict[str, Any]:
 @router.get("/{name}")
 def read_window(name: str, runs: bool = False, limit: int = 10) -> dict[str, Any]:
     with session_scope() as s:
-        window = get_window(s, name)
-        view = window_view(window)
-        if runs:
-            q = (select(WindowRun).where(WindowRun.window_id == window.id)
-                 .order_by(WindowRun.id.desc()).limit(limit))
-            view["runs"] = [run_view(r) for r in s.scalars(q)]
-        return view
-
-
-def _set_enabled(name: str, enabled: bool) -> dict[str, Any]:
-    with session_scope() as s:
-        window = get_window(s, name)
-        window.enabled = enabled
-        return window_view(window)
+        return window_detail(s, name, runs=runs, limit=limit)
 
 
 @router.post("/{name}/enable")
 def enable(name: str) -> dict[str, Any]:
-    return _set_enabled(name, True)
+    with session_scope() as s:
+        return set_enabled(s, name, True)
 
 
 @router.post("/{name}/disable")
 def disable(name: str) -> dict[str, Any]:
-    return _set_enabled(name, False)
+    with session_scope() as s:
+        return set_enabled(s, name, False)
 
 
 @router.delete("/{name}")
 def remove(name: str) -> dict[str, Any]:
     with session_scope() as s:
-        window = get_window(s, name)
-        if any(r.state != RUN_CLOSED for r in window.runs):
-            raise Conflict(f"window {name} has a run in progress",
-                           hint="disable it and wait for the run to close")
-        s.delete(window)
+        remove_window(s, name)
     return {"removed": name}
 
 

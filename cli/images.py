@@ -3,26 +3,28 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import typer
-from sqlalchemy import select
 
-from imgfarm.cli.output import console, handles_errors, human_bytes, json_option, print_json, table
-from imgfarm.errors import Conflict, InvalidInput, NotFound
-from imgfarm.models.db import session_scope
-from imgfarm.models.images import (
-    check_image_name,
-    find_image,
-    get_image,
-    image_dir,
-    register_converted,
-    register_image,
-    store_root,
+from imgfarm.cli.output import (
+    console,
+    echo,
+    handles_errors,
+    human_bytes,
+    json_option,
+    line,
+    plain,
+    print_json,
+    say,
+    table,
 )
-from imgfarm.models.tables import Image
+from imgfarm.errors import Conflict, InvalidInput, NotFound
+from imgfarm.models.names import check_image_name
 from imgfarm.models.views import image_view
 
 app = typer.Typer(help="List, import, inspect, convert and verify images.", no_args_is_help=True)
@@ -32,8 +34,12 @@ app = typer.Typer(help="List, import, inspect, convert and verify images.", no_a
 @handles_errors
 def list_images(json_out: bool = json_option()) -> None:
     """Images in the registry."""
+    # lazy: SQLAlchemy loads only for the commands that use the job database
+    from imgfarm.models.db import session_scope
+    from imgfarm.models.images import image_views
+
     with session_scope() as s:
-        views = [image_view(i) for i in s.scalars(select(Image).order_by(Image.name))]
+        views = image_views(s)
     if json_out:
         print_json(views)
         return
@@ -63,8 +69,11 @@ def import_legacy(
     copied; a damaged image is refused and nothing is registered.  Example:
     `imgfarm image import /old/images/win7.000` registers `win7`.
     """
+    # lazy: the image formats, SQLAlchemy and Celery load only for the commands that need them
     from imgfarm.imageformats.convert import default_name
     from imgfarm.imageformats.ng import verify_image
+    from imgfarm.models.db import session_scope
+    from imgfarm.models.images import find_image, image_dir, register_image, store_root
     from imgfarm.tasks.finalize import sha256_file
 
     path = _resolve_path(source)
@@ -81,7 +90,7 @@ def import_legacy(
         if find_image(s, name) is not None:
             raise Conflict(f"image {name!r} exists already", hint="choose another --name")
     vols = _legacy_volumes(path)
-    with console.status(f"checking every CRC of {path.name} ..."):
+    with console.status(line(f"checking every CRC of {path.name} ...")):
         verify_image(vols[0])  # every CRC, before anything is copied
     dest = image_dir(name)
     tmp = store_root() / f".import-{name}"
@@ -110,8 +119,7 @@ def import_legacy(
     if json_out:
         print_json(view)
     else:
-        typer.echo(f"imported {name}: {len(vols)} volume(s), {human_bytes(size)}, every CRC "
-                   "checked")
+        echo(f"imported {name}: {len(vols)} volume(s), {human_bytes(size)}, every CRC checked")
 
 
 @app.command("remove")
@@ -121,30 +129,25 @@ def remove(
     keep_files: bool = typer.Option(False, "--keep-files", help="unregister only; leave the directory"),
 ) -> None:
     """Remove an image that no active job uses (its files go too, unless --keep-files)."""
-    from imgfarm.errors import Conflict
-    from imgfarm.models import states
-    from imgfarm.models.tables import Job
+    # lazy: SQLAlchemy loads only for the commands that use the job database
+    from imgfarm.models.db import session_scope
+    from imgfarm.models.images import unregister_image
 
     with session_scope() as s:
-        img = get_image(s, name)
-        busy = s.scalar(select(Job.id).where(Job.image_name == name, Job.state.in_(states.ACTIVE)))
-        if busy:
-            raise Conflict(f"image {name!r} is in use by job {busy}", hint=f"wait, or `imgfarm cancel {busy}`")
-        location = store_root() / img.location
-        s.delete(img)
+        location = unregister_image(s, name)
     if not keep_files and location.is_dir():
         trash = location.with_name(f".removed-{name}")
         location.rename(trash)  # out of sight at once, then deleted
         shutil.rmtree(trash, ignore_errors=True)
-    typer.echo(f"removed image {name}" + (" (files kept)" if keep_files else ""))
+    echo(f"removed image {name}" + (" (files kept)" if keep_files else ""))
 
 
 def _resolve_path(source: str) -> Path | None:
     """What a typed path means: an ng image directory, or the NAME.000 of a legacy image
     (from NAME.000, NAME, another volume NAME.001, or a directory holding one); None when
     nothing is there."""
-    from imgfarm.imageformats.partimage import volume_paths
-    from imgfarm.models.images import legacy_first_volume
+    # lazy: the image formats (zstandard, ISA-L) load only for the commands that read images
+    from imgfarm.imageformats.partimage import legacy_first_volume, volume_paths
 
     path = Path(source)
     if path.is_dir():
@@ -165,8 +168,6 @@ def _resolve_path(source: str) -> Path | None:
 
 def _resolve_source(source: str) -> Path:
     """A path (see _resolve_path) or a registered image name; unknown -> NotFound."""
-    from imgfarm.models.images import legacy_first_volume
-
     path = _resolve_path(source)
     if path is not None:
         return path
@@ -174,6 +175,11 @@ def _resolve_source(source: str) -> Path:
         raise NotFound(f"{source}: no such file or directory",
                        hint="give the path of NAME.000 (or of the image directory), or a "
                             "registered image name (`imgfarm image list`)")
+    # lazy: the image formats and SQLAlchemy load only for the commands that need them
+    from imgfarm.imageformats.partimage import legacy_first_volume
+    from imgfarm.models.db import session_scope
+    from imgfarm.models.images import get_image, store_root
+
     with session_scope() as s:
         img = get_image(s, source)
         d = store_root() / img.location
@@ -191,10 +197,9 @@ def inspect(
     """Print an image's headers or manifest without converting anything."""
     path = _resolve_source(source)
     if path.is_dir():
-        import json
-
         info: dict[str, Any] = json.loads((path / "manifest.json").read_text())
     else:
+        # lazy: the image formats (zstandard, ISA-L) load only for the commands that read images
         from imgfarm.imageformats.partimage import inspect as pi_inspect
 
         info = pi_inspect(path).to_dict()
@@ -210,19 +215,19 @@ def _print_tree(data: Any, indent: int = 0) -> None:
     if isinstance(data, dict):
         for key, value in data.items():
             if isinstance(value, dict | list) and value:
-                console.print(f"{pad}{key}", highlight=False)
+                say(pad, key)
                 _print_tree(value, indent + 2)
                 continue
             if isinstance(value, int) and not isinstance(value, bool) and value >= 1024 and (
                     key.endswith(("_bytes", "_size", "size"))):
                 value = f"{value} ({human_bytes(value)})"
-            console.print(f"{pad}{key:{max(22 - indent, 8)}} {value}", highlight=False)
+            say(f"{pad}{plain(key):{max(22 - indent, 8)}} ", value)
     elif isinstance(data, list):
         for i, item in enumerate(data):
-            console.print(f"{pad}[{i}]", highlight=False)
+            say(f"{pad}[{i}]")
             _print_tree(item, indent + 2)
     else:
-        console.print(f"{pad}{data}", highlight=False)
+        say(pad, data)
 
 
 @app.command("verify")
@@ -232,6 +237,7 @@ def verify(
     json_out: bool = json_option(),
 ) -> None:
     """Check every CRC and sha256 of an image; exit non-zero on the first fault."""
+    # lazy: the image formats (zstandard, ISA-L) load only for the commands that read images
     from imgfarm.imageformats.ng import verify_image
 
     path = _resolve_source(source)
@@ -242,15 +248,15 @@ def verify(
         return
     if data.get("legacy"):
         r = data["legacy"]
-        typer.echo(f"{source}: OK (partimage, {r['volumes']} volume(s)): header sums, "
-                   f"{r['chk_records']} CHK CRCs and the tail checked over "
-                   f"{human_bytes(r['data_bytes'])} of block data")
+        echo(f"{source}: OK (partimage, {r['volumes']} volume(s)): header sums, "
+             f"{r['chk_records']} CHK CRCs and the tail checked over "
+             f"{human_bytes(r['data_bytes'])} of block data")
         return
     parts = data.get("partitions") or []
-    typer.echo(f"{source}: OK ({data.get('format')}, {len(parts)} partition stream(s))")
+    echo(f"{source}: OK ({data.get('format')}, {len(parts)} partition stream(s))")
     for p in parts:
-        typer.echo(f"  {p['file']}: sha256 matches the manifest ({human_bytes(p['stream_bytes'])}); "
-                   f"{p['checksums']} partclone CRCs checked over {human_bytes(p['data_bytes'])}")
+        echo(f"  {p['file']}: sha256 matches the manifest ({human_bytes(p['stream_bytes'])}); "
+             f"{p['checksums']} partclone CRCs checked over {human_bytes(p['data_bytes'])}")
 
 
 @app.command("convert")
@@ -269,8 +275,7 @@ def convert(
     path: `imgfarm image convert /old/win7.000 --name win7-ng`.  To convert on
     the farm's CPU workers instead, use `imgfarm convert IMAGE`.
     """
-    import time
-
+    # lazy: the image formats (zstandard, ISA-L) load only for the commands that read images
     from imgfarm.imageformats.convert import convert_legacy
 
     path = _resolve_source(source)
@@ -280,33 +285,37 @@ def convert(
                            "image (NAME.000)")
     target = name or (Path(source).name.removesuffix(".000") + "-ng")
     check_image_name(target)
-    started = time.monotonic()
-    with console.status(f"converting {path.name} ...") as status:
-        def progress(done: int, total: int) -> None:
-            status.update(f"converting {path.name}: {100.0 * done / max(total, 1):.0f}% "
-                          f"({human_bytes(done)} of {human_bytes(total)})")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        dest_dir = out
+    else:
+        # lazy: SQLAlchemy loads only for the commands that use the job database
+        from imgfarm.models.db import session_scope
+        from imgfarm.models.images import find_image, register_converted, store_root
 
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            manifest = convert_legacy(path, out, name=target, progress=progress)
-        else:
+        with session_scope() as s:
+            if find_image(s, target) is not None:
+                raise Conflict(f"image {target!r} exists already", hint="choose another --name")
+        dest_dir = store_root()
+    started = time.monotonic()
+    with console.status(line(f"converting {path.name} ...")) as status:
+        def progress(done: int, total: int) -> None:
+            status.update(line(f"converting {path.name}: {100.0 * done / max(total, 1):.0f}% "
+                               f"({human_bytes(done)} of {human_bytes(total)})"))
+
+        manifest = convert_legacy(path, dest_dir, name=target, progress=progress)
+    if out is None:
+        try:
             with session_scope() as s:
-                if find_image(s, target) is not None:
-                    raise Conflict(f"image {target!r} exists already", hint="choose another --name")
-            manifest = convert_legacy(path, store_root(), name=target, progress=progress)
-            try:
-                with session_scope() as s:
-                    register_converted(s, target, manifest,
-                                       origin={"kind": "convert", "source": str(path)})
-            except BaseException:  # e.g. the name was taken meanwhile: no unregistered leftovers
-                shutil.rmtree(image_dir(target), ignore_errors=True)
-                raise
+                register_converted(s, target, manifest, origin={"kind": "convert", "source": str(path)})
+        except BaseException:  # e.g. the name was taken meanwhile: no unregistered leftovers
+            shutil.rmtree(dest_dir / target, ignore_errors=True)
+            raise
     if json_out:
         print_json(manifest)
     else:
-        dest = (out / target) if out is not None else image_dir(target)
         part = manifest["partitions"][0]
-        typer.echo(f"converted {path.name} -> {dest} ({part['filesystem']}, "
-                   f"{human_bytes(part['used_bytes'])} used -> {human_bytes(part['stream_bytes'])} "
-                   f"zstd, {time.monotonic() - started:.1f} s; every CRC checked"
-                   f"{'' if out is not None else f', registered as {target}'})")
+        echo(f"converted {path.name} -> {dest_dir / target} ({part['filesystem']}, "
+             f"{human_bytes(part['used_bytes'])} used -> {human_bytes(part['stream_bytes'])} "
+             f"zstd, {time.monotonic() - started:.1f} s; every CRC checked"
+             f"{'' if out is not None else f', registered as {target}'})")

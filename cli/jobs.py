@@ -1,4 +1,9 @@
-"""Submitting and watching jobs: capture, restore, convert, jobs, job, cancel."""
+"""Submitting and watching jobs: capture, restore, convert, jobs, job, cancel.
+
+Reading jobs (`jobs`, `job N`, the polls of `--wait`) goes through
+models/views.py on the DB-API, so on SQLite these commands start without
+SQLAlchemy; submitting goes through tasks/submit.py (the ORM and Celery).
+"""
 
 from __future__ import annotations
 
@@ -8,25 +13,25 @@ import time
 from typing import Any
 
 import typer
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
-from sqlalchemy import select
 
 from imgfarm.cli.output import (
+    STATE_STYLE,
     console,
+    echo,
     handles_errors,
     human_bytes,
     human_duration,
     json_option,
+    line,
+    plain,
     print_json,
+    say,
     styled_state,
     table,
 )
 from imgfarm.models import states
-from imgfarm.models.db import session_scope
-from imgfarm.models.jobs import get_job, query_jobs
-from imgfarm.models.tables import Job
-from imgfarm.models.views import job_view
-from imgfarm.tasks import submit
+from imgfarm.models.dbapi import reader
+from imgfarm.models.views import list_jobs, read_job, read_jobs
 
 
 def who() -> str:
@@ -38,8 +43,8 @@ def who() -> str:
 
 
 def _views(job_ids: list[int]) -> list[dict[str, Any]]:
-    with session_scope() as s:
-        return [job_view(j) for j in s.scalars(select(Job).where(Job.id.in_(job_ids)).order_by(Job.id))]
+    with reader(bare_sqlite=True) as db:
+        return read_jobs(db, job_ids)
 
 
 MANY = 20  # above this many jobs, --wait shows totals instead of a line per job
@@ -52,6 +57,16 @@ def state_counts(views: list[dict[str, Any]]) -> str:
         counts[v["state"]] = counts.get(v["state"], 0) + 1
     order = [*states.ACTIVE, *states.FINAL]
     return ", ".join(f"{counts[s]} {s}" for s in order if s in counts)
+
+
+def _reason(view: dict[str, Any]) -> str:
+    """The first line of a job's error, as `: text` (or nothing)."""
+    return f": {view['error'].splitlines()[0]}" if view["error"] else ""
+
+
+def _ended_line(view: dict[str, Any], kind: bool = True) -> Any:
+    return line(f"job {view['id']} ", f"{view['kind']} " if kind else "", view["node"] or view["image"], " ",
+                styled_state(view["state"]), _reason(view))
 
 
 def wait_for_jobs(job_ids: list[int], quiet: bool = False, poll: float = 1.0) -> list[dict[str, Any]]:
@@ -70,18 +85,30 @@ def wait_for_jobs(job_ids: list[int], quiet: bool = False, poll: float = 1.0) ->
         while True:
             views = _views(job_ids)
             for v in views:
-                line = v["state"] if many else f"{v['state']} {v['progress']:.0f}%"
-                if not quiet and last.get(v["id"]) != line:
+                text = v["state"] if many else f"{v['state']} {v['progress']:.0f}%"
+                if not quiet and last.get(v["id"]) != text:
                     if not many or (v["state"] in states.FINAL and v["state"] != states.SUCCEEDED):
-                        typer.echo(f"job {v['id']} {v['kind']} {v['node'] or v['image']}: {line}")
-                    last[v["id"]] = line
+                        echo(f"job {v['id']} {v['kind']} {v['node'] or v['image']}: {text}")
+                    last[v["id"]] = text
             if many and not quiet and (counts := state_counts(views)) != last_counts:
-                typer.echo(f"{len(views)} jobs: {counts}")
+                echo(f"{len(views)} jobs: {counts}")
                 last_counts = counts
             if all(v["state"] in states.FINAL for v in views):
                 return views
             time.sleep(poll)
-    with Progress(TextColumn("{task.fields[label]}"), BarColumn(), TaskProgressColumn(),
+    return _draw_progress(job_ids, many, poll)
+
+
+def _draw_progress(job_ids: list[int], many: bool, poll: float) -> list[dict[str, Any]]:
+    """wait_for_jobs on a terminal: live bars. Labels are plain text; states are escaped markup."""
+    # lazy: Rich's progress bars load only for --wait on a terminal
+    from rich.markup import escape
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
+    def state_field(state: str) -> str:
+        return f"[{STATE_STYLE.get(state, 'white')}]{escape(plain(state))}[/]"
+
+    with Progress(TextColumn("{task.fields[label]}", markup=False), BarColumn(), TaskProgressColumn(),
                   TextColumn("{task.fields[state]} {task.fields[extra]}"), console=console) as prog:
         tasks = {}
         views = _views(job_ids)
@@ -89,26 +116,25 @@ def wait_for_jobs(job_ids: list[int], quiet: bool = False, poll: float = 1.0) ->
             total = prog.add_task("", total=100, label=f"{len(views)} jobs", state="", extra="")
         else:
             for v in views:
-                label = f"job {v['id']:>5} {v['kind']:8} {v['node'] or v['image']:12}"
-                tasks[v["id"]] = prog.add_task("", total=100, label=label, state=v["state"], extra="")
+                label = plain(f"job {v['id']:>5} {v['kind']:8} {v['node'] or v['image']:12}")
+                tasks[v["id"]] = prog.add_task("", total=100, label=label, state=state_field(v["state"]),
+                                               extra="")
         told: set[int] = set()
         while True:
             views = _views(job_ids)
             if many:
                 mean = sum(v["progress"] for v in views) / len(views)
                 rate = sum(v["rate"] or 0 for v in views)
-                prog.update(total, completed=mean, state=state_counts(views),
+                prog.update(total, completed=mean, state=escape(state_counts(views)),
                             extra=f"{human_bytes(rate)}/s" if rate else "")
                 for v in views:
                     if v["state"] in states.FINAL and v["state"] != states.SUCCEEDED and v["id"] not in told:
                         told.add(v["id"])
-                        reason = f": {v['error'].splitlines()[0]}" if v["error"] else ""
-                        prog.console.print(f"job {v['id']} {v['node'] or v['image']} "
-                                           f"{styled_state(v['state'])}{reason}", highlight=False)
+                        prog.console.print(_ended_line(v, kind=False), highlight=False)
             else:
                 for v in views:
                     extra = f"{human_bytes(v['rate'])}/s" if v["rate"] else ""
-                    prog.update(tasks[v["id"]], completed=v["progress"], state=styled_state(v["state"]),
+                    prog.update(tasks[v["id"]], completed=v["progress"], state=state_field(v["state"]),
                                 extra=extra)
             if all(v["state"] in states.FINAL for v in views):
                 return views
@@ -121,11 +147,9 @@ def report_and_exit(views: list[dict[str, Any]], json_out: bool) -> None:
     else:
         shown = views if len(views) <= MANY else [v for v in views if v["state"] != states.SUCCEEDED]
         for v in shown:
-            reason = f": {v['error'].splitlines()[0]}" if v["error"] else ""
-            console.print(f"job {v['id']} {v['kind']} {v['node'] or v['image']} "
-                          f"{styled_state(v['state'])}{reason}", highlight=False)
+            console.print(_ended_line(v), highlight=False)
         if len(views) > MANY:
-            console.print(f"{len(views)} jobs: {state_counts(views)}", highlight=False)
+            say(f"{len(views)} jobs: {state_counts(views)}")
     if any(v["state"] != states.SUCCEEDED for v in views):
         raise typer.Exit(1)
 
@@ -134,6 +158,7 @@ DISK_HELP = ("device to image on the node for this job only (default: the node's
              "e.g. /dev/sda1 for a partition image")
 
 
+@handles_errors
 def capture(
     node: str = typer.Argument(..., help="the node whose disk to capture"),
     image: str = typer.Option(..., "--image", "-i", help="name of the new image"),
@@ -144,11 +169,9 @@ def capture(
     json_out: bool = json_option(),
 ) -> None:
     """Capture a node's disk into a new image."""
-    handles_errors(_capture)(node, image, fmt, wait, timeout, disk, json_out)
+    # lazy: Celery loads only for the commands that talk to the broker
+    from imgfarm.tasks import submit
 
-
-def _capture(node: str, image: str, fmt: str, wait: bool, timeout: float, disk: str,
-             json_out: bool) -> None:
     sub = submit.submit_capture(node, image, fmt, submitted_by=who(),
                                 options=submit.job_options(timeout, disk))
     _after_submit(sub.job_ids, {}, wait, json_out)
@@ -161,15 +184,16 @@ def _after_submit(job_ids: list[int], skipped: dict[str, str], wait: bool, json_
             print_json({"job_ids": job_ids, "skipped": skipped, "convert_job_id": (extra or [None])[0]})
         else:
             for n, why in skipped.items():
-                typer.echo(f"skipped {n}: {why}")
-            typer.echo("queued job" + ("s " if len(job_ids) > 1 else " ") + " ".join(map(str, job_ids)))
+                echo(f"skipped {n}: {why}")
+            echo("queued job" + ("s " if len(job_ids) > 1 else " ") + " ".join(map(str, job_ids)))
         return
     for n, why in skipped.items():
-        typer.echo(f"skipped {n}: {why}", err=True)
+        echo(f"skipped {n}: {why}", err=True)
     views = wait_for_jobs((extra or []) + job_ids, quiet=json_out)
     report_and_exit(views, json_out)
 
 
+@handles_errors
 def restore(
     nodes: str = typer.Argument(..., help="node range: lab[001-120], n1,n3, @group, lab[1-9]!lab5"),
     image: str = typer.Option(..., "--image", "-i", help="image to restore"),
@@ -181,17 +205,16 @@ def restore(
     json_out: bool = json_option(),
 ) -> None:
     """Restore an image onto many nodes at once."""
-    handles_errors(_restore)(nodes, image, wait, skip_busy, convert, timeout, disk, json_out)
+    # lazy: Celery loads only for the commands that talk to the broker
+    from imgfarm.tasks import submit
 
-
-def _restore(nodes: str, image: str, wait: bool, skip_busy: bool, convert: bool, timeout: float,
-             disk: str, json_out: bool) -> None:
     sub = submit.submit_restore(nodes, image, submitted_by=who(), skip_busy=skip_busy, convert=convert,
                                 options=submit.job_options(timeout, disk))
     extra = [sub.convert_job_id] if sub.convert_job_id else None
     _after_submit(sub.job_ids, sub.skipped, wait, json_out, extra)
 
 
+@handles_errors
 def convert(
     image: str = typer.Argument(..., help="registered legacy partimage image"),
     name: str = typer.Option("", "--name", help="name of the new image (default IMAGE-ng)"),
@@ -199,16 +222,14 @@ def convert(
     json_out: bool = json_option(),
 ) -> None:
     """Queue a conversion to partimage-ng on the CPU queue (imgfarm.convert)."""
-    handles_errors(_convert)(image, name, wait, json_out)
-
-
-def _convert(image: str, name: str, wait: bool, json_out: bool) -> None:
+    # lazy: Celery loads only for the commands that talk to the broker
     from imgfarm.tasks.convert import submit_convert
 
     job_id = submit_convert(image, name or None, submitted_by=who())
     _after_submit([job_id], {}, wait, json_out)
 
 
+@handles_errors
 def jobs(
     state: str = typer.Option("", "--state", "-s", help="only jobs in this state"),
     node: str = typer.Option("", "--node", "-n", help="only this node's jobs"),
@@ -217,16 +238,12 @@ def jobs(
     json_out: bool = json_option(),
 ) -> None:
     """List jobs, newest first."""
-    handles_errors(_jobs)(state, node, kind, limit, json_out)
-
-
-def _jobs(state: str, node: str, kind: str, limit: int, json_out: bool) -> None:
-    with session_scope() as s:
-        views = [job_view(j) for j in query_jobs(s, state, node, kind, limit)]
+    with reader(bare_sqlite=True) as db:
+        found = list_jobs(db, state, node, kind, limit)
     if json_out:
-        print_json(views)
+        print_json(found)
         return
-    print_jobs_table(views)
+    print_jobs_table(found)
 
 
 def print_jobs_table(views: list[dict[str, Any]], title: str | None = None) -> None:
@@ -236,37 +253,34 @@ def print_jobs_table(views: list[dict[str, Any]], title: str | None = None) -> N
             (v["error"].splitlines() or [""])[0][:60]] for v in views], title=title)
 
 
+@handles_errors
 def job(
     job_id: int = typer.Argument(...),
     follow: bool = typer.Option(False, "--follow", "-f", help="live progress until the job ends"),
     json_out: bool = json_option(),
 ) -> None:
     """One job with its events; --follow shows a live progress bar."""
-    handles_errors(_job)(job_id, follow, json_out)
-
-
-def _job(job_id: int, follow: bool, json_out: bool) -> None:
     if follow:
         wait_for_jobs([job_id], quiet=json_out)
-    with session_scope() as s:
-        view = job_view(get_job(s, job_id), events=True)
+    with reader(bare_sqlite=True) as db:
+        view = read_job(db, job_id)
     if json_out:
         print_json(view)
         return
     for key in ("id", "kind", "node", "image", "format", "state", "progress", "duration", "error",
                 "celery_task_id", "submitted_by"):
-        console.print(f"{key:15} {view[key]}", highlight=False)
+        say(f"{key:15} ", view[key])
     table(["at", "kind", "state", "message"],
           [[e["at"], e["kind"], e["state"], e["message"][:100]] for e in view["events"]], title="events")
     if follow and view["state"] != states.SUCCEEDED:
         raise typer.Exit(1)
 
 
+@handles_errors
 def cancel(job_id: int = typer.Argument(...)) -> None:
     """Cancel a job: it ends as cancelled and its node goes back to local boot."""
-    handles_errors(_cancel)(job_id)
+    # lazy: Celery loads only for the commands that talk to the broker
+    from imgfarm.tasks import submit
 
-
-def _cancel(job_id: int) -> None:
     was = submit.request_cancel(job_id)
-    typer.echo(f"cancel requested for job {job_id} (was {was})")
+    echo(f"cancel requested for job {job_id} (was {was})")

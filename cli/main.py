@@ -2,14 +2,24 @@
 
 This is the only module family that imports typer and rich. Every listing
 has --json; every error names the bad input and exits non-zero (2 bad input,
-3 not found, 4 conflict, 6 bad image, 7 driver failure).
+3 not found, 4 conflict, 6 bad image, 7 driver failure, 8 database or broker
+unusable).
+
+Start-up time is part of the interface: scripts call this CLI in loops and
+windows call it from cron, so building the command tree must stay close to
+the cost of importing typer and rich (bench/cli_start.py measures it). The
+command modules therefore import only typer, Rich's console and the farm's
+stdlib-only modules at the top; SQLAlchemy, Celery, the settings, the image
+formats and the servers are imported inside the command that needs them, each
+import marked `# lazy:`. tests/test_cli_start.py checks that importing this
+module loads none of them.
 """
 
 from __future__ import annotations
 
 import typer
 
-from imgfarm.cli import images, jobs, nodes, services
+from imgfarm.cli import images, jobs, nodes, services, windows
 
 app = typer.Typer(
     name="imgfarm",
@@ -34,13 +44,7 @@ app.command("beat")(services.beat)
 app.command("api")(services.api)
 app.command("flower")(services.flower)
 app.command("reconcile")(services.reconcile)
-
-try:
-    from imgfarm.cli import windows
-
-    app.add_typer(windows.app, name="window")
-except ImportError:
-    pass
+app.add_typer(windows.app, name="window")
 
 
 def main() -> None:

@@ -7,22 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from sqlalchemy import select
 
-from imgfarm.cli.output import handles_errors, json_option, print_json, table
-from imgfarm.errors import InvalidInput
-from imgfarm.models import states
-from imgfarm.models.db import session_scope
-from imgfarm.models.nodes import (
-    add_node,
-    ensure_groups,
-    get_node,
-    node_info,
-    normalize_mac,
-    set_admin_state,
-    validate_drivers,
-)
-from imgfarm.models.tables import Job, Node, NodeEvent
+from imgfarm.cli.output import echo, handles_errors, json_option, print_json, table
+from imgfarm.errors import ImgfarmError, InvalidInput
 from imgfarm.models.views import node_view
 
 app = typer.Typer(help="Add, change and list nodes.", no_args_is_help=True)
@@ -54,14 +41,17 @@ def add(
     json_out: bool = typer.Option(False, "--json", help="print the node as JSON"),
 ) -> None:
     """Add a node; its driver settings are checked now, not when a job runs."""
+    # lazy: SQLAlchemy loads only for the commands that use the job database
     from imgfarm.config.settings import get_settings
+    from imgfarm.models.db import session_scope
+    from imgfarm.models.nodes import add_node
 
     settings = get_settings()
     with session_scope() as s:
         node = add_node(s, name, mac, ip, group, boot or settings.default_boot_driver,
                         power or settings.default_power_driver, disk, parse_sets(set_))
         view = node_view(node)
-    print_json(view) if json_out else typer.echo(f"added node {name} ({view['boot_driver']}/{view['power_driver']})")
+    print_json(view) if json_out else echo(f"added node {name} ({view['boot_driver']}/{view['power_driver']})")
 
 
 @app.command("set")
@@ -79,6 +69,18 @@ def set_node(
     state: str | None = typer.Option(None, help="available, reserved or maintenance"),
 ) -> None:
     """Change a node: drivers, settings, groups, admin state (validated before saving)."""
+    # lazy: SQLAlchemy loads only for the commands that use the job database
+    from imgfarm.models.db import session_scope
+    from imgfarm.models.nodes import (
+        ensure_groups,
+        get_node,
+        node_info,
+        normalize_mac,
+        set_admin_state,
+        validate_drivers,
+    )
+    from imgfarm.models.tables import NodeEvent
+
     with session_scope() as s:
         node = get_node(s, name)
         if mac is not None:
@@ -102,16 +104,19 @@ def set_node(
             set_admin_state(node, state)
         validate_drivers(node_info(node))
         s.add(NodeEvent(node_id=node.id, kind="changed", message="node settings changed"))
-    typer.echo(f"updated node {name}")
+    echo(f"updated node {name}")
 
 
 @app.command("list")
 @handles_errors
 def list_nodes(json_out: bool = json_option()) -> None:
     """List nodes with their drivers, state and active job."""
+    # lazy: SQLAlchemy loads only for the commands that use the job database
+    from imgfarm.models.db import session_scope
+    from imgfarm.models.nodes import node_views
+
     with session_scope() as s:
-        active = dict(s.execute(select(Job.node_id, Job.id).where(Job.state.in_(states.ACTIVE))).all())
-        views = [node_view(n, active.get(n.id)) for n in s.scalars(select(Node).order_by(Node.name))]
+        views = node_views(s)
     if json_out:
         print_json(views)
         return
@@ -124,28 +129,30 @@ def list_nodes(json_out: bool = json_option()) -> None:
 @handles_errors
 def show(name: str, json_out: bool = json_option()) -> None:
     """Everything about one node."""
+    # lazy: SQLAlchemy loads only for the commands that use the job database
+    from imgfarm.models.db import session_scope
+    from imgfarm.models.nodes import get_node
+
     with session_scope() as s:
         view = node_view(get_node(s, name))
     if json_out:
         print_json(view)
     else:
         for k, v in view.items():
-            typer.echo(f"{k:13} {v}")
+            echo(f"{k:13} {v}")
 
 
 @app.command("remove")
 @handles_errors
 def remove(name: str) -> None:
     """Remove a node that has no active job."""
-    from imgfarm.errors import Conflict
+    # lazy: SQLAlchemy loads only for the commands that use the job database
+    from imgfarm.models.db import session_scope
+    from imgfarm.models.nodes import remove_node
 
     with session_scope() as s:
-        node = get_node(s, name)
-        busy = s.scalar(select(Job.id).where(Job.node_id == node.id, Job.state.in_(states.ACTIVE)))
-        if busy:
-            raise Conflict(f"node {name} has active job {busy}", hint=f"`imgfarm cancel {busy}` first")
-        s.delete(node)
-    typer.echo(f"removed node {name}")
+        remove_node(s, name)
+    echo(f"removed node {name}")
 
 
 @app.command("import")
@@ -159,7 +166,10 @@ def import_csv(
     Columns: name (required), mac, ip, groups (separated by ';' or spaces),
     boot, power, disk; any other column becomes a driver setting.
     """
+    # lazy: SQLAlchemy loads only for the commands that use the job database
     from imgfarm.config.settings import get_settings
+    from imgfarm.models.db import session_scope
+    from imgfarm.models.nodes import add_node
 
     settings = get_settings()
     if not path.is_file():
@@ -179,13 +189,7 @@ def import_csv(
                          [g for g in row.get("groups", "").replace(";", " ").split() if g],
                          row.get("boot") or settings.default_boot_driver,
                          row.get("power") or settings.default_power_driver, row.get("disk", ""), extra)
-            except InvalidInput as exc:
+            except ImgfarmError as exc:
                 raise type(exc)(f"{path}:{lineno}: {exc.message}", exc.hint) from exc
-            except Exception as exc:
-                from imgfarm.errors import ImgfarmError
-
-                if isinstance(exc, ImgfarmError):
-                    raise type(exc)(f"{path}:{lineno}: {exc.message}", exc.hint) from exc
-                raise
             added.append(row["name"])
-    print_json({"added": added}) if json_out else typer.echo(f"added {len(added)} nodes")
+    print_json({"added": added}) if json_out else echo(f"added {len(added)} nodes")

@@ -1,24 +1,82 @@
-"""Output helpers for the CLI: tables for people, --json for scripts, errors with exit codes."""
+"""Output helpers for the CLI: tables for people, --json for scripts, errors with exit codes.
+
+Everything the CLI prints that came from outside it (agent error texts, node
+and image names, job messages, image headers, error messages that quote the
+input) goes out as plain text: never parsed as Rich markup (`disk gone [/]`
+is a message, not a closing tag), with control characters shown escaped
+(`\\x1b[2J` cannot clear the operator's screen). `plain()` does the
+escaping; `line()`, `echo()`, `table()` and `styled_state()` use it, so a
+command that prints through them cannot get it wrong.
+
+This module is imported by every command, so it imports only typer and Rich's
+console: see cli/main.py on start-up time.
+"""
 
 from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.table import Table
-from sqlalchemy.exc import DBAPIError
+from rich.text import Text
 
 from imgfarm.errors import ImgfarmError
+from imgfarm.models.dbapi import explain_db_error
 from imgfarm.units import format_bytes
 
 console = Console()
 err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+
+# C0 and C1 control characters, DEL, and the Unicode line separators and
+# bidirectional overrides that can make a terminal show something else than
+# the text (ESC sequences, "trojan source" reordering).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+_NAMED = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _NAMED.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def plain(value: Any) -> str:
+    """`value` as text for a terminal: control characters written as escapes (`\\x1b`, `\\n`).
+
+    Why: job errors, event messages and image headers come from agents and
+    files, and a raw escape sequence in them would be executed by the
+    operator's terminal. The result is one line; markup is not involved (see
+    line()).
+    """
+    text = str(value)
+    return _CONTROL.sub(_escape, text) if _CONTROL.search(text) else text
+
+
+def line(*parts: Any) -> Text:
+    """One line to print with Rich, never parsed as markup: str parts go through plain(),
+    Text parts keep their style (see styled_state)."""
+    out = Text()
+    for part in parts:
+        out.append(part if isinstance(part, Text) else plain(part))
+    return out
+
+
+def say(*parts: Any) -> None:
+    """Print line(*parts) on stdout."""
+    console.print(line(*parts), highlight=False)
+
+
+def echo(text: Any = "", err: bool = False) -> None:
+    """typer.echo of one line, through plain(): for lines that quote names, messages or paths."""
+    typer.echo(plain(text), err=err)
 
 
 def json_option() -> Any:
@@ -42,15 +100,19 @@ def human_duration(seconds: float | None) -> str:
 
 
 def print_json(data: Any) -> None:
+    """JSON on stdout; json.dumps escapes every control character itself."""
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def table(columns: Iterable[str], rows: Iterable[Iterable[Any]], title: str | None = None) -> None:
+    """A table of plain-text cells (Text cells keep their style)."""
+    from rich.table import Table  # lazy: loads only for the commands that draw a table
+
     t = Table(title=title, header_style="bold")
     for c in columns:
         t.add_column(c)
     for r in rows:
-        t.add_row(*[("" if v is None else str(v)) for v in r])
+        t.add_row(*[v if isinstance(v, Text) else Text("" if v is None else plain(v)) for v in r])
     console.print(t)
 
 
@@ -60,19 +122,25 @@ STATE_STYLE = {
 }
 
 
-def styled_state(state: str) -> str:
-    return f"[{STATE_STYLE.get(state, 'white')}]{state}[/]"
+def styled_state(state: str) -> Text:
+    """A job state in its colour, as Text (never markup)."""
+    return Text(plain(state), style=STATE_STYLE.get(state, "white"))
 
 
 def _fail(exc: ImgfarmError) -> None:
-    err_console.print(f"[red]error:[/] {exc.message}", highlight=False)
+    err_console.print(line(Text("error:", style="red"), " ", exc.message), highlight=False)
     if exc.hint:
-        err_console.print(f"  hint: {exc.hint}", highlight=False)
+        err_console.print(line("  hint: ", exc.hint), highlight=False)
     raise typer.Exit(exc.exit_code) from None
 
 
 def handles_errors(fn: F) -> F:
-    """Turn farm errors into one red line (and its hint) and the error's exit code."""
+    """Turn farm errors into one red line (and its hint) and the error's exit code.
+
+    Database errors an operator can fix (no tables yet, server unreachable)
+    become farm errors too; they come from SQLAlchemy or, on the read paths
+    that do without it, from the DB-API module itself (see models/dbapi.py).
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -80,9 +148,7 @@ def handles_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except ImgfarmError as exc:
             _fail(exc)
-        except DBAPIError as exc:
-            from imgfarm.models.db import explain_db_error
-
+        except Exception as exc:
             farm_error = explain_db_error(exc)
             if farm_error is None:
                 raise

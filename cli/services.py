@@ -7,9 +7,7 @@ import sys
 
 import typer
 
-from imgfarm.cli.output import handles_errors, json_option, print_json
-from imgfarm.config.celery import CPU_QUEUE, JOB_QUEUE
-from imgfarm.config.settings import get_settings
+from imgfarm.cli.output import echo, handles_errors, json_option, print_json
 
 db_app = typer.Typer(help="The job database.", no_args_is_help=True)
 
@@ -18,6 +16,7 @@ db_app = typer.Typer(help="The job database.", no_args_is_help=True)
 @handles_errors
 def db_upgrade() -> None:
     """Create or migrate the job database to the current schema."""
+    # lazy: Alembic and SQLAlchemy load only for `imgfarm db`
     from imgfarm.models.migrate import current, upgrade
 
     upgrade()
@@ -27,6 +26,7 @@ def db_upgrade() -> None:
 @db_app.command("revision")
 def db_revision(message: str = typer.Option(..., "-m")) -> None:
     """(Developers) autogenerate a migration from the models."""
+    # lazy: Alembic and SQLAlchemy load only for `imgfarm db`
     from imgfarm.models.migrate import revision
 
     revision(message)
@@ -39,6 +39,10 @@ def worker(
     hostname: str = typer.Option("", help="celery node name"),
 ) -> None:
     """Start a Celery worker: job tasks in a threads pool (one thread per waiting job)."""
+    # lazy: Celery's configuration (kombu) and the settings load only for `imgfarm worker`
+    from imgfarm.config.celery import CPU_QUEUE, JOB_QUEUE
+    from imgfarm.config.settings import get_settings
+
     settings = get_settings()
     args = ["celery", "-A", "imgfarm.worker.app", "worker", "-E", f"--loglevel={loglevel}"]
     if cpu:
@@ -52,6 +56,9 @@ def worker(
 
 def beat(loglevel: str = typer.Option("INFO")) -> None:
     """Start celery beat: the reconciler and the window tick (run exactly one)."""
+    # lazy: the settings (pydantic) load only for the commands that need them
+    from imgfarm.config.settings import get_settings
+
     settings = get_settings()
     schedule = settings.data_dir / "celerybeat-schedule"
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -62,7 +69,11 @@ def beat(loglevel: str = typer.Option("INFO")) -> None:
 def api(host: str = typer.Option("", help="bind address (default: settings)"),
         port: int = typer.Option(0, help="port (default: settings)")) -> None:
     """Start the HTTP API (operators and agents)."""
+    # lazy: uvicorn loads only for `imgfarm api`
     import uvicorn
+
+    # lazy: the settings (pydantic) load only for the commands that need them
+    from imgfarm.config.settings import get_settings
 
     settings = get_settings()
     uvicorn.run("imgfarm.api.app:app", host=host or settings.api_host, port=port or settings.api_port,
@@ -76,10 +87,12 @@ def flower(port: int = typer.Option(5555), address: str = typer.Option("127.0.0.
                                f"--port={port}", f"--address={address}"])
 
 
+@handles_errors
 def reconcile(json_out: bool = json_option()) -> None:
     """Run one reconcile pass now (resume orphaned jobs, end stuck ones)."""
+    # lazy: Celery loads only for the commands that talk to the broker
     from imgfarm.tasks.reconcile import reconcile_once
 
     out = reconcile_once()
-    print_json(out) if json_out else typer.echo(
+    print_json(out) if json_out else echo(
         f"resumed {out['resumed'] or 'none'}, ended {out['ended'] or 'none'}")

@@ -11,19 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import typer
-from sqlalchemy import select
 
-from imgfarm.cli.output import handles_errors, json_option, print_json, table
-from imgfarm.models.db import session_scope
-from imgfarm.models.windows import (
-    ON_CLOSE_FINISH,
-    Window,
-    WindowRun,
-    add_window,
-    get_window,
-    run_view,
-    window_view,
-)
+from imgfarm.cli.output import echo, handles_errors, json_option, print_json, table
+from imgfarm.models.states import ON_CLOSE_FINISH
 
 app = typer.Typer(help="Scheduled bulk reimaging windows (run by `imgfarm beat`).",
                   no_args_is_help=True)
@@ -50,6 +40,10 @@ def add(
     json_out: bool = json_option(),
 ) -> None:
     """Add a window, e.g. `window add lab1 --cron '0 2 * * 6' --duration 240 -g lab1 -i base`."""
+    # lazy: SQLAlchemy loads only for the commands that use the job database
+    from imgfarm.models.db import session_scope
+    from imgfarm.models.windows import add_window, window_view
+
     with session_scope() as s:
         window = add_window(s, name, cron, duration, image, nodes=nodes, groups=group,
                             timezone=tz, convert=convert, max_concurrent=max_concurrent,
@@ -59,16 +53,20 @@ def add(
     if json_out:
         print_json(view)
     else:
-        typer.echo(f"added window {name}: {view['cron']} ({view['timezone']}), next opens "
-                   f"{view['next_open'] or 'never (disabled)'}")
+        echo(f"added window {name}: {view['cron']} ({view['timezone']}), next opens "
+             f"{view['next_open'] or 'never (disabled)'}")
 
 
 @app.command("list")
 @handles_errors
 def list_(json_out: bool = json_option()) -> None:
     """List windows with their schedule, cap and next opening."""
+    # lazy: SQLAlchemy loads only for the commands that use the job database
+    from imgfarm.models.db import session_scope
+    from imgfarm.models.windows import window_views
+
     with session_scope() as s:
-        views = [window_view(x) for x in s.scalars(select(Window).order_by(Window.name))]
+        views = window_views(s)
     if json_out:
         print_json(views)
         return
@@ -88,36 +86,38 @@ def show(
     json_out: bool = json_option(),
 ) -> None:
     """Show a window; with --runs, its recent runs node by node."""
+    # lazy: SQLAlchemy loads only for the commands that use the job database
+    from imgfarm.models.db import session_scope
+    from imgfarm.models.windows import window_detail
+
     with session_scope() as s:
-        window = get_window(s, name)
-        view: dict[str, Any] = window_view(window)
-        if runs:
-            q = (select(WindowRun).where(WindowRun.window_id == window.id)
-                 .order_by(WindowRun.id.desc()).limit(limit))
-            view["runs"] = [run_view(r) for r in s.scalars(q)]
+        view: dict[str, Any] = window_detail(s, name, runs=runs, limit=limit)
     if json_out:
         print_json(view)
         return
     for key in ("name", "cron", "timezone", "duration_minutes", "target", "image", "convert",
                 "max_concurrent", "store_cap", "on_close", "max_retries", "enabled", "next_open"):
-        typer.echo(f"{key:>17}: {view[key]}")
+        echo(f"{key:>17}: {view[key]}")
     for run in view.get("runs", []):
         counts = ", ".join(f"{k} {v}" for k, v in run["counts"].items() if v)
-        typer.echo(f"\nrun {run['id']} ({run['trigger']}) {run['state']}: opened "
-                   f"{run['opened_at']}, closes {run['closes_at']}; {counts}")
+        echo()
+        echo(f"run {run['id']} ({run['trigger']}) {run['state']}: opened "
+             f"{run['opened_at']}, closes {run['closes_at']}; {counts}")
         if run["message"]:
-            typer.echo(f"  {run['message']}")
+            echo(f"  {run['message']}")
         table(["node", "status", "attempts", "job", "reason"],
               [[n["node"], n["status"], n["attempts"], n["last_job_id"], n["reason"]]
                for n in run["nodes"]])
 
 
 def _set_enabled(name: str, enabled: bool, json_out: bool) -> None:
+    # lazy: SQLAlchemy loads only for the commands that use the job database
+    from imgfarm.models.db import session_scope
+    from imgfarm.models.windows import set_enabled
+
     with session_scope() as s:
-        window = get_window(s, name)
-        window.enabled = enabled
-        view = window_view(window)
-    print_json(view) if json_out else typer.echo(
+        view = set_enabled(s, name, enabled)
+    print_json(view) if json_out else echo(
         f"window {name} {'enabled' if enabled else 'disabled'}")
 
 
@@ -139,29 +139,27 @@ def disable(name: str, json_out: bool = json_option()) -> None:
 @handles_errors
 def remove(name: str, json_out: bool = json_option()) -> None:
     """Remove a window and its run history (jobs stay in the job database)."""
-    from imgfarm.errors import Conflict
-    from imgfarm.models.windows import RUN_CLOSED
+    # lazy: SQLAlchemy loads only for the commands that use the job database
+    from imgfarm.models.db import session_scope
+    from imgfarm.models.windows import remove_window
 
     with session_scope() as s:
-        window = get_window(s, name)
-        if any(r.state != RUN_CLOSED for r in window.runs):
-            raise Conflict(f"window {name} has a run in progress",
-                           hint=f"`imgfarm window disable {name}` and wait for it to close")
-        s.delete(window)
-    print_json({"removed": name}) if json_out else typer.echo(f"removed window {name}")
+        remove_window(s, name)
+    print_json({"removed": name}) if json_out else echo(f"removed window {name}")
 
 
 @app.command("run-now")
 @handles_errors
 def run_now(name: str, json_out: bool = json_option()) -> None:
     """Open a window now for its duration (outside its schedule) and start its first jobs."""
+    # lazy: Celery loads only for the commands that talk to the broker
     from imgfarm.tasks.window_runner import run_now as _run_now
 
     out = _run_now(name)
     if json_out:
         print_json(out)
         return
-    typer.echo(f"window {name} opened as run {out['run_id']}; started "
-               f"{', '.join(f'{n} (job {j})' for n, j in out['submitted'].items()) or 'nothing'}")
+    echo(f"window {name} opened as run {out['run_id']}; started "
+         f"{', '.join(f'{n} (job {j})' for n, j in out['submitted'].items()) or 'nothing'}")
     for node, why in out["skipped"].items():
-        typer.echo(f"  skipped {node}: {why}")
+        echo(f"  skipped {node}: {why}")

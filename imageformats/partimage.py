@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imgfarm.errors import ImageError
+from imgfarm.errors import ImageError, NotFound
 
 try:  # audioop gives a C-speed exact byte sum (see _ByteSum); gone in Python 3.13
     import warnings
@@ -296,6 +296,17 @@ def volume_paths(path: str | os.PathLike[str]) -> tuple[Path, Path, str]:
     if not p.exists() and p.with_name(p.name + ".000").exists():
         return p.with_name(p.name + ".000"), p, p.name
     return p, p, p.name
+
+
+def legacy_first_volume(directory: Path) -> Path:
+    """The NAME.000 (or the single unsplit file) of a directory holding one legacy image."""
+    vols = sorted(directory.glob("*.000"))
+    if vols:
+        return vols[0]
+    files = [p for p in directory.iterdir() if p.is_file()]
+    if len(files) == 1:
+        return files[0]
+    raise NotFound(f"no partimage volume (NAME.000) in {directory}")
 
 
 def _volume_path(first: Path, base: Path, n: int) -> Path:

@@ -15,11 +15,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, exc, make_url
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from imgfarm.config.settings import get_settings
-from imgfarm.errors import ServiceUnavailable
 
 _engines: dict[str, Engine] = {}
 _makers: dict[str, sessionmaker[Session]] = {}
@@ -99,30 +98,3 @@ def dispose_all(close: bool = True) -> None:
             engine.dispose(close=close)
         _engines.clear()
         _makers.clear()
-
-
-def explain_db_error(error: exc.DBAPIError, url: str | None = None) -> ServiceUnavailable | None:
-    """A database failure an operator can fix, as a farm error (None for anything else).
-
-    Why: a fresh or older database and an unreachable server are the two
-    failures people meet first; a SQLAlchemy traceback names neither the
-    setting nor the command that fixes them.
-    """
-    shown = make_url(url or get_settings().database_url).render_as_string(hide_password=True)
-    detail = str(error.orig or error).strip()
-    text = detail.lower()
-    missing_table = (  # SQLite's message; PostgreSQL's SQLSTATE 42P01 undefined_table
-        "no such table" in text or getattr(error.orig, "sqlstate", None) == "42P01")
-    if missing_table:
-        return ServiceUnavailable(
-            f"the job database {shown} has no imgfarm tables, or older ones",
-            hint="run `imgfarm db upgrade` (creates or migrates the schema; data is kept)")
-    if isinstance(error, exc.OperationalError) and not error.connection_invalidated:
-        if "locked" in text:
-            return None
-        first = detail.splitlines()[0] if detail else ""
-        return ServiceUnavailable(
-            f"cannot use the job database {shown}: {first}",
-            hint="check IMGFARM_DATABASE_URL, and that the database server runs and "
-                 "accepts this user")
-    return None

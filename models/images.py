@@ -8,7 +8,6 @@ checked strictly, so no name can point outside the store (`../x`).
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -17,20 +16,13 @@ from sqlalchemy.orm import Session
 
 from imgfarm.config.settings import get_settings
 from imgfarm.errors import Conflict, InvalidInput, NotFound
+from imgfarm.models import states
+from imgfarm.models.names import check_image_name
 from imgfarm.models.states import FORMATS
-from imgfarm.models.tables import Image
+from imgfarm.models.tables import Image, Job
+from imgfarm.models.views import image_view
 
-IMAGE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 INCOMING = ".incoming"
-
-
-def check_image_name(name: str) -> str:
-    if not IMAGE_NAME_RE.match(name or "") or ".." in name:
-        raise InvalidInput(
-            f"bad image name {name!r}",
-            hint="use letters, digits, '.', '_', '+' and '-' (no '/', no '..'), at most 128",
-        )
-    return name
 
 
 def check_format(fmt: str) -> str:
@@ -59,6 +51,11 @@ def get_image(session: Session, name: str) -> Image:
     if image is None:
         raise NotFound(f"image {name!r} not found", hint="see `imgfarm image list`")
     return image
+
+
+def image_views(session: Session) -> list[dict[str, Any]]:
+    """Every registered image by name: `imgfarm image list` and GET /api/v1/images."""
+    return [image_view(i) for i in session.scalars(select(Image).order_by(Image.name))]
 
 
 def find_image(session: Session, name: str) -> Image | None:
@@ -113,12 +110,12 @@ def register_converted(session: Session, name: str, manifest: dict[str, Any],
         source_job_id=source_job_id)
 
 
-def legacy_first_volume(directory: Path) -> Path:
-    """The NAME.000 (or single unsplit file) of a legacy image directory."""
-    vols = sorted(directory.glob("*.000"))
-    if vols:
-        return vols[0]
-    files = [p for p in directory.iterdir() if p.is_file()]
-    if len(files) == 1:
-        return files[0]
-    raise NotFound(f"no partimage volume (NAME.000) in {directory}")
+def unregister_image(session: Session, name: str) -> Path:
+    """Unregister an image that no active job uses; returns its directory in the store
+    (left in place: the caller removes it after the commit)."""
+    image = get_image(session, name)
+    busy = session.scalar(select(Job.id).where(Job.image_name == name, Job.state.in_(states.ACTIVE)))
+    if busy:
+        raise Conflict(f"image {name!r} is in use by job {busy}", hint=f"wait, or `imgfarm cancel {busy}`")
+    session.delete(image)
+    return store_root() / image.location

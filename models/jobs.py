@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, update
 from sqlalchemy.orm import Session
 
-from imgfarm.errors import NotFound
 from imgfarm.models import states
 from imgfarm.models.tables import Job, JobEvent, utcnow
+from imgfarm.models.views import unknown_job
 
 
 def hash_token(token: str) -> str:
@@ -25,7 +25,7 @@ def hash_token(token: str) -> str:
 def get_job(session: Session, job_id: int) -> Job:
     job = session.get(Job, job_id, populate_existing=True)
     if job is None:
-        raise NotFound(f"job {job_id} not found", hint="list jobs with `imgfarm jobs`")
+        raise unknown_job(job_id)
     return job
 
 
@@ -87,24 +87,3 @@ def begin_finalizing(
         data=data,
         **fields,
     )
-
-
-def query_jobs(
-    session: Session, state: str = "", node: str = "", kind: str = "", limit: int = 200
-) -> list[Job]:
-    """Jobs newest first, filtered; one query for the CLI and the API alike."""
-    from imgfarm.errors import InvalidInput
-    from imgfarm.models.nodes import get_node
-
-    if state and state not in states.ALL:
-        raise InvalidInput(f"unknown state {state!r}", hint=f"one of {', '.join(states.ALL)}")
-    if kind and kind not in states.KINDS:
-        raise InvalidInput(f"unknown job kind {kind!r}", hint=f"one of {', '.join(states.KINDS)}")
-    q = select(Job).order_by(Job.id.desc()).limit(limit)
-    if state:
-        q = q.where(Job.state == state)
-    if kind:
-        q = q.where(Job.kind == kind)
-    if node:
-        q = q.where(Job.node_id == get_node(session, node).id)
-    return list(session.scalars(q))

@@ -19,7 +19,8 @@ from sqlalchemy.orm import Session
 from imgfarm.drivers.base import NodeInfo
 from imgfarm.errors import Conflict, InvalidInput, NodeRangeError, NotFound
 from imgfarm.models import states
-from imgfarm.models.tables import Group, Node
+from imgfarm.models.tables import Group, Job, Node
+from imgfarm.models.views import node_view, unknown_node
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
@@ -89,8 +90,14 @@ def resolve_nodes(session: Session, expr: str) -> list[Node]:
 def get_node(session: Session, name: str) -> Node:
     node = session.scalar(select(Node).where(Node.name == name))
     if node is None:
-        raise NotFound(f"unknown node {name!r}", hint="see `imgfarm node list`")
+        raise unknown_node(name)
     return node
+
+
+def node_views(session: Session) -> list[dict[str, Any]]:
+    """Every node by name with its active job: `imgfarm node list` and GET /api/v1/nodes."""
+    active = dict(session.execute(select(Job.node_id, Job.id).where(Job.state.in_(states.ACTIVE))).all())
+    return [node_view(n, active.get(n.id)) for n in session.scalars(select(Node).order_by(Node.name))]
 
 
 def ensure_groups(session: Session, names: list[str]) -> list[Group]:
@@ -162,3 +169,12 @@ def set_admin_state(node: Node, state: str) -> None:
             f"bad node state {state!r}", hint=f"one of {', '.join(states.NODE_ADMIN_STATES)}"
         )
     node.admin_state = state
+
+
+def remove_node(session: Session, name: str) -> None:
+    """Delete a node that has no active job."""
+    node = get_node(session, name)
+    busy = session.scalar(select(Job.id).where(Job.node_id == node.id, Job.state.in_(states.ACTIVE)))
+    if busy:
+        raise Conflict(f"node {name} has active job {busy}", hint=f"`imgfarm cancel {busy}` first")
+    session.delete(node)

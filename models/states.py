@@ -34,6 +34,11 @@ NODE_RESERVED = "reserved"
 NODE_MAINTENANCE = "maintenance"
 NODE_ADMIN_STATES = (NODE_AVAILABLE, NODE_RESERVED, NODE_MAINTENANCE)
 
+# What a bulk window does with its jobs still running when it closes.
+ON_CLOSE_FINISH = "finish"  # let them finish; start nothing new
+ON_CLOSE_CANCEL = "cancel"  # cancel them (the node is put back to local boot)
+ON_CLOSE = (ON_CLOSE_FINISH, ON_CLOSE_CANCEL)
+
 KINDS = ("capture", "restore", "convert")
 FORMATS = ("partimage-ng", "partimage")
 

@@ -156,13 +156,6 @@ class Job(Base):
     def node_name(self) -> str:
         return self.node.name if self.node else ""
 
-    @property
-    def duration(self) -> float | None:
-        if not self.started_at:
-            return None
-        end = self.finished_at or utcnow()
-        return (end - self.started_at).total_seconds()
-
 
 class JobEvent(Base):
     __tablename__ = "job_events"

@@ -14,15 +14,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Boolean, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import Boolean, ForeignKey, Integer, String, Text, UniqueConstraint, select
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
+from imgfarm.errors import Conflict
+from imgfarm.models.states import ON_CLOSE, ON_CLOSE_FINISH
 from imgfarm.models.tables import Base, utcnow
-
-# What happens to jobs still running when a window closes.
-ON_CLOSE_FINISH = "finish"  # let them finish; start nothing new
-ON_CLOSE_CANCEL = "cancel"  # cancel them (the node is put back to local boot)
-ON_CLOSE = (ON_CLOSE_FINISH, ON_CLOSE_CANCEL)
 
 # WindowRun.state
 RUN_OPEN = "open"  # inside the window: jobs are being started
@@ -260,3 +257,35 @@ def run_view(run: WindowRun, nodes: bool = True) -> dict[str, Any]:
         out["nodes"] = [{"node": rn.node_name, "status": rn.status, "attempts": rn.attempts,
                          "last_job_id": rn.last_job_id, "reason": rn.reason} for rn in run.nodes]
     return out
+
+
+def window_views(session: Any) -> list[dict[str, Any]]:
+    """Every window by name: `imgfarm window list` and GET /api/v1/windows."""
+    return [window_view(w) for w in session.scalars(select(Window).order_by(Window.name))]
+
+
+def window_detail(session: Any, name: str, runs: bool = False, limit: int = 10) -> dict[str, Any]:
+    """A window's view; with runs, its `limit` latest runs node by node (newest first)."""
+    window = get_window(session, name)
+    view = window_view(window)
+    if runs:
+        q = (select(WindowRun).where(WindowRun.window_id == window.id)
+             .order_by(WindowRun.id.desc()).limit(limit))
+        view["runs"] = [run_view(r) for r in session.scalars(q)]
+    return view
+
+
+def set_enabled(session: Any, name: str, enabled: bool) -> dict[str, Any]:
+    """Enable or disable a window; a disabled one opens no more and its open run starts no jobs."""
+    window = get_window(session, name)
+    window.enabled = enabled
+    return window_view(window)
+
+
+def remove_window(session: Any, name: str) -> None:
+    """Remove a window and its run history (its jobs stay); refused while a run is not closed."""
+    window = get_window(session, name)
+    if any(r.state != RUN_CLOSED for r in window.runs):
+        raise Conflict(f"window {name} has a run in progress",
+                       hint=f"`imgfarm window disable {name}` and wait for it to close")
+    session.delete(window)

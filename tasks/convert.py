@@ -19,17 +19,17 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from imgfarm.errors import Conflict, ImgfarmError, InvalidInput
+from imgfarm.imageformats.partimage import legacy_first_volume
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
 from imgfarm.models.images import (
-    check_image_name,
     find_image,
     get_image,
-    legacy_first_volume,
     register_converted,
     store_root,
 )
 from imgfarm.models.jobs import add_event, begin_finalizing, get_job, transition
+from imgfarm.models.names import check_image_name
 from imgfarm.models.tables import Job, utcnow
 from imgfarm.tasks.lifecycle import JobEnded
 from imgfarm.worker.app import app

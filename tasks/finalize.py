@@ -62,7 +62,7 @@ def _verify_capture(job_id: int, name: str, fmt: str, result: dict[str, Any]) ->
             if reported.get(part["file"]) != part.get("sha256"):
                 raise ImgfarmError(f"manifest sha256 of {part['file']} differs from the agent's")
     from imgfarm.imageformats import ng
-    from imgfarm.models.images import legacy_first_volume
+    from imgfarm.imageformats.partimage import legacy_first_volume
 
     ng.verify_image(src if fmt == "partimage-ng" else legacy_first_volume(src))
     return {"size_bytes": size, "checksums": reported, "manifest": manifest}

@@ -20,8 +20,9 @@ from sqlalchemy.orm import Session
 from imgfarm.errors import Conflict, InvalidInput, ServiceUnavailable
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
-from imgfarm.models.images import check_format, check_image_name, find_image, get_image
+from imgfarm.models.images import check_format, find_image, get_image
 from imgfarm.models.jobs import add_event
+from imgfarm.models.names import check_image_name
 from imgfarm.models.nodes import get_node, resolve_nodes
 from imgfarm.models.tables import Job, JobEvent, Node, utcnow
 

@@ -171,7 +171,7 @@ def _sync_node(s: Session, run: WindowRun, rn: WindowRunNode, now: datetime) -> 
 
 def _close(s: Session, run: WindowRun, now: datetime, cancels: list[int]) -> None:
     """The window has ended: nothing new; cancel what has not started (all, on_close=cancel)."""
-    policy = run.window.on_close if run.window else w.ON_CLOSE_FINISH
+    policy = run.window.on_close if run.window else states.ON_CLOSE_FINISH
     for rn in run.nodes:
         if rn.status == w.NODE_PENDING:
             rn.status = w.NODE_NOT_REACHED
@@ -181,7 +181,7 @@ def _close(s: Session, run: WindowRun, now: datetime, cancels: list[int]) -> Non
             if job is None or job.state not in states.ACTIVE:
                 continue
             not_started = job.state == states.QUEUED
-            if not_started or (policy == w.ON_CLOSE_CANCEL and job.state != states.FINALIZING):
+            if not_started or (policy == states.ON_CLOSE_CANCEL and job.state != states.FINALIZING):
                 cancels.append(job.id)
         elif rn.status in w.NODE_IN_FLIGHT:  # claimed, not submitted: the submitter sees the end
             rn.status, rn.reason = w.NODE_NOT_REACHED, "the window ended before its turn"
