@@ -42,6 +42,7 @@ bench: setup services
 	$(PY) bench/inflight.py
 	$(PY) bench/convert.py --grow
 	$(PY) bench/pxe_files.py
+	$(PY) bench/cli_start.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .imgfarm-demo
