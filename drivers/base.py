@@ -7,6 +7,11 @@ job's `AgentOrders`. Implementations are found by name through the
 `imgfarm.boot_drivers` / `imgfarm.power_drivers` entry points (see
 `registry.py`), so a site can add one without editing the farm.
 
+Each driver declares the `driver_info` keys it reads as a table of
+`Property` rows (`properties`, read through `get_properties()` as in
+Ironic); the table is what a node's settings are checked against and what
+the help and the docs print (see `properties.py`).
+
 Errors: `validate()` raises `DriverSettingsError` naming the missing or bad
 setting (checked at `node add`/`node set`, not at 2 a.m.); an action that
 fails raises `DriverError` with what the peer said.
@@ -20,6 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from imgfarm.drivers.properties import Properties, Property, check_values, value_of
 from imgfarm.errors import DriverError
 
 
@@ -72,14 +78,34 @@ class AgentOrders:
         return " ".join(params)
 
 
-class BootInterface(ABC):
-    """Decides what a node boots next. It does not power anything."""
+class DriverInterface:
+    """What boot and power drivers share: a name and a table of properties."""
 
     name: str = ""
+    kind: str = ""  # "boot" or "power"
+    properties: Properties = ()
 
-    @abstractmethod
+    def get_properties(self) -> dict[str, Property]:
+        """The driver_info keys this driver reads, by name (Ironic's get_properties)."""
+        return {p.name: p for p in self.properties}
+
     def validate(self, node: NodeInfo) -> None:
-        """Raise DriverSettingsError if the node lacks what this driver needs."""
+        """Raise DriverSettingsError if the node lacks what this driver needs.
+
+        This checks the node against the table; a driver with rules the table
+        cannot say overrides it and calls it first.
+        """
+        check_values(node.name, self, node.driver_info)
+
+    def value(self, node: NodeInfo, key: str) -> str:
+        """The node's value of one of this driver's keys, else the site's, else the default."""
+        return value_of(node.driver_info, self.get_properties()[key])
+
+
+class BootInterface(DriverInterface, ABC):
+    """Decides what a node boots next. It does not power anything."""
+
+    kind = "boot"
 
     @abstractmethod
     def boot_agent(self, node: NodeInfo, orders: AgentOrders) -> None:
@@ -105,14 +131,10 @@ class BootInterface(ABC):
         return out
 
 
-class PowerInterface(ABC):
+class PowerInterface(DriverInterface, ABC):
     """Turns a node on and off; knows nothing of what it boots."""
 
-    name: str = ""
-
-    @abstractmethod
-    def validate(self, node: NodeInfo) -> None:
-        """Raise DriverSettingsError if the node lacks what this driver needs."""
+    kind = "power"
 
     @abstractmethod
     def get_power_state(self, node: NodeInfo) -> PowerState: ...
@@ -126,26 +148,14 @@ class PowerInterface(ABC):
         self.set_power_state(node, PowerState.ON)
 
 
-def require(node: NodeInfo, driver: str, *keys: str) -> None:
-    """Raise DriverSettingsError naming every missing driver_info key."""
-    from imgfarm.errors import DriverSettingsError
-
-    missing = [k for k in keys if not str(node.driver_info.get(k, "") or "").strip()]
-    if missing:
-        flags = " ".join(f"--set {k}=..." for k in missing)
-        raise DriverSettingsError(
-            f"node {node.name}: the {driver} driver needs {', '.join(missing)}",
-            hint=f"give it with `imgfarm node set {node.name} {flags}`",
-        )
-
-
 __all__ = [
     "AgentOrders",
     "BootInterface",
     "BootTarget",
     "DriverError",
+    "DriverInterface",
     "NodeInfo",
     "PowerInterface",
     "PowerState",
-    "require",
+    "Property",
 ]

@@ -11,16 +11,6 @@ Credentials never appear on a command line (`ps` shows those to every
 user): the password is read by ipmitool from a file (`-f`), or, when the
 node carries a password itself, passed in the environment (`-E`,
 IPMI_PASSWORD), which only root and the worker's user can read.
-
-driver_info keys:
-  bmc_address        required: the BMC's host name or IP
-  bmc_port           default settings.ipmi.port (623)
-  bmc_username       default settings.ipmi.username
-  bmc_password_file  default settings.ipmi.password_file (one of these, or
-  bmc_password       ... this, must give a password)
-  bmc_bootdev        what `reboot` sets for the next boot: pxe (default) | none
-  bmc_uefi           "true": ask for a UEFI PXE boot (bootdev options=efiboot)
-  bmc_cipher_suite   ipmitool -C (default settings.ipmi.cipher_suite; empty: negotiate)
 """
 
 from __future__ import annotations
@@ -34,7 +24,8 @@ import threading
 import time
 
 from imgfarm.config.settings import get_settings
-from imgfarm.drivers.base import NodeInfo, PowerInterface, PowerState, require
+from imgfarm.drivers.base import NodeInfo, PowerInterface, PowerState, Property
+from imgfarm.drivers.properties import Kind, as_text, is_true
 from imgfarm.errors import DriverError, DriverSettingsError
 
 log = logging.getLogger(__name__)
@@ -52,70 +43,75 @@ def _bmc_lock(addr: str, port: int) -> threading.Lock:
         return _bmc_locks.setdefault((addr, port), threading.Lock())
 
 
-def _truthy(value: object) -> bool:
-    return str(value).strip().lower() in ("1", "true", "yes", "on")
+PROPERTIES = (
+    Property("bmc_address", "the BMC's host name or IP address", required=True,
+             example="10.1.0.101"),
+    Property("bmc_port", "the BMC's RMCP+ UDP port", setting="ipmi.port", kind=Kind.PORT,
+             example="6230"),
+    Property("bmc_username", "the BMC user", setting="ipmi.username", example="admin"),
+    Property("bmc_password_file", "a file on every worker holding the BMC password "
+             "(mode 0600), read by ipmitool -f; this, bmc_password or the site's "
+             "password file is needed", setting="ipmi.password_file",
+             example="/etc/imgfarm/bmc.pw"),
+    Property("bmc_password", "the BMC password itself, handed to ipmitool in its "
+             "environment (-E), never on a command line; prefer bmc_password_file",
+             secret=True),
+    Property("bmc_bootdev", "what a reboot sets as the next boot device (none: leave it alone)",
+             default="pxe", choices=("pxe", "none"), example="none"),
+    Property("bmc_uefi", "ask for a UEFI network boot (chassis bootdev pxe options=efiboot)",
+             default="false", kind=Kind.BOOLEAN, example="true"),
+    Property("bmc_cipher_suite", "ipmitool -C: the RMCP+ cipher suite (empty: negotiate, "
+             "which costs a round trip per call)", setting="ipmi.cipher_suite",
+             kind=Kind.INTEGER, example="17"),
+)
 
 
 class IpmiPower(PowerInterface):
-    """Power on/off/reset/status and next-boot-PXE through ipmitool."""
+    """ipmitool lanplus against the node's BMC: power, reset, next boot from the network."""
 
     name = "ipmi"
+    properties = PROPERTIES
 
     # --- settings ------------------------------------------------------------
 
     def validate(self, node: NodeInfo) -> None:
-        require(node, "ipmi", "bmc_address")
-        info = node.driver_info
-        port = info.get("bmc_port", "")
-        if port != "" and not str(port).isdigit():
-            raise DriverSettingsError(
-                f"node {node.name}: bmc_port {port!r} is not a port number",
-                hint=f"`imgfarm node set {node.name} --set bmc_port=623`",
-            )
-        has_pw = info.get("bmc_password_file") or info.get("bmc_password")
-        if not has_pw and not get_settings().ipmi.password_file:
+        super().validate(node)
+        if not self.value(node, "bmc_password_file") and not self.value(node, "bmc_password"):
             raise DriverSettingsError(
                 f"node {node.name}: the ipmi driver has no BMC password: "
                 "bmc_password_file is not set for the node or the site",
                 hint=f"`imgfarm node set {node.name} --set bmc_password_file=/etc/imgfarm/"
                 "bmc.pw` (a 0600 file holding the password), or IMGFARM_IPMI__PASSWORD_FILE",
             )
-        bootdev = str(info.get("bmc_bootdev", "pxe"))
-        if bootdev not in ("pxe", "none"):
-            raise DriverSettingsError(
-                f"node {node.name}: bmc_bootdev must be pxe or none, not {bootdev!r}")
 
     def _target(self, node: NodeInfo) -> tuple[str, int]:
         self.validate(node)
-        info = node.driver_info
-        port = int(info.get("bmc_port") or get_settings().ipmi.port)
-        return str(info["bmc_address"]).strip(), port
+        return self.value(node, "bmc_address"), int(self.value(node, "bmc_port"))
 
     def command(self, node: NodeInfo, *args: str) -> tuple[list[str], dict[str, str]]:
         """The argv and environment for one ipmitool call (no password in argv)."""
         cfg = get_settings().ipmi
         addr, port = self._target(node)
-        info = node.driver_info
         exe = shutil.which(cfg.ipmitool) or cfg.ipmitool
         # ipmitool's own retransmits stay short: our retries do the patient part.
         per_try = str(max(1, min(5, int(cfg.timeout / 10))))
         argv = [exe, "-I", cfg.interface, "-H", addr, "-p", str(port), "-N", per_try, "-R", "1"]
-        suite = str(info.get("bmc_cipher_suite") or cfg.cipher_suite)
+        suite = self.value(node, "bmc_cipher_suite")
         if suite:
             argv += ["-C", suite]
-        user = str(info.get("bmc_username") or cfg.username)
+        user = self.value(node, "bmc_username")
         if user:
             argv += ["-U", user]
         env = {k: v for k, v in os.environ.items() if k != "IPMI_PASSWORD"}
         env["LC_ALL"] = "C"
-        pw_file = str(info.get("bmc_password_file") or "")
-        if pw_file:
-            argv += ["-f", pw_file]
-        elif info.get("bmc_password"):
-            argv += ["-E"]
-            env["IPMI_PASSWORD"] = str(info["bmc_password"])
+        # The node's own file, else its own password, else the site's file.
+        pw_file = as_text(node.driver_info.get("bmc_password_file"))
+        password = str(node.driver_info.get("bmc_password") or "")  # spaces and all
+        if pw_file or not password:
+            argv += ["-f", pw_file or cfg.password_file]
         else:
-            argv += ["-f", cfg.password_file]
+            argv += ["-E"]
+            env["IPMI_PASSWORD"] = password
         return argv + list(args), env
 
     # --- running ipmitool -------------------------------------------------------
@@ -186,10 +182,10 @@ class IpmiPower(PowerInterface):
 
     def set_boot_device_pxe(self, node: NodeInfo) -> None:
         """One-time next boot from PXE (unless the node says bmc_bootdev=none)."""
-        if str(node.driver_info.get("bmc_bootdev", "pxe")) == "none":
+        if self.value(node, "bmc_bootdev").lower() == "none":
             return
         args = ["chassis", "bootdev", "pxe"]
-        if _truthy(node.driver_info.get("bmc_uefi", "")):
+        if is_true(self.value(node, "bmc_uefi")):
             args.append("options=efiboot")
         self._run(node, *args)
 

@@ -6,6 +6,11 @@ before its default. This driver writes that file: an entry that boots the
 farm's agent kernel with the job's orders on its command line, and, when the
 job ends, an entry that boots the local disk.
 
+Each loader is one `Loader` record: the path rule of its per-MAC file and
+how it names the kernel; the file itself is a template under `templates/`
+(`<loader>_agent.template`, `<loader>_local.template`, as Ironic keeps
+`pxe_config.template`), filled by `render()`:
+
   pxelinux  pxelinux.cfg/01-aa-bb-cc-dd-ee-ff
   ipxe      ipxe/aa-bb-cc-dd-ee-ff.ipxe      (chain it with ${mac:hexhyp})
   grub      grub/grub.cfg-01-aa-bb-cc-dd-ee-ff (GRUB's own per-MAC name; UEFI)
@@ -16,29 +21,76 @@ their directories 0755 because tftpd reads them as an unprivileged user. The
 only secret on the command line is the one-job token, dead with the job.
 The first line of every file says what it does (`# imgfarm: agent ...` /
 `# imgfarm: local`), which is how `get_boot_target` reads it back.
-
-driver_info keys: `loader` (pxelinux|ipxe|grub; default settings.pxe.loader),
-`kernel`, `initrd`, `kcmdline` (optional per-node overrides/additions).
-The node's MAC comes from the node's `mac` field (or driver_info `mac`).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import string
 import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from imgfarm.config.settings import get_settings
-from imgfarm.drivers.base import AgentOrders, BootInterface, BootTarget, NodeInfo
+from imgfarm.drivers.base import AgentOrders, BootInterface, BootTarget, NodeInfo, Property
+from imgfarm.drivers.properties import value_of
 from imgfarm.errors import DriverError, DriverSettingsError
 
-LOADERS = ("pxelinux", "ipxe", "grub")
 _MAC = re.compile(r"^[0-9a-f]{2}([:-]?)[0-9a-f]{2}(\1[0-9a-f]{2}){4}$")
 # Characters every loader passes through literally: no quoting, no expansion
 # (GRUB and iPXE expand "$", GRUB splits on ";", pxelinux ends a line at "\n").
 _CMDLINE_SAFE = re.compile(r"^[A-Za-z0-9 ._:/=,@%+~-]*$")
+_PATH_SAFE = re.compile(r"^[A-Za-z0-9._:/=,@%+~-]*$")  # the same, without the space
 HEADER = "# imgfarm: "
+TEMPLATES = Path(__file__).with_name("templates")
+
+
+# --- loaders -----------------------------------------------------------------
+
+def _from_root(path: str) -> str:
+    return "/" + path.lstrip("/")
+
+
+def _ipxe_uri(path: str) -> str:
+    # A relative URI would resolve against the script's directory (ipxe/).
+    base = get_settings().pxe.ipxe_base_url
+    return base + path if base else _from_root(path)
+
+
+@dataclass(frozen=True)
+class Loader:
+    """A boot loader: where it looks for a MAC's file, how it names a file to fetch."""
+
+    name: str
+    file_rule: str  # under the TFTP root; {mac} is aa-bb-cc-dd-ee-ff
+    locate: Callable[[str], str]  # a path under the TFTP root, as this loader fetches it
+
+    def boot_file(self, root: Path, mac: str) -> Path:
+        return root / self.file_rule.format(mac=mac.replace(":", "-"))
+
+
+LOADERS: dict[str, Loader] = {
+    "pxelinux": Loader("pxelinux", "pxelinux.cfg/01-{mac}", lambda path: path),
+    "ipxe": Loader("ipxe", "ipxe/{mac}.ipxe", _ipxe_uri),
+    "grub": Loader("grub", "grub/grub.cfg-01-{mac}", _from_root),
+}
+
+LOADER = Property("loader", "the boot loader that reads the node's file", setting="pxe.loader",
+                  choices=tuple(LOADERS), example="grub")
+PROPERTIES = (
+    LOADER,
+    Property("kernel", "the agent kernel, a path under the TFTP root", setting="pxe.kernel",
+             example="imgfarm/vmlinuz"),
+    Property("initrd", "the agent initrd, a path under the TFTP root", setting="pxe.initrd",
+             example="imgfarm/initrd.img"),
+    Property("kcmdline", "extra kernel parameters for this node, after the site's "
+             "extra_cmdline (plain key=value words)", example="console=ttyS1,115200"),
+    Property("mac", "the boot NIC's MAC, when the node's own --mac is not set",
+             example="52:54:00:12:34:01"),
+)
 
 
 def normalize_mac(mac: str) -> str | None:
@@ -63,71 +115,73 @@ def node_mac(node: NodeInfo) -> str:
     return mac
 
 
-def node_loader(node: NodeInfo) -> str:
-    loader = str(node.driver_info.get("loader") or get_settings().pxe.loader).strip().lower()
-    if loader not in LOADERS:
+def node_loader(node: NodeInfo) -> Loader:
+    name = value_of(node.driver_info, LOADER).lower()
+    if name not in LOADERS:
         raise DriverSettingsError(
-            f"node {node.name}: unknown PXE loader {loader!r}",
+            f"node {node.name}: unknown PXE loader {name!r}",
             hint=f"use --set loader=pxelinux|ipxe|grub (or IMGFARM_PXE__LOADER); "
             f"known: {', '.join(LOADERS)}",
         )
-    return loader
+    return LOADERS[name]
 
 
 def boot_file(root: Path, loader: str, mac: str) -> Path:
     """Where `loader` looks for the per-MAC file of `mac` under the TFTP root."""
-    hyph = mac.replace(":", "-")
-    if loader == "pxelinux":
-        return root / "pxelinux.cfg" / f"01-{hyph}"
-    if loader == "ipxe":
-        return root / "ipxe" / f"{hyph}.ipxe"
-    return root / "grub" / f"grub.cfg-01-{hyph}"
+    return LOADERS[loader].boot_file(root, mac)
 
 
 # --- file contents -------------------------------------------------------------
 
-def render_agent(loader: str, kernel: str, initrd: str, cmdline: str, note: str) -> str:
-    """The boot entry that runs the agent kernel with `cmdline`."""
-    if loader == "pxelinux":
-        return (
-            f"{HEADER}agent {note}\n"
-            "DEFAULT imgfarm-agent\nPROMPT 0\nTIMEOUT 0\n\n"
-            "LABEL imgfarm-agent\n"
-            f"  KERNEL {kernel}\n"
-            f"  APPEND initrd={initrd} {cmdline}\n"
-        )
-    if loader == "ipxe":
-        base = get_settings().pxe.ipxe_base_url
-        # A relative URI would resolve against this script's directory (ipxe/).
-        k = base + kernel if base else "/" + kernel.lstrip("/")
-        i = base + initrd if base else "/" + initrd.lstrip("/")
-        return (
-            f"#!ipxe\n{HEADER}agent {note}\n"
-            f"kernel {k} initrd={os.path.basename(initrd)} {cmdline}\n"
-            f"initrd {i}\n"
-            "boot\n"
-        )
-    return (
-        f"{HEADER}agent {note}\n"
-        "set timeout=0\nset default=imgfarm-agent\n"
-        "menuentry 'imgfarm agent' --id imgfarm-agent {\n"
-        f"    linux /{kernel.lstrip('/')} {cmdline}\n"
-        f"    initrd /{initrd.lstrip('/')}\n"
-        "}\n"
-    )
+class _BootTemplate(string.Template):
+    """`{{ name }}` placeholders, so the loaders' own `$` / `${...}` stay literal."""
+
+    pattern = r"""
+        \{\{\s*(?P<named>[a-z_]+)\s*\}\}
+        | (?P<braced>(?!))
+        | (?P<escaped>(?!))
+        | (?P<invalid>\{\{)
+    """  # type: ignore[assignment]  # a str here; Template compiles it
 
 
-def render_local(loader: str) -> str:
-    """The boot entry that hands the node to its local disk."""
-    if loader == "pxelinux":
-        return f"{HEADER}local\nDEFAULT local\nPROMPT 0\nTIMEOUT 0\n\nLABEL local\n  LOCALBOOT 0\n"
-    if loader == "ipxe":
-        # exit returns to the firmware, which tries the next boot device: the disk.
-        return f"#!ipxe\n{HEADER}local\nexit\n"
-    return (
-        f"{HEADER}local\nset timeout=0\nset default=local\n"
-        "menuentry 'local disk' --id local {\n    exit\n}\n"
-    )
+@cache
+def _template(loader: str, target: BootTarget) -> _BootTemplate:
+    text = (TEMPLATES / f"{loader}_{target.value}.template").read_text()
+    first = text.removeprefix("#!ipxe\n").split("\n", 1)[0]
+    if not first.startswith(f"{HEADER}{target.value}"):  # how get_boot_target reads it back
+        raise RuntimeError(f"template {loader}_{target.value} must start with "
+                           f"{HEADER}{target.value}")
+    return _BootTemplate(text)
+
+
+def render(loader: str, target: BootTarget, values: Mapping[str, str] | None = None) -> str:
+    """The boot file of `loader` for `target`, its placeholders filled from `values`.
+
+    Every value must be text each loader takes literally: a newline, `$`, `;`
+    or a quote would let a value rewrite the file.
+    """
+    values = dict(values or {})
+    for key, text in values.items():
+        if not _CMDLINE_SAFE.match(text):
+            raise DriverError(
+                f"the {loader} boot file's {key} {text[:80]!r} has characters a boot "
+                "loader would interpret ($ ; quotes, newlines ...)",
+                hint="check IMGFARM_PXE__KERNEL/INITRD/EXTRA_CMDLINE/IPXE_BASE_URL, the "
+                "node's kernel/initrd/kcmdline and the API URL",
+            )
+    return _template(loader, target).substitute(values)
+
+
+def agent_values(loader: Loader, kernel: str, initrd: str, cmdline: str,
+                 note: str) -> dict[str, str]:
+    """What the agent templates may use: paths as `loader` fetches them, the command line."""
+    return {
+        "kernel": loader.locate(kernel),
+        "initrd": loader.locate(initrd),
+        "initrd_name": os.path.basename(initrd),
+        "cmdline": cmdline,
+        "note": note,
+    }
 
 
 def write_atomic(path: Path, text: str, durable: bool = True) -> None:
@@ -169,20 +223,29 @@ def read_target(path: Path) -> BootTarget:
 # --- the driver ----------------------------------------------------------------
 
 class PxeBoot(BootInterface):
-    """Per-MAC pxelinux / iPXE / GRUB files under settings.pxe.tftp_root."""
+    """Per-MAC pxelinux, iPXE or GRUB files under a TFTP root (needs the node's --mac)."""
 
     name = "pxe"
+    properties = PROPERTIES
 
     def validate(self, node: NodeInfo) -> None:
+        super().validate(node)
         node_mac(node)
         node_loader(node)
-        extra = str(node.driver_info.get("kcmdline", ""))
+        extra = self.value(node, "kcmdline")
         if not _CMDLINE_SAFE.match(extra):
             raise DriverSettingsError(
                 f"node {node.name}: kcmdline {extra!r} has characters a boot loader "
                 "would interpret ($ ; quotes ...)",
                 hint="use plain key=value words",
             )
+        for key in ("kernel", "initrd"):
+            path = str(node.driver_info.get(key) or "")
+            if not _PATH_SAFE.match(path):
+                raise DriverSettingsError(
+                    f"node {node.name}: {key} {path!r} is not a plain path under the TFTP root",
+                    hint="use letters, digits and . _ - / + ~ @ % , : = (no spaces, $ or ;)",
+                )
 
     def _root(self) -> Path:
         root = Path(get_settings().pxe.tftp_root)
@@ -195,28 +258,17 @@ class PxeBoot(BootInterface):
 
     def boot_agent(self, node: NodeInfo, orders: AgentOrders) -> None:
         self.validate(node)
-        cfg = get_settings().pxe
-        info = node.driver_info
         cmdline = " ".join(
-            p for p in (cfg.extra_cmdline, str(info.get("kcmdline", "")), orders.kernel_params())
+            p for p in (get_settings().pxe.extra_cmdline, self.value(node, "kcmdline"),
+                        orders.kernel_params())
             if p
         )
-        if not _CMDLINE_SAFE.match(cmdline):
-            raise DriverError(
-                f"node {node.name}: the kernel command line has characters a boot loader "
-                "would interpret",
-                hint="check IMGFARM_PXE__EXTRA_CMDLINE and the API URL",
-            )
         loader = node_loader(node)
-        text = render_agent(
-            loader,
-            str(info.get("kernel") or cfg.kernel),
-            str(info.get("initrd") or cfg.initrd),
-            cmdline,
-            f"job={orders.job_id} node={node.name}",
-        )
+        values = agent_values(loader, self.value(node, "kernel"), self.value(node, "initrd"),
+                              cmdline, f"job={orders.job_id} node={node.name}")
+        text = render(loader.name, BootTarget.AGENT, values)
         try:
-            write_atomic(boot_file(self._root(), loader, node_mac(node)), text)
+            write_atomic(loader.boot_file(self._root(), node_mac(node)), text)
         except OSError as exc:
             raise DriverError(f"could not write the boot file of {node.name}: {exc}") from exc
 
@@ -225,18 +277,18 @@ class PxeBoot(BootInterface):
         root = self._root()
         chosen = node_loader(node)
         try:
-            write_atomic(boot_file(root, chosen, mac), render_local(chosen))
+            write_atomic(chosen.boot_file(root, mac), render(chosen.name, BootTarget.LOCAL))
             # The loader may have changed since the agent file was written:
             # no agent file of this MAC may outlive the job under any loader.
-            for other in LOADERS:
-                path = boot_file(root, other, mac)
-                if other != chosen and read_target(path) is BootTarget.AGENT:
-                    write_atomic(path, render_local(other))
+            for other in LOADERS.values():
+                path = other.boot_file(root, mac)
+                if other is not chosen and read_target(path) is BootTarget.AGENT:
+                    write_atomic(path, render(other.name, BootTarget.LOCAL))
         except OSError as exc:
             raise DriverError(f"could not write the boot file of {node.name}: {exc}") from exc
 
     def get_boot_target(self, node: NodeInfo) -> BootTarget:
-        return read_target(boot_file(self._root(), node_loader(node), node_mac(node)))
+        return read_target(node_loader(node).boot_file(self._root(), node_mac(node)))
 
 
-__all__ = ["LOADERS", "PxeBoot", "boot_file", "normalize_mac", "render_agent", "render_local"]
+__all__ = ["LOADERS", "Loader", "PxeBoot", "boot_file", "normalize_mac", "render"]

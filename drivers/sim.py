@@ -7,11 +7,8 @@ Power-on with boot target `agent` starts the real `imgfarm-agent` as a local
 process in its own session (so it outlives a killed worker, like a real
 node); with target `local` the node "boots its OS" and runs nothing.
 
-driver_info knobs, for tests and benchmarks:
-- `agent`: "process" (default), "silent" (power-on starts nothing: a node
-  whose agent never reports) or "external" (someone else plays the agent,
-  reading `cmdline`; used by bench/inflight.py).
-- `kernel_args`: extra kernel parameters, e.g. "imgfarm.delay=3".
+Its two knobs (`agent`, `kernel_args`, in the tables below) exist for tests
+and benchmarks: a node whose agent never reports, a slow agent.
 """
 
 from __future__ import annotations
@@ -33,8 +30,21 @@ from imgfarm.drivers.base import (
     NodeInfo,
     PowerInterface,
     PowerState,
+    Property,
 )
 from imgfarm.errors import DriverError, DriverSettingsError
+
+AGENT_MODES = ("process", "silent", "external")
+BOOT_PROPERTIES = (
+    Property("kernel_args", "extra kernel parameters for the agent, after the job's orders",
+             example="imgfarm.delay=3"),
+)
+POWER_PROPERTIES = (
+    Property("agent", "what power-on starts: process, the real agent; silent, nothing (an "
+             "agent that never reports); external, nothing (another program plays the agent "
+             "from the node's cmdline file)", default="process", choices=AGENT_MODES,
+             example="silent"),
+)
 
 _locks: dict[str, threading.Lock] = {}
 _locks_guard = threading.Lock()
@@ -53,9 +63,10 @@ def node_dir(name: str) -> Path:
 
 def _read(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (FileNotFoundError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _write(path: Path, data: dict[str, Any] | str) -> None:
@@ -75,17 +86,16 @@ def _validate_disk(node: NodeInfo) -> None:
             f"node {node.name}: a sim node needs a disk (a file or block device)",
             hint=f"give it with `imgfarm node set {node.name} --disk /path/to/disk.img`",
         )
-    mode = node.driver_info.get("agent", "process")
-    if mode not in ("process", "silent", "external"):
-        raise DriverSettingsError(
-            f"node {node.name}: sim agent mode {mode!r} is not one of process, silent, external"
-        )
 
 
 class SimBoot(BootInterface):
+    """A file-backed node on this machine (needs --disk): what it boots next is a file."""
+
     name = "sim"
+    properties = BOOT_PROPERTIES
 
     def validate(self, node: NodeInfo) -> None:
+        super().validate(node)
         _validate_disk(node)
 
     def boot_agent(self, node: NodeInfo, orders: AgentOrders) -> None:
@@ -93,7 +103,7 @@ class SimBoot(BootInterface):
         cmdline = orders.kernel_params()
         if "imgfarm.disk=" not in cmdline:
             cmdline += f" imgfarm.disk={node.disk}"
-        extra = str(node.driver_info.get("kernel_args", "")).strip()
+        extra = self.value(node, "kernel_args")
         if extra:
             cmdline += " " + extra
         with _lock(node.name):
@@ -125,9 +135,13 @@ def _alive(pid: int) -> bool:
 
 
 class SimPower(PowerInterface):
+    """A file-backed node on this machine (needs --disk): power-on starts the real agent."""
+
     name = "sim"
+    properties = POWER_PROPERTIES
 
     def validate(self, node: NodeInfo) -> None:
+        super().validate(node)
         _validate_disk(node)
 
     def get_power_state(self, node: NodeInfo) -> PowerState:
@@ -167,8 +181,7 @@ class SimPower(PowerInterface):
         d = node_dir(node.name)
         boot = boot_state(node.name)
         pid = 0
-        mode = node.driver_info.get("agent", "process")
-        if boot.get("target") == "agent" and mode == "process":
+        if boot.get("target") == "agent" and self.value(node, "agent").lower() == "process":
             log = open(d / "agent.log", "ab")  # noqa: SIM115 - handed to the child
             try:
                 proc = subprocess.Popen(

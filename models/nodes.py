@@ -127,10 +127,9 @@ def node_info(node: Node) -> NodeInfo:
 
 def validate_drivers(info: NodeInfo) -> None:
     """Check the node's driver names and settings now, not when a job runs."""
-    from imgfarm.drivers.registry import boot_driver, power_driver
+    from imgfarm.drivers.registry import validate_node
 
-    boot_driver(info.boot_driver).validate(info)
-    power_driver(info.power_driver).validate(info)
+    validate_node(info)
 
 
 def add_node(

@@ -73,7 +73,7 @@ class XcatFake:
 @pytest.fixture
 def xcat(settings_env: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> XcatFake:
     """xCAT stand-ins found through settings.xcat.bin_dir, state under tmp_path."""
-    from imgfarm.drivers import xcat as xcat_mod
+    from imgfarm.drivers.xcat import site
 
     state = tmp_path / "xcat-state"
     state.mkdir()
@@ -84,5 +84,5 @@ def xcat(settings_env: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     fake = XcatFake(state)
     fake.configure(osimages={"imgfarm-agent": {"provmethod": "netboot", "os": "rocky9",
                                                "arch": "x86_64", "profile": "imgfarm"}})
-    xcat_mod._reset_for_tests()
+    site._reset_for_tests()
     return fake

@@ -116,7 +116,7 @@ def test_validate_names_the_missing_or_bad_mac(tftp_root):
     assert "--mac" in str(info.value)
     with pytest.raises(DriverSettingsError, match="malformed"):
         PxeBoot().validate(node(mac="aa:bb:cc"))
-    with pytest.raises(DriverSettingsError, match="unknown PXE loader 'syslinux6'"):
+    with pytest.raises(DriverSettingsError, match="loader is 'syslinux6', not one of pxelinux, ipxe, grub"):
         PxeBoot().validate(node(loader="syslinux6"))
     with pytest.raises(DriverSettingsError, match="would interpret"):
         PxeBoot().validate(node(kcmdline="console=$evil;reboot"))
@@ -187,6 +187,45 @@ def test_loader_from_site_setting_and_stale_agent_files_are_reverted(tftp_root, 
     boot.boot_local(node("pxelinux"))
     assert ORDERS.token not in grub.read_text()  # the old grub agent file was reverted
     assert boot.get_boot_target(node()) is BootTarget.LOCAL
+
+
+GOLDEN = {  # byte for byte what the driver writes (the templates must not drift)
+    ("pxelinux", "agent"): "# imgfarm: agent job=7 node=n7\nDEFAULT imgfarm-agent\nPROMPT 0\n"
+    "TIMEOUT 0\n\nLABEL imgfarm-agent\n  KERNEL imgfarm/vmlinuz\n"
+    "  APPEND initrd=imgfarm/initrd.img {params}\n",
+    ("pxelinux", "local"): "# imgfarm: local\nDEFAULT local\nPROMPT 0\nTIMEOUT 0\n\n"
+    "LABEL local\n  LOCALBOOT 0\n",
+    ("ipxe", "agent"): "#!ipxe\n# imgfarm: agent job=7 node=n7\nkernel /imgfarm/vmlinuz "
+    "initrd=initrd.img {params}\ninitrd /imgfarm/initrd.img\nboot\n",
+    ("ipxe", "local"): "#!ipxe\n# imgfarm: local\nexit\n",
+    ("grub", "agent"): "# imgfarm: agent job=7 node=n7\nset timeout=0\nset default=imgfarm-agent\n"
+    "menuentry 'imgfarm agent' --id imgfarm-agent {{\n    linux /imgfarm/vmlinuz {params}\n"
+    "    initrd /imgfarm/initrd.img\n}}\n",
+    ("grub", "local"): "# imgfarm: local\nset timeout=0\nset default=local\n"
+    "menuentry 'local disk' --id local {{\n    exit\n}}\n",
+}
+
+
+@pytest.mark.parametrize("loader", ["pxelinux", "ipxe", "grub"])
+def test_files_are_the_templates_filled_byte_for_byte(tftp_root, loader):
+    boot = PxeBoot()
+    path = boot_file(tftp_root, loader, MAC.lower())
+    boot.boot_agent(node(loader), ORDERS)
+    assert path.read_text() == GOLDEN[loader, "agent"].format(params=ORDERS.kernel_params())
+    boot.boot_local(node(loader))
+    assert path.read_text() == GOLDEN[loader, "local"].format()
+
+
+def test_paths_and_site_settings_cannot_rewrite_a_boot_file(tftp_root, settings_env):
+    from imgfarm.errors import DriverError
+
+    for bad in ("imgfarm/vmlinuz\nboot", "$prefix/vmlinuz", "a b", "k;reboot"):
+        with pytest.raises(DriverSettingsError, match="kernel"):
+            PxeBoot().validate(node("grub", kernel=bad))
+    settings_env.set("IMGFARM_PXE__IPXE_BASE_URL", "http://10.0.0.1/${evil}/")
+    with pytest.raises(DriverError, match="kernel .* characters a boot loader would interpret"):
+        PxeBoot().boot_agent(node("ipxe"), ORDERS)
+    assert not (tftp_root / "ipxe").exists()  # nothing written
 
 
 def test_missing_tftp_root_is_a_clear_error(settings_env, tmp_path):

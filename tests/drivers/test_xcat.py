@@ -212,7 +212,7 @@ def test_validate_rejects_names_xcat_cannot_take(xcat):
 
 def test_output_parser_reads_every_documented_line_form():
     """Client.pm forms: data, node error with/without [server], general errors."""
-    from imgfarm.drivers._xcat_cmd import CommandResult, per_node
+    from imgfarm.drivers.xcat.commands import CommandResult, per_node
 
     res = CommandResult(
         ("/opt/xcat/bin/nodeset", "a,b,c,d,e", "stat"), 1,

@@ -11,6 +11,10 @@ hands each caller its own node's result, or its own node's exception.
 The first caller of a batch is its *leader*: it waits the window (or until
 the batch is full), runs the command in its own thread, and wakes the others.
 No background thread is needed, so nothing outlives the calls that need it.
+
+The xcat drivers share one coalescer per process (`submit`); a batch's key
+is `(op, *args)`, and `op(payloads, *args)` runs it, so each driver keeps
+its own commands and the batcher knows none of them.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from imgfarm.config.settings import get_settings
 from imgfarm.errors import DriverError
 
 # run(key, {node: payload}) -> {node: result or Exception}
@@ -132,7 +137,43 @@ class Coalescer:
 
 
 def _describe(key: Hashable) -> str:
-    if isinstance(key, tuple):
-        return " ".join(str(k) for k in key)
-    return str(key)
+    parts = key if isinstance(key, tuple) else (key,)
+    return " ".join(str(getattr(k, "__name__", k)) for k in parts)
+
+
+# --- the xcat drivers' batcher ---------------------------------------------------
+
+# op({node: payload}, *args) -> {node: result or Exception}
+BatchOp = Callable[..., Mapping[str, Any]]
+
+
+def _dispatch(key: Hashable, payloads: Mapping[str, Any]) -> Mapping[str, Any]:
+    assert isinstance(key, tuple)
+    op, *args = key
+    result: Mapping[str, Any] = op(payloads, *args)
+    return result
+
+
+_batcher = Coalescer(
+    _dispatch,
+    window=lambda: get_settings().xcat.batch_window,
+    size=lambda: get_settings().xcat.batch_size,
+    # A batch runs at most 4 commands, each bounded by command_timeout.
+    limit=lambda: 5 * get_settings().xcat.command_timeout + get_settings().xcat.batch_window,
+)
+
+
+def batcher() -> Coalescer:
+    """The process's coalescer (tests read `batches_run`)."""
+    return _batcher
+
+
+def submit(op: BatchOp, *args: Hashable, node: str, payload: Any = None) -> Any:
+    """Run `node`'s part of `op(..., *args)` in the next batch; its result or its error."""
+    return _batcher.submit((op, *args), node, payload)
+
+
+def run_now(op: BatchOp, *args: Hashable, payloads: Mapping[str, Any]) -> dict[str, Any]:
+    """Run `op` for many nodes now, in chunks of batch_size (no window to wait)."""
+    return _batcher.run_now((op, *args), payloads)
 

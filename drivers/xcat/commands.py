@@ -19,6 +19,7 @@ import shutil
 import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from imgfarm.config.settings import get_settings
 from imgfarm.errors import DriverError
@@ -141,9 +142,10 @@ def per_node(result: CommandResult, nodes: Iterable[str]) -> dict[str, NodeAnswe
         rest = m.group("rest").strip()
         err = re.match(r"^Error:\s*(.*)$", rest)
         node = m.group("node")
+        seen = out[node]
         if err:
             out[node] = NodeAnswer(False, err.group(1))
-        elif out[node] is None or out[node].ok:  # an error line wins over data
+        elif seen is None or seen.ok:  # an error line wins over data
             out[node] = NodeAnswer(True, rest)
     return out
 
@@ -154,6 +156,39 @@ def node_error(result: CommandResult, node: str, text: str) -> DriverError:
         f"{result.name} failed for {node} (exit {result.returncode}): {text}",
         hint="see the xCAT log on the management node (/var/log/xcat/cluster.log)",
     )
+
+
+def nodes_cmd(cmd: str, nodes: list[str], *args: str) -> dict[str, Any]:
+    """Run `cmd NODES args`: {node: its answer's text, or its DriverError}.
+
+    xcatd refuses a whole noderange when one name in it is unknown, so the
+    unknown nodes are dropped and the rest rerun: one mistyped node must not
+    fail its batch-mates.
+    """
+    out: dict[str, Any] = {}
+    todo = list(nodes)
+    while todo:
+        result = run(cmd, [",".join(todo), *args])
+        invalid = [n for n in result.invalid_nodes() if n in todo]
+        if invalid:
+            for n in invalid:
+                out[n] = DriverError(
+                    f"{cmd}: node {n} is not defined in xCAT (exit {result.returncode})",
+                    hint="define it (`mkdef -t node ...`), or give its xCAT name with "
+                    f"`imgfarm node set {n} --set xcat_node=NAME`",
+                )
+            todo = [n for n in todo if n not in invalid]
+            continue
+        general = "; ".join(result.general_errors())
+        for n, answer in per_node(result, todo).items():
+            if answer is None:
+                out[n] = node_error(result, n, general or f"no answer ({result.tail()})")
+            elif not answer.ok:
+                out[n] = node_error(result, n, answer.text)
+            else:
+                out[n] = answer.text
+        break
+    return out
 
 
 def _short(args: Sequence[str], limit: int = 120) -> str:
