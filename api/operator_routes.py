@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Header, Query
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from imgfarm.config.settings import get_settings
+from imgfarm.drivers import docs as driver_docs
 from imgfarm.errors import Unauthorized
 from imgfarm.models import views
 from imgfarm.models.db import session_scope
@@ -61,7 +62,9 @@ class NodeIn(BaseModel):
     boot_driver: str = "sim"
     power_driver: str = "sim"
     disk: str = ""
-    driver_info: dict[str, Any] = {}
+    driver_info: dict[str, Any] = Field(
+        default={}, description="the drivers' settings; the keys each driver takes: "
+        "GET /api/v1/drivers/{name}")
 
 
 @router.post("/jobs/capture", status_code=201)
@@ -126,6 +129,18 @@ def create_node(body: NodeIn) -> dict[str, Any]:
 def read_node(name: str) -> dict[str, Any]:
     with session_scope() as s:
         return node_view(get_node(s, name))
+
+
+@router.get("/drivers")
+def list_drivers() -> list[dict[str, Any]]:
+    """Every boot and power driver, with the driver_info keys it takes."""
+    return driver_docs.catalog()
+
+
+@router.get("/drivers/{name}")
+def read_driver(name: str) -> dict[str, Any]:
+    """A driver's properties: each driver_info key, its default, what it is for."""
+    return driver_docs.show_view(name)
 
 
 @router.get("/images")

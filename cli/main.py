@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import typer
 
-from imgfarm.cli import images, jobs, nodes, services, windows
+from imgfarm.cli import drivers, images, jobs, nodes, services, windows
 
 app = typer.Typer(
     name="imgfarm",
@@ -32,6 +32,7 @@ app = typer.Typer(
 )
 app.add_typer(services.db_app, name="db")
 app.add_typer(nodes.app, name="node")
+app.add_typer(drivers.app, name="driver")
 app.add_typer(images.app, name="image")
 app.command("capture")(jobs.capture)
 app.command("restore")(jobs.restore)

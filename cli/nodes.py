@@ -8,6 +8,7 @@ from typing import Any
 
 import typer
 
+from imgfarm.cli.drivers import WithDriverSettings
 from imgfarm.cli.output import echo, handles_errors, json_option, print_json, table
 from imgfarm.errors import ImgfarmError, InvalidInput
 from imgfarm.models.views import node_view
@@ -25,18 +26,20 @@ def parse_sets(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-@app.command("add")
+@app.command("add", cls=WithDriverSettings)
 @handles_errors
 def add(
     name: str = typer.Argument(..., help="node name, e.g. lab001"),
     mac: str = typer.Option("", help="boot NIC MAC (needed by the pxe driver)"),
     ip: str = typer.Option("", help="node IP address"),
     group: list[str] = typer.Option([], "--group", "-g", help="group to put it in (repeatable)"),
-    boot: str = typer.Option("", help="boot driver: sim, pxe, xcat (default: settings)"),
-    power: str = typer.Option("", help="power driver: sim, ipmi, xcat (default: settings)"),
+    boot: str = typer.Option("", help="boot driver, e.g. sim, pxe, xcat (all: `imgfarm driver "
+                             "list`; default: settings)"),
+    power: str = typer.Option("", help="power driver, e.g. sim, ipmi, xcat (default: settings)"),
     disk: str = typer.Option("", help="target disk hint (/dev/nvme0n1), or the disk file of a sim node"),
     set_: list[str] = typer.Option(
-        [], "--set", help="driver setting KEY=VALUE (repeatable), e.g. bmc_address=10.1.0.5"
+        [], "--set", help="driver setting KEY=VALUE (repeatable; the keys are listed below), "
+        "e.g. bmc_address=10.1.0.5"
     ),
     json_out: bool = typer.Option(False, "--json", help="print the node as JSON"),
 ) -> None:
@@ -64,12 +67,17 @@ def set_node(
     power: str | None = typer.Option(None, help="switch power driver"),
     disk: str | None = typer.Option(None),
     group: list[str] = typer.Option([], "--group", "-g", help="replace the node's groups"),
-    set_: list[str] = typer.Option([], "--set", help="driver setting KEY=VALUE"),
+    set_: list[str] = typer.Option([], "--set", help="driver setting KEY=VALUE "
+                                   "(the keys: `imgfarm node add --help`, `imgfarm driver show`)"),
     unset: list[str] = typer.Option([], "--unset", help="remove a driver setting"),
     state: str | None = typer.Option(None, help="available, reserved or maintenance"),
 ) -> None:
-    """Change a node: drivers, settings, groups, admin state (validated before saving)."""
-    # lazy: SQLAlchemy loads only for the commands that use the job database
+    """Change a node: drivers, settings, groups, admin state (validated before saving).
+
+    Switching a driver drops the settings only the old one took, and says so.
+    """
+    # lazy: SQLAlchemy and the driver registry load only for the commands that use them
+    from imgfarm.drivers.registry import left_behind
     from imgfarm.models.db import session_scope
     from imgfarm.models.nodes import (
         ensure_groups,
@@ -83,6 +91,7 @@ def set_node(
 
     with session_scope() as s:
         node = get_node(s, name)
+        old_drivers = (node.boot_driver, node.power_driver)
         if mac is not None:
             node.mac = normalize_mac(mac)
         if ip is not None:
@@ -94,6 +103,9 @@ def set_node(
         if disk is not None:
             node.disk = disk
         info = dict(node.driver_info or {})
+        dropped = left_behind(info, old_drivers, (node.boot_driver, node.power_driver))
+        for key in dropped:  # settings of the drivers the node no longer uses
+            del info[key]
         info.update(parse_sets(set_))
         for key in unset:
             info.pop(key, None)
@@ -105,6 +117,8 @@ def set_node(
         validate_drivers(node_info(node))
         s.add(NodeEvent(node_id=node.id, kind="changed", message="node settings changed"))
     echo(f"updated node {name}")
+    if dropped:
+        echo(f"dropped the old drivers' settings: {', '.join(dropped)}")
 
 
 @app.command("list")

@@ -118,6 +118,22 @@ def test_operator_errors_name_the_bad_input(client: TestClient) -> None:
         assert s.scalar(select(func.count()).select_from(Job)) == 0
 
 
+def test_node_driver_settings_are_checked_against_the_drivers_tables(client: TestClient) -> None:
+    body = {"name": "b1", "disk": "/tmp/b1.img", "power_driver": "ipmi",
+            "driver_info": {"bmc_address": "10.0.0.9", "bmc_password_file": "/p", "bmc_prot": "623"}}
+    r = client.post("/api/v1/nodes", json=body)
+    assert r.status_code == 400
+    assert "'bmc_prot' is not a setting of the sim boot driver and the ipmi power driver" in r.json()["error"]
+    assert "did you mean bmc_port?" in r.json()["hint"]
+    r = client.post("/api/v1/nodes", json={**body, "driver_info": {"bmc_address": "h", "bmc_port": 0}})
+    assert r.status_code == 400 and "bmc_port is 0, not a port number" in r.json()["error"]
+    assert client.get("/api/v1/nodes").json() == []
+    shown = client.get("/api/v1/drivers/ipmi").json()
+    assert [p["name"] for p in shown["power"]["properties"]][:2] == ["bmc_address", "bmc_port"]
+    assert client.get("/api/v1/drivers/nope").status_code == 404
+    assert {(d["kind"], d["name"]) for d in client.get("/api/v1/drivers").json()} >= {("power", "ipmi")}
+
+
 def test_openapi_schema_is_served(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     assert "/api/v1/jobs/restore" in paths and "/agent/v1/jobs/{job_id}/result" in paths

@@ -32,9 +32,13 @@ def test_node_set_switches_drivers_and_validates(farm: Farm) -> None:
              "--set", "bmc_password_file=/etc/imgfarm/n1.pass")
     assert _node(farm, "n1")["power_driver"] == "ipmi"
 
-    farm.cli("node", "set", "n1", "--boot", "xcat", "--power", "xcat")
+    out = farm.cli("node", "set", "n1", "--boot", "xcat", "--power", "xcat")
+    assert "dropped the old drivers' settings: bmc_address, bmc_password_file" in out.stdout
     node = _node(farm, "n1")
-    assert (node["boot_driver"], node["power_driver"]) == ("xcat", "xcat")
+    assert (node["boot_driver"], node["power_driver"], node["driver_info"]) == ("xcat", "xcat", {})
+    out = farm.cli("node", "set", "n1", "--set", "xcat_nod=cn-1", check=False)
+    assert out.returncode == 2 and "'xcat_nod' is not a setting" in out.stderr
+    assert "did you mean xcat_node?" in out.stderr and _node(farm, "n1")["driver_info"] == {}
     out = farm.cli("node", "set", "n1", "--boot", "nope", check=False)
     assert out.returncode == 2 and "unknown boot driver 'nope'" in out.stderr
 
@@ -48,6 +52,10 @@ def test_node_import_csv_is_all_or_nothing(farm: Farm, tmp_path) -> None:  # typ
     bad.write_text("name,mac,disk\nc3,aa:bb:cc:dd:ee:03,/tmp/c3.img\nc4,zz:zz,/tmp/c4.img\n")
     out = farm.cli("node", "import", str(bad), check=False)
     assert out.returncode == 2 and "bad.csv:3" in out.stderr and "zz:zz" in out.stderr
+    rack = tmp_path / "rack.csv"  # a column no driver takes is refused, not stored
+    rack.write_text("name,disk,rack\nc5,/tmp/c5.img,r7\n")
+    out = farm.cli("node", "import", str(rack), check=False)
+    assert out.returncode == 2 and "rack.csv:2" in out.stderr and "'rack' is not a setting" in out.stderr
     assert [n["name"] for n in farm.cli_json("node", "list")] == ["c1", "c2"]
 
 
