@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup system-packages venv services demo test test-fast lint bench clean
+.PHONY: setup system-packages venv services demo test test-fast lint bench docs clean
 
 setup: system-packages venv
 
@@ -37,6 +37,10 @@ test-fast: venv
 
 lint: venv
 	$(VENV)/bin/ruff check .
+
+# The drivers' key tables in docs/drivers.md, from the drivers' own properties.
+docs: venv
+	$(PY) -m imgfarm.drivers.docs docs/drivers.md
 
 bench: setup services
 	$(PY) bench/inflight.py
