@@ -178,7 +178,8 @@ def import_csv(
     """Add many nodes from a CSV file, all or nothing.
 
     Columns: name (required), mac, ip, groups (separated by ';' or spaces),
-    boot, power, disk; any other column becomes a driver setting.
+    boot, power, disk; any other column is a driver setting, checked
+    like --set against the drivers' keys (`imgfarm node add --help`).
     """
     # lazy: SQLAlchemy loads only for the commands that use the job database
     from imgfarm.config.settings import get_settings
