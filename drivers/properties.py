@@ -194,7 +194,8 @@ def check_keys(node_name: str, drivers: Iterable[Declares], info: Mapping[str, A
         shows = " / ".join(dict.fromkeys(f"`imgfarm driver show {d.name}`" for d in drivers))
         raise DriverSettingsError(
             f"node {node_name}: {str(key)[:64]!r} is not a setting of {named}",
-            hint=f"{guess}valid settings: {valid} (see {shows})",
+            hint=f"{guess}valid settings: {valid} (see {shows}); a stored one goes with "
+            f"`imgfarm node set {node_name} --unset KEY`",
         )
 
 
