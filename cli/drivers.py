@@ -19,7 +19,7 @@ class WithDriverSettings(TyperCommand):
     # Any: typer's own (vendored) click types have no public names.
     def format_help(self, ctx: Any, formatter: Any) -> None:
         super().format_help(ctx, formatter)
-        # Lazy: loading every driver costs start-up time; only this help needs them.
+        # lazy: every driver loads only when this help is shown
         from imgfarm.drivers.docs import settings_help
 
         formatter.write("\n" + settings_help() + "\n")
@@ -29,7 +29,7 @@ class WithDriverSettings(TyperCommand):
 @handles_errors
 def list_drivers(json_out: bool = json_option()) -> None:
     """Every boot and power driver this farm has (a site's own packages included)."""
-    from imgfarm.drivers.docs import catalog  # lazy: loads every driver
+    from imgfarm.drivers.docs import catalog  # lazy: every driver, only for this command
 
     entries = catalog()
     if json_out:
@@ -49,7 +49,7 @@ def show(
     json_out: bool = json_option(),
 ) -> None:
     """A driver's settings: each --set KEY=VALUE, its default here, what it is for, an example."""
-    from imgfarm.drivers import docs  # lazy: loads the drivers
+    from imgfarm.drivers import docs  # lazy: every driver, only for this command
 
     if json_out:
         print_json(docs.show_view(name))

@@ -96,7 +96,7 @@ class Property:
         """The value a node without this key gets: the site setting, else `default`."""
         if not self.setting:
             return self.default
-        # Lazy: the tables are read by help and docs that need no settings (pydantic).
+        # lazy: pydantic-settings stays out of the help and docs, which need no settings
         from imgfarm.config.settings import get_settings
 
         obj: Any = settings if settings is not None else get_settings()
@@ -123,7 +123,7 @@ class Declares(Protocol):
 
 def built_in_settings() -> Settings:
     """The settings as shipped, ignoring this machine's environment (for the docs)."""
-    from imgfarm.config.settings import Settings  # lazy, as in Property.fallback
+    from imgfarm.config.settings import Settings  # lazy: pydantic-settings, as in fallback()
 
     return Settings.model_construct()
 
