@@ -96,7 +96,7 @@ class Property:
         """The value a node without this key gets: the site setting, else `default`."""
         if not self.setting:
             return self.default
-        # lazy: pydantic-settings stays out of the help and docs, which need no settings
+        # lazy: pydantic-settings loads only when a default comes from a site setting
         from imgfarm.config.settings import get_settings
 
         obj: Any = settings if settings is not None else get_settings()
