@@ -14,10 +14,12 @@ from imgfarm.models import states
 from imgfarm.models.db import session_scope
 from imgfarm.models.images import get_image
 from imgfarm.models.jobs import get_job, query_jobs
-from imgfarm.models.nodes import add_node, get_node
+from imgfarm.models.nodes import get_node
 from imgfarm.models.tables import Image, Job, Node
 from imgfarm.models.views import image_view, job_view, node_view
 from imgfarm.tasks import submit
+from imgfarm.tasks.convert import submit_convert
+from imgfarm.tasks.nodes import add_node
 
 
 def operator_auth(authorization: str | None = Header(None)) -> None:
@@ -84,8 +86,6 @@ def restore(body: RestoreIn) -> dict[str, Any]:
 
 @router.post("/jobs/convert", status_code=201)
 def convert(body: ConvertIn) -> dict[str, Any]:
-    from imgfarm.tasks.convert import submit_convert
-
     return {"job_ids": [submit_convert(body.image, body.name, submitted_by=body.submitted_by)]}
 
 

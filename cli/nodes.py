@@ -10,20 +10,14 @@ import typer
 from sqlalchemy import select
 
 from imgfarm.cli.output import handles_errors, json_option, print_json, table
-from imgfarm.errors import InvalidInput
+from imgfarm.config.settings import get_settings
+from imgfarm.errors import Conflict, ImgfarmError, InvalidInput
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
-from imgfarm.models.nodes import (
-    add_node,
-    ensure_groups,
-    get_node,
-    node_info,
-    normalize_mac,
-    set_admin_state,
-    validate_drivers,
-)
+from imgfarm.models.nodes import ensure_groups, get_node, normalize_mac, set_admin_state
 from imgfarm.models.tables import Job, Node, NodeEvent
 from imgfarm.models.views import node_view
+from imgfarm.tasks.nodes import add_node, node_info, validate_drivers
 
 app = typer.Typer(help="Add, change and list nodes.", no_args_is_help=True)
 
@@ -54,8 +48,6 @@ def add(
     json_out: bool = typer.Option(False, "--json", help="print the node as JSON"),
 ) -> None:
     """Add a node; its driver settings are checked now, not when a job runs."""
-    from imgfarm.config.settings import get_settings
-
     settings = get_settings()
     with session_scope() as s:
         node = add_node(s, name, mac, ip, group, boot or settings.default_boot_driver,
@@ -137,8 +129,6 @@ def show(name: str, json_out: bool = json_option()) -> None:
 @handles_errors
 def remove(name: str) -> None:
     """Remove a node that has no active job."""
-    from imgfarm.errors import Conflict
-
     with session_scope() as s:
         node = get_node(s, name)
         busy = s.scalar(select(Job.id).where(Job.node_id == node.id, Job.state.in_(states.ACTIVE)))
@@ -159,8 +149,6 @@ def import_csv(
     Columns: name (required), mac, ip, groups (separated by ';' or spaces),
     boot, power, disk; any other column becomes a driver setting.
     """
-    from imgfarm.config.settings import get_settings
-
     settings = get_settings()
     if not path.is_file():
         raise InvalidInput(f"{path} does not exist")
@@ -179,13 +167,7 @@ def import_csv(
                          [g for g in row.get("groups", "").replace(";", " ").split() if g],
                          row.get("boot") or settings.default_boot_driver,
                          row.get("power") or settings.default_power_driver, row.get("disk", ""), extra)
-            except InvalidInput as exc:
+            except ImgfarmError as exc:
                 raise type(exc)(f"{path}:{lineno}: {exc.message}", exc.hint) from exc
-            except Exception as exc:
-                from imgfarm.errors import ImgfarmError
-
-                if isinstance(exc, ImgfarmError):
-                    raise type(exc)(f"{path}:{lineno}: {exc.message}", exc.hint) from exc
-                raise
             added.append(row["name"])
     print_json({"added": added}) if json_out else typer.echo(f"added {len(added)} nodes")
