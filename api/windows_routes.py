@@ -21,6 +21,7 @@ from imgfarm.models.windows import (
     run_view,
     window_view,
 )
+from imgfarm.tasks import window_runner
 
 router = APIRouter(prefix="/api/v1/windows", tags=["windows"],
                    dependencies=[Depends(operator_auth)])
@@ -96,6 +97,4 @@ def remove(name: str) -> dict[str, Any]:
 
 @router.post("/{name}/run-now", status_code=201)
 def run_now(name: str) -> dict[str, Any]:
-    from imgfarm.tasks.window_runner import run_now as _run_now
-
-    return _run_now(name)
+    return window_runner.run_now(name)

@@ -12,17 +12,19 @@ from sqlalchemy import select
 
 from imgfarm.cli.output import console, handles_errors, human_bytes, json_option, print_json, table
 from imgfarm.errors import Conflict, InvalidInput, NotFound
+from imgfarm.models import states
 from imgfarm.models.db import session_scope
 from imgfarm.models.images import (
     check_image_name,
     find_image,
     get_image,
     image_dir,
+    legacy_first_volume,
     register_converted,
     register_image,
     store_root,
 )
-from imgfarm.models.tables import Image
+from imgfarm.models.tables import Image, Job
 from imgfarm.models.views import image_view
 
 app = typer.Typer(help="List, import, inspect, convert and verify images.", no_args_is_help=True)
@@ -63,6 +65,7 @@ def import_legacy(
     copied; a damaged image is refused and nothing is registered.  Example:
     `imgfarm image import /old/images/win7.000` registers `win7`.
     """
+    # lazy: the image formats (zstandard, ISA-L) load only for commands that read images
     from imgfarm.imageformats.convert import default_name
     from imgfarm.imageformats.ng import verify_image
     from imgfarm.tasks.finalize import sha256_file
@@ -121,10 +124,6 @@ def remove(
     keep_files: bool = typer.Option(False, "--keep-files", help="unregister only; leave the directory"),
 ) -> None:
     """Remove an image that no active job uses (its files go too, unless --keep-files)."""
-    from imgfarm.errors import Conflict
-    from imgfarm.models import states
-    from imgfarm.models.tables import Job
-
     with session_scope() as s:
         img = get_image(s, name)
         busy = s.scalar(select(Job.id).where(Job.image_name == name, Job.state.in_(states.ACTIVE)))
@@ -143,8 +142,8 @@ def _resolve_path(source: str) -> Path | None:
     """What a typed path means: an ng image directory, or the NAME.000 of a legacy image
     (from NAME.000, NAME, another volume NAME.001, or a directory holding one); None when
     nothing is there."""
+    # lazy: the image formats load only for commands that read images
     from imgfarm.imageformats.partimage import volume_paths
-    from imgfarm.models.images import legacy_first_volume
 
     path = Path(source)
     if path.is_dir():
@@ -165,8 +164,6 @@ def _resolve_path(source: str) -> Path | None:
 
 def _resolve_source(source: str) -> Path:
     """A path (see _resolve_path) or a registered image name; unknown -> NotFound."""
-    from imgfarm.models.images import legacy_first_volume
-
     path = _resolve_path(source)
     if path is not None:
         return path
@@ -195,6 +192,7 @@ def inspect(
 
         info: dict[str, Any] = json.loads((path / "manifest.json").read_text())
     else:
+        # lazy: the image formats load only for commands that read images
         from imgfarm.imageformats.partimage import inspect as pi_inspect
 
         info = pi_inspect(path).to_dict()
@@ -232,6 +230,7 @@ def verify(
     json_out: bool = json_option(),
 ) -> None:
     """Check every CRC and sha256 of an image; exit non-zero on the first fault."""
+    # lazy: the image formats load only for commands that read images
     from imgfarm.imageformats.ng import verify_image
 
     path = _resolve_source(source)
@@ -271,6 +270,7 @@ def convert(
     """
     import time
 
+    # lazy: the converter (zstandard, ISA-L) loads only for a conversion
     from imgfarm.imageformats.convert import convert_legacy
 
     path = _resolve_source(source)

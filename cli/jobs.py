@@ -27,6 +27,7 @@ from imgfarm.models.jobs import get_job, query_jobs
 from imgfarm.models.tables import Job
 from imgfarm.models.views import job_view
 from imgfarm.tasks import submit
+from imgfarm.tasks.convert import submit_convert
 
 
 def who() -> str:
@@ -203,8 +204,6 @@ def convert(
 
 
 def _convert(image: str, name: str, wait: bool, json_out: bool) -> None:
-    from imgfarm.tasks.convert import submit_convert
-
     job_id = submit_convert(image, name or None, submitted_by=who())
     _after_submit([job_id], {}, wait, json_out)
 

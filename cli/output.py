@@ -81,6 +81,7 @@ def handles_errors(fn: F) -> F:
         except ImgfarmError as exc:
             _fail(exc)
         except DBAPIError as exc:
+            # lazy: the job database's settings load only to explain one of its errors
             from imgfarm.models.db import explain_db_error
 
             farm_error = explain_db_error(exc)

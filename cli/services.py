@@ -18,7 +18,7 @@ db_app = typer.Typer(help="The job database.", no_args_is_help=True)
 @handles_errors
 def db_upgrade() -> None:
     """Create or migrate the job database to the current schema."""
-    from imgfarm.models.migrate import current, upgrade
+    from imgfarm.models.migrate import current, upgrade  # lazy: Alembic loads only for `db`
 
     upgrade()
     typer.echo(f"database at revision {current()}")
@@ -27,7 +27,7 @@ def db_upgrade() -> None:
 @db_app.command("revision")
 def db_revision(message: str = typer.Option(..., "-m")) -> None:
     """(Developers) autogenerate a migration from the models."""
-    from imgfarm.models.migrate import revision
+    from imgfarm.models.migrate import revision  # lazy: Alembic loads only for `db`
 
     revision(message)
 
@@ -78,7 +78,7 @@ def flower(port: int = typer.Option(5555), address: str = typer.Option("127.0.0.
 
 def reconcile(json_out: bool = json_option()) -> None:
     """Run one reconcile pass now (resume orphaned jobs, end stuck ones)."""
-    from imgfarm.tasks.reconcile import reconcile_once
+    from imgfarm.tasks.reconcile import reconcile_once  # lazy: Celery loads only for this command
 
     out = reconcile_once()
     print_json(out) if json_out else typer.echo(

@@ -14,9 +14,11 @@ import typer
 from sqlalchemy import select
 
 from imgfarm.cli.output import handles_errors, json_option, print_json, table
+from imgfarm.errors import Conflict
 from imgfarm.models.db import session_scope
 from imgfarm.models.windows import (
     ON_CLOSE_FINISH,
+    RUN_CLOSED,
     Window,
     WindowRun,
     add_window,
@@ -139,9 +141,6 @@ def disable(name: str, json_out: bool = json_option()) -> None:
 @handles_errors
 def remove(name: str, json_out: bool = json_option()) -> None:
     """Remove a window and its run history (jobs stay in the job database)."""
-    from imgfarm.errors import Conflict
-    from imgfarm.models.windows import RUN_CLOSED
-
     with session_scope() as s:
         window = get_window(s, name)
         if any(r.state != RUN_CLOSED for r in window.runs):
@@ -155,7 +154,7 @@ def remove(name: str, json_out: bool = json_option()) -> None:
 @handles_errors
 def run_now(name: str, json_out: bool = json_option()) -> None:
     """Open a window now for its duration (outside its schedule) and start its first jobs."""
-    from imgfarm.tasks.window_runner import run_now as _run_now
+    from imgfarm.tasks.window_runner import run_now as _run_now  # lazy: Celery loads only for run-now
 
     out = _run_now(name)
     if json_out:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
 from imgfarm.errors import ImageError
+from imgfarm.imageformats.partimage import iter_used_runs
 
 try:  # ISA-L's crc32 (python-isal, optional): same result as zlib.crc32, ~10x faster
     import os as _os
@@ -342,8 +343,6 @@ def restore_to_file(src: BinaryIO, target: str, where: str = "image") -> Partclo
 
     Pure-Python restore used by tests; stock partclone.restore is the real path.
     """
-    from imgfarm.imageformats.partimage import iter_used_runs
-
     header: PartcloneHeader | None = None
     with open(target, "r+b") as out:
         runs: Iterator[tuple[int, int]] | None = None

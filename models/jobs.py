@@ -13,8 +13,9 @@ from typing import Any
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
-from imgfarm.errors import NotFound
+from imgfarm.errors import InvalidInput, NotFound
 from imgfarm.models import states
+from imgfarm.models.nodes import get_node
 from imgfarm.models.tables import Job, JobEvent, utcnow
 
 
@@ -93,9 +94,6 @@ def query_jobs(
     session: Session, state: str = "", node: str = "", kind: str = "", limit: int = 200
 ) -> list[Job]:
     """Jobs newest first, filtered; one query for the CLI and the API alike."""
-    from imgfarm.errors import InvalidInput
-    from imgfarm.models.nodes import get_node
-
     if state and state not in states.ALL:
         raise InvalidInput(f"unknown state {state!r}", hint=f"one of {', '.join(states.ALL)}")
     if kind and kind not in states.KINDS:
