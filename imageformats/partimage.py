@@ -30,14 +30,16 @@ import queue
 import re
 import struct
 import threading
+import types
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from imgfarm.errors import ImageError
 
+_audioop: types.ModuleType | None
 try:  # audioop gives a C-speed exact byte sum (see _ByteSum); gone in Python 3.13
     import warnings
 
@@ -60,6 +62,8 @@ INFLATE = ("isal" if _isal_zlib is not None and os.environ.get("IMGFARM_INFLATE"
            else "zlib")
 _INFLATE_ERRORS: tuple[type[BaseException], ...] = (
     (zlib.error,) if _isal_zlib is None else (zlib.error, _isal_zlib.error))
+# what a damaged or truncated volume raises while it is decompressed
+_CORRUPT_DATA: tuple[type[BaseException], ...] = (*_INFLATE_ERRORS, OSError, EOFError, ValueError)
 crc32: Callable[..., int] = _isal_zlib.crc32 if INFLATE == "isal" else zlib.crc32
 
 # --- FORMATS.md A1: volume header ---------------------------------------------------
@@ -425,7 +429,7 @@ def _open_volume(path: Path) -> tuple[Any, str]:
     return fh, kind
 
 
-def _decode_volumes(first: Path, base: Path, name: str) -> Iterator[tuple[str, Any]]:
+def _decode_volumes(first: Path, base: Path, name: str) -> Generator[tuple[str, Any], None, None]:
     """The logical stream across volumes, as ("data", bytes) / ("endvol", n) items.
 
     Each volume's header is checked (magic, version, identifier == volume 0's,
@@ -488,7 +492,7 @@ def _decode_volumes(first: Path, base: Path, name: str) -> Iterator[tuple[str, A
                             if not out:
                                 continue
                         yield "data", out
-                except (*_INFLATE_ERRORS, OSError, EOFError, ValueError) as exc:
+                except _CORRUPT_DATA as exc:
                     raise ImageError(
                         f"{path.name}: corrupt {kind} data ({exc})",
                         hint="the volume file is damaged or truncated") from exc

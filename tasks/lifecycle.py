@@ -204,8 +204,8 @@ def wait_and_finish(
     try:
         while True:
             if just_booted is not None:
-                progress = {"job_id": job_id, "state": states.BOOTING, "percent": 0.0, "bytes_done": 0,
-                            "bytes_total": 0, "rate": 0.0}
+                progress: dict[str, Any] = {"job_id": job_id, "state": states.BOOTING, "percent": 0.0,
+                                            "bytes_done": 0, "bytes_total": 0, "rate": 0.0}
                 wake_at = time.monotonic() + min(just_booted + 0.05, SAFETY_RECHECK)
                 just_booted = None
             else:
