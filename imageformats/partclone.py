@@ -2,12 +2,12 @@
 
 Why our own writer: a converted legacy image must be restorable with stock
 ``partclone.restore`` without running partclone on a device first, so we emit
-the exact bytes partclone 0.3.x writes (FORMATS.md section B): the 110-byte
+the exact bytes partclone 0.3.x writes (docs/formats.md section B): the 110-byte
 header with its CRC, a BIT bitmap with its CRC, then the used blocks with a
 CRC32 after every ``blocks_per_checksum`` blocks (reseed on).
 
 The CRC is partclone's variant: reflected 0xEDB88320, start 0xFFFFFFFF, *no*
-final inversion, i.e. ``zlib.crc32(x) ^ 0xFFFFFFFF`` (FORMATS.md B3).
+final inversion, i.e. ``zlib.crc32(x) ^ 0xFFFFFFFF`` (docs/formats.md B3).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class _Source(Protocol):
 
 @dataclass
 class PartcloneHeader:
-    """The fields of a 0002 header (FORMATS.md B1)."""
+    """The fields of a 0002 header (docs/formats.md B1)."""
 
     partclone_version: str
     fs_type: str
