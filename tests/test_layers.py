@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,6 +198,14 @@ def test_every_module_has_a_layer() -> None:
     assert "imgfarm.tasks.lifecycle" in modules and "imgfarm.agent.main" in modules  # the walk works
     unplaced = sorted({part_of(m) for m in modules} - set(LAYERS) - {AGENT})
     assert not unplaced, f"parts without a layer in tests/test_layers.py: {unplaced}"
+
+
+def test_readme_table_gives_the_same_layers() -> None:
+    rows = re.findall(r"^\| `([a-z]+)/` \| (\d) \|", (ROOT / "README.md").read_text(), re.M)
+    in_readme = {f"imgfarm.{folder}": int(layer) for folder, layer in rows}
+    folders = {part: layer for part, layer in LAYERS.items()
+               if part != "imgfarm" and (ROOT / part.removeprefix("imgfarm.")).is_dir()}
+    assert in_readme == folders
 
 
 def test_imports_go_downward_only() -> None:
