@@ -26,8 +26,6 @@ from imgfarm.models.db import session_scope
 from imgfarm.models.jobs import get_job, query_jobs
 from imgfarm.models.tables import Job
 from imgfarm.models.views import job_view
-from imgfarm.tasks import submit
-from imgfarm.tasks.convert import submit_convert
 
 
 def who() -> str:
@@ -150,6 +148,8 @@ def capture(
 
 def _capture(node: str, image: str, fmt: str, wait: bool, timeout: float, disk: str,
              json_out: bool) -> None:
+    from imgfarm.tasks import submit  # lazy: Celery loads only for the commands that send jobs
+
     sub = submit.submit_capture(node, image, fmt, submitted_by=who(),
                                 options=submit.job_options(timeout, disk))
     _after_submit(sub.job_ids, {}, wait, json_out)
@@ -187,6 +187,8 @@ def restore(
 
 def _restore(nodes: str, image: str, wait: bool, skip_busy: bool, convert: bool, timeout: float,
              disk: str, json_out: bool) -> None:
+    from imgfarm.tasks import submit  # lazy: Celery loads only for the commands that send jobs
+
     sub = submit.submit_restore(nodes, image, submitted_by=who(), skip_busy=skip_busy, convert=convert,
                                 options=submit.job_options(timeout, disk))
     extra = [sub.convert_job_id] if sub.convert_job_id else None
@@ -204,6 +206,8 @@ def convert(
 
 
 def _convert(image: str, name: str, wait: bool, json_out: bool) -> None:
+    from imgfarm.tasks.convert import submit_convert  # lazy: Celery loads only to send jobs
+
     job_id = submit_convert(image, name or None, submitted_by=who())
     _after_submit([job_id], {}, wait, json_out)
 
@@ -267,5 +271,7 @@ def cancel(job_id: int = typer.Argument(...)) -> None:
 
 
 def _cancel(job_id: int) -> None:
+    from imgfarm.tasks import submit  # lazy: Celery loads only for the commands that send jobs
+
     was = submit.request_cancel(job_id)
     typer.echo(f"cancel requested for job {job_id} (was {was})")
