@@ -44,7 +44,7 @@ def add(
     # lazy: SQLAlchemy loads only for the commands that use the job database
     from imgfarm.config.settings import get_settings
     from imgfarm.models.db import session_scope
-    from imgfarm.models.nodes import add_node
+    from imgfarm.tasks.nodes import add_node
 
     settings = get_settings()
     with session_scope() as s:
@@ -71,15 +71,9 @@ def set_node(
     """Change a node: drivers, settings, groups, admin state (validated before saving)."""
     # lazy: SQLAlchemy loads only for the commands that use the job database
     from imgfarm.models.db import session_scope
-    from imgfarm.models.nodes import (
-        ensure_groups,
-        get_node,
-        node_info,
-        normalize_mac,
-        set_admin_state,
-        validate_drivers,
-    )
+    from imgfarm.models.nodes import ensure_groups, get_node, normalize_mac, set_admin_state
     from imgfarm.models.tables import NodeEvent
+    from imgfarm.tasks.nodes import node_info, validate_drivers
 
     with session_scope() as s:
         node = get_node(s, name)
@@ -169,7 +163,7 @@ def import_csv(
     # lazy: SQLAlchemy loads only for the commands that use the job database
     from imgfarm.config.settings import get_settings
     from imgfarm.models.db import session_scope
-    from imgfarm.models.nodes import add_node
+    from imgfarm.tasks.nodes import add_node
 
     settings = get_settings()
     if not path.is_file():

@@ -141,9 +141,10 @@ def per_node(result: CommandResult, nodes: Iterable[str]) -> dict[str, NodeAnswe
         rest = m.group("rest").strip()
         err = re.match(r"^Error:\s*(.*)$", rest)
         node = m.group("node")
+        seen = out[node]
         if err:
             out[node] = NodeAnswer(False, err.group(1))
-        elif out[node] is None or out[node].ok:  # an error line wins over data
+        elif seen is None or seen.ok:  # an error line wins over data
             out[node] = NodeAnswer(True, rest)
     return out
 

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from imgfarm.errors import DriverError
+from imgfarm.errors import DriverError, DriverSettingsError
 
 
 class BootTarget(enum.StrEnum):
@@ -128,8 +128,6 @@ class PowerInterface(ABC):
 
 def require(node: NodeInfo, driver: str, *keys: str) -> None:
     """Raise DriverSettingsError naming every missing driver_info key."""
-    from imgfarm.errors import DriverSettingsError
-
     missing = [k for k in keys if not str(node.driver_info.get(k, "") or "").strip()]
     if missing:
         flags = " ".join(f"--set {k}=..." for k in missing)
