@@ -30,6 +30,7 @@ demo: setup
 
 test: setup services
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -ra --durations=15
 
 test-fast: venv
@@ -37,6 +38,7 @@ test-fast: venv
 
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 # The drivers' key tables in docs/drivers.md, from the drivers' own properties.
 docs: venv
@@ -49,4 +51,4 @@ bench: setup services
 	$(PY) bench/cli_start.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .imgfarm-demo
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .imgfarm-demo

@@ -63,7 +63,7 @@ def watch_stderr(stream: IO[bytes], on_percent: Callable[[float], None], tail: d
     """Read a tool's stderr: keep its tail for errors, pass on percentages."""
     buf = b""
     while True:
-        chunk = stream.read1(4096) if hasattr(stream, "read1") else stream.read(4096)  # type: ignore[attr-defined]
+        chunk = stream.read1(4096) if hasattr(stream, "read1") else stream.read(4096)
         if not chunk:
             break
         buf += chunk

@@ -9,7 +9,6 @@ tells a stranger nothing about which jobs exist.
 from __future__ import annotations
 
 import hmac
-import logging
 from typing import Any
 
 from fastapi import APIRouter, Header
@@ -20,13 +19,13 @@ from imgfarm.config.settings import get_settings
 from imgfarm.errors import Conflict, Unauthorized
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
-from imgfarm.models.images import INCOMING, get_image, store_root
+from imgfarm.models.images import get_image
 from imgfarm.models.jobs import add_event, begin_finalizing, hash_token, transition
 from imgfarm.models.tables import Job, utcnow
+from imgfarm.tasks.job_spec import job_spec
 from imgfarm.worker.wakeup import notify
 
 router = APIRouter(prefix="/agent/v1", tags=["agent"])
-log = logging.getLogger(__name__)
 
 
 class ProgressReport(BaseModel):
@@ -61,39 +60,6 @@ def _authorized_job(session: Any, job_id: int, authorization: str | None) -> Job
 def _open_job(job: Job) -> None:
     if job.state not in (states.BOOTING, states.RUNNING):
         raise Conflict(f"job {job.id} is {job.state}; reports are no longer accepted")
-
-
-def job_spec(job: Job) -> dict[str, Any]:
-    settings = get_settings()
-    store: dict[str, Any]
-    nfs = settings.image_store_nfs
-    if not nfs and job.node is not None and job.node.boot_driver == "xcat":
-        # An xCAT site names its image library in the site table
-        # (IMAGELIBSERVER, IMAGELIBINSTALLDIR): no duplicate configuration.
-        from imgfarm.drivers.xcat import xcat_image_store
-        from imgfarm.errors import DriverError
-
-        try:
-            nfs = xcat_image_store() or ""
-        except DriverError as exc:  # tabdump failed: the local path is the best we know
-            log.warning("cannot read xCAT's site table for the image store: %s", exc)
-    if nfs:
-        store = {"type": "nfs", "export": nfs}
-    else:
-        store = {"type": "local", "path": str(store_root())}
-    spec: dict[str, Any] = {
-        "job_id": job.id,
-        "kind": job.kind,
-        "format": job.format,
-        "node": job.node_name,
-        "disk_hint": (job.options or {}).get("disk") or (job.node.disk if job.node else ""),
-        "store": store,
-        "progress_interval": settings.progress_interval,
-        "image": {"name": job.image_name},
-    }
-    if job.kind == "capture":
-        spec["output_dir"] = f"{INCOMING}/job-{job.id}"
-    return spec
 
 
 @router.get("/jobs/{job_id}")

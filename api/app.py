@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
 
 from imgfarm import __version__
-from imgfarm.api import agent_routes, operator_routes, windows_routes
+from imgfarm.api import agent_routes, metrics, operator_routes, windows_routes
 from imgfarm.errors import ImgfarmError
 from imgfarm.models.dbapi import explain_db_error
 
@@ -38,12 +38,7 @@ def create_app() -> FastAPI:
 
     app.include_router(operator_routes.router)
     app.include_router(agent_routes.router)
-    try:
-        from imgfarm.api import metrics
-
-        app.include_router(metrics.router)
-    except ImportError:
-        pass
+    app.include_router(metrics.router)
     app.include_router(windows_routes.router)
     return app
 

@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from imgfarm.models import states
+from imgfarm.models import windows as w
 from imgfarm.models.db import session_scope
 from imgfarm.models.tables import Job, Node
 
@@ -78,7 +79,8 @@ class FarmCollector(Collector):
                 Job.state.in_(states.FINAL), Job.started_at.is_not(None),
                 Job.finished_at.is_not(None)))
             for kind, state, start, end in rows:
-                durations.setdefault((kind, state), []).append((end - start).total_seconds())
+                if start is not None and end is not None:  # the query's own filter, for the type checker
+                    durations.setdefault((kind, state), []).append((end - start).total_seconds())
             for (kind, state), values in sorted(durations.items()):
                 buckets, total = _histogram(values)
                 dur.add_metric([kind, state], buckets, total)
@@ -90,10 +92,6 @@ class FarmCollector(Collector):
 
     @staticmethod
     def _windows(s: Any, win_nodes: GaugeMetricFamily, win_open: GaugeMetricFamily) -> None:
-        try:
-            from imgfarm.models import windows as w
-        except ImportError:
-            return
         latest = (select(w.WindowRun.window_id, func.max(w.WindowRun.id).label("run_id"))
                   .group_by(w.WindowRun.window_id).subquery())
         q = (select(w.Window.name, w.WindowRun).join(latest, latest.c.window_id == w.Window.id)

@@ -14,9 +14,11 @@ from imgfarm.models import views
 from imgfarm.models.db import session_scope
 from imgfarm.models.dbapi import reader
 from imgfarm.models.images import get_image, image_views
-from imgfarm.models.nodes import add_node, get_node, node_views
+from imgfarm.models.nodes import get_node, node_views
 from imgfarm.models.views import image_view, node_view
 from imgfarm.tasks import submit
+from imgfarm.tasks.convert import submit_convert
+from imgfarm.tasks.nodes import add_node
 
 
 def operator_auth(authorization: str | None = Header(None)) -> None:
@@ -85,8 +87,6 @@ def restore(body: RestoreIn) -> dict[str, Any]:
 
 @router.post("/jobs/convert", status_code=201)
 def convert(body: ConvertIn) -> dict[str, Any]:
-    from imgfarm.tasks.convert import submit_convert
-
     return {"job_ids": [submit_convert(body.image, body.name, submitted_by=body.submitted_by)]}
 
 

@@ -18,6 +18,7 @@ from imgfarm.models.windows import (
     window_view,
     window_views,
 )
+from imgfarm.tasks import window_runner
 
 router = APIRouter(prefix="/api/v1/windows", tags=["windows"],
                    dependencies=[Depends(operator_auth)])
@@ -78,6 +79,4 @@ def remove(name: str) -> dict[str, Any]:
 
 @router.post("/{name}/run-now", status_code=201)
 def run_now(name: str) -> dict[str, Any]:
-    from imgfarm.tasks.window_runner import run_now as _run_now
-
-    return _run_now(name)
+    return window_runner.run_now(name)

@@ -181,7 +181,7 @@ def _after_submit(job_ids: list[int], skipped: dict[str, str], wait: bool, json_
                   extra: list[int] | None = None) -> None:
     if not wait:
         if json_out:
-            print_json({"job_ids": job_ids, "skipped": skipped, "convert_job_id": (extra or [None])[0]})
+            print_json({"job_ids": job_ids, "skipped": skipped, "convert_job_id": extra[0] if extra else None})
         else:
             for n, why in skipped.items():
                 echo(f"skipped {n}: {why}")

@@ -47,7 +47,7 @@ def add(
     # lazy: SQLAlchemy loads only for the commands that use the job database
     from imgfarm.config.settings import get_settings
     from imgfarm.models.db import session_scope
-    from imgfarm.models.nodes import add_node
+    from imgfarm.tasks.nodes import add_node
 
     settings = get_settings()
     with session_scope() as s:
@@ -79,15 +79,9 @@ def set_node(
     # lazy: SQLAlchemy and the driver registry load only for the commands that use them
     from imgfarm.drivers.registry import left_behind
     from imgfarm.models.db import session_scope
-    from imgfarm.models.nodes import (
-        ensure_groups,
-        get_node,
-        node_info,
-        normalize_mac,
-        set_admin_state,
-        validate_drivers,
-    )
+    from imgfarm.models.nodes import ensure_groups, get_node, normalize_mac, set_admin_state
     from imgfarm.models.tables import NodeEvent
+    from imgfarm.tasks.nodes import node_info, validate_drivers
 
     with session_scope() as s:
         node = get_node(s, name)
@@ -184,7 +178,7 @@ def import_csv(
     # lazy: SQLAlchemy loads only for the commands that use the job database
     from imgfarm.config.settings import get_settings
     from imgfarm.models.db import session_scope
-    from imgfarm.models.nodes import add_node
+    from imgfarm.tasks.nodes import add_node
 
     settings = get_settings()
     if not path.is_file():

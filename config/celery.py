@@ -35,12 +35,16 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     if settings.broker_prefix:
         transport["global_keyprefix"] = settings.broker_prefix
     if settings.broker_url.startswith("filesystem://"):
-        # No Redis: Celery's file-system broker, good for one machine (make demo).
+        # No Redis: Celery's file-system broker, good for one machine (make demo). Every
+        # folder it writes is named here, under the data directory: kombu's defaults
+        # (control/, data_in/, data_out/) are relative to whatever directory a worker
+        # happens to start in.
         folder = settings.data_dir / "broker"
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         transport.update({"data_folder_in": str(folder / "queue"), "data_folder_out": str(folder / "queue"),
-                          "processed_folder": str(folder / "processed"), "store_processed": False})
+                          "processed_folder": str(folder / "processed"), "store_processed": False,
+                          "control_folder": str(folder / "control")})
         if result_backend.startswith("filesystem://"):
             (settings.data_dir / "results").mkdir(parents=True, exist_ok=True)
             result_backend = f"file://{settings.data_dir / 'results'}"

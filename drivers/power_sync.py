@@ -1,9 +1,10 @@
 """Power drift: compare each node's recorded power state with what its BMC says.
 
 Why: someone pressed a power button, a PDU tripped, a BMC died. The farm
-records the power state it last set or saw; a periodic task (wired by the
-lead, every settings.ipmi.sync_interval seconds) calls `detect_drift` with
-the nodes that have no active job and writes one node event per record.
+records the power state it last set or saw; the periodic task
+`imgfarm.power_sync` (tasks/power_sync.py, every settings.ipmi.sync_interval
+seconds) calls `detect_drift` with the nodes that have no active job and
+writes one node event per record.
 
 The function writes nothing. It asks each node's own power driver (xcat
 batches these into a few `rpower stat` runs; ipmi queries BMCs in parallel,
@@ -20,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from imgfarm.drivers.base import NodeInfo, PowerState
+from imgfarm.drivers.registry import power_driver
 
 
 class DriftKind(enum.StrEnum):
@@ -46,8 +48,6 @@ class PowerDrift:
 
 
 def _default_query(node: NodeInfo) -> PowerState:
-    from imgfarm.drivers.registry import power_driver
-
     return power_driver(node.power_driver).get_power_state(node)
 
 

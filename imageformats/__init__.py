@@ -1,6 +1,6 @@
 """Image formats: legacy partimage 0.6.x (read), partclone 0002 (read/write), partimage-ng.
 
-See docs/FORMATS.md for the byte layouts and STATUS.md here for what is tested.
+See docs/formats.md for the byte layouts.
 """
 
 from imgfarm.imageformats.convert import convert_legacy

@@ -29,7 +29,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import zstandard
 
@@ -362,6 +362,15 @@ def _convert_into(source: Path, tmp: Path, name: str,
                               fs=fs, pc_fs=pc_fs)
 
 
+def _as_file(sink: _HashingFile) -> IO[bytes]:
+    """The sink as python-zstandard's stream_writer is typed to take it: a binary file.
+
+    It needs only write() (and flush(), when there is one), which the sink has;
+    with closefd=False it never closes it.
+    """
+    return cast(IO[bytes], sink)
+
+
 class _CompressThread:
     """``write()`` sink that compresses in a thread of its own (bounded queue, immutable bytes).
 
@@ -375,7 +384,7 @@ class _CompressThread:
 
     def __init__(self, cctx: zstandard.ZstdCompressor, sink: _HashingFile,
                  depth: int = 8) -> None:
-        self._zw = cctx.stream_writer(sink, closefd=False, write_size=1 << 20)
+        self._zw = cctx.stream_writer(_as_file(sink), closefd=False, write_size=1 << 20)
         self._q: queue.Queue[bytes | None] = queue.Queue(depth)
         self._error: BaseException | None = None
         self._t = threading.Thread(target=self._run, name="convert-zstd", daemon=True)
@@ -426,7 +435,7 @@ def _write_stream(reader: partimage.PartimageReader, sink: _HashingFile, pc_fs: 
         level, threads=zstd_threads if zstd_threads >= 2 else 0, write_checksum=True)
     cctx = zstandard.ZstdCompressor(compression_params=params)
     out: Any = (_CompressThread(cctx, sink) if zstd_threads == 1
-                else cctx.stream_writer(sink, closefd=False, write_size=1 << 20))
+                else cctx.stream_writer(_as_file(sink), closefd=False, write_size=1 << 20))
     try:
         writer = partclone.PartcloneWriter(
             out, fs_type=pc_fs, device_size=info.partition_size, total_blocks=info.block_count,

@@ -33,7 +33,7 @@ from imgfarm.imageformats import partclone, partimage
 FORMAT = "partimage-ng"
 VERSION = 1
 MANIFEST = "manifest.json"
-PARTITION_KEYS = {
+PARTITION_KEYS: dict[str, type] = {
     "index": int, "name": str, "file": str, "filesystem": str, "partclone_fs": str,
     "block_size": int, "total_blocks": int, "used_blocks": int, "total_bytes": int,
     "used_bytes": int, "start_bytes": int, "size_bytes": int, "sha256": str,
@@ -87,11 +87,11 @@ def validate_manifest(m: Any, where: str = MANIFEST) -> dict[str, Any]:
     for i, p in enumerate(m["partitions"]):
         if not isinstance(p, dict):
             raise bad(f"partitions[{i}] is not an object")
-        for key, typ in PARTITION_KEYS.items():
+        for key, want in PARTITION_KEYS.items():
             v = p.get(key)
-            if not isinstance(v, typ) or isinstance(v, bool):
-                raise bad(f"partitions[{i}].{key} is missing or not a {typ.__name__}")
-            if typ is int and v < 0:
+            if not isinstance(v, want) or isinstance(v, bool):
+                raise bad(f"partitions[{i}].{key} is missing or not a {want.__name__}")
+            if isinstance(v, int) and v < 0:
                 raise bad(f"partitions[{i}].{key} is negative")
         if not _SAFE_FILE.match(p["file"]) or p["file"] in seen:
             raise bad(f"partitions[{i}].file {p['file']!r} is not a plain, unique file name")
@@ -249,7 +249,7 @@ def verify_partition(directory: Path, p: dict[str, Any],
             with dctx.stream_reader(fh, read_size=1 << 20, read_across_frames=True) as zr:
                 pre = _PrefetchReader(zr)
                 try:
-                    report = partclone.verify_stream(pre, where, progress)  # type: ignore[arg-type]
+                    report = partclone.verify_stream(pre, where, progress)
                 finally:
                     pre.close()
     except zstandard.ZstdError as exc:

@@ -2,12 +2,12 @@
 
 Why our own writer: a converted legacy image must be restorable with stock
 ``partclone.restore`` without running partclone on a device first, so we emit
-the exact bytes partclone 0.3.x writes (FORMATS.md section B): the 110-byte
+the exact bytes partclone 0.3.x writes (docs/formats.md section B): the 110-byte
 header with its CRC, a BIT bitmap with its CRC, then the used blocks with a
 CRC32 after every ``blocks_per_checksum`` blocks (reseed on).
 
 The CRC is partclone's variant: reflected 0xEDB88320, start 0xFFFFFFFF, *no*
-final inversion, i.e. ``zlib.crc32(x) ^ 0xFFFFFFFF`` (FORMATS.md B3).
+final inversion, i.e. ``zlib.crc32(x) ^ 0xFFFFFFFF`` (docs/formats.md B3).
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ import struct
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
 from imgfarm.errors import ImageError
+from imgfarm.imageformats.partimage import iter_used_runs
 
+_isal_crc32: Callable[..., int] | None
 try:  # ISA-L's crc32 (python-isal, optional): same result as zlib.crc32, ~10x faster
     import os as _os
 
@@ -70,7 +72,7 @@ def _count_bits(bitmap: bytes | bytearray) -> int:
                for i in range(0, len(mv), 1 << 20))
 
 
-def pc_crc32(data: bytes | memoryview, state: int = 0xFFFFFFFF) -> int:
+def pc_crc32(data: bytes | bytearray | memoryview, state: int = 0xFFFFFFFF) -> int:
     """partclone's CRC32 (no final inversion); `state` is the running value."""
     return zlib.crc32(data, state ^ 0xFFFFFFFF) ^ 0xFFFFFFFF
 
@@ -79,9 +81,15 @@ class _Sink(Protocol):
     def write(self, data: bytes | memoryview, /) -> object: ...
 
 
+class _Source(Protocol):
+    """What a stream is read from: a file, a zstd stream reader, a pipe."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
 @dataclass
 class PartcloneHeader:
-    """The fields of a 0002 header (FORMATS.md B1)."""
+    """The fields of a 0002 header (docs/formats.md B1)."""
 
     partclone_version: str
     fs_type: str
@@ -225,7 +233,7 @@ class PartcloneReport:
 
 
 class _Reader:
-    def __init__(self, src: BinaryIO, where: str) -> None:
+    def __init__(self, src: _Source, where: str) -> None:
         self.src = src
         self.where = where
         self.pos = 0
@@ -244,7 +252,7 @@ class _Reader:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def iter_data(src: BinaryIO, where: str = "image", *, chunk: int = 4 << 20
+def iter_data(src: _Source, where: str = "image", *, chunk: int = 4 << 20
               ) -> Iterator[tuple[PartcloneHeader, bytes, memoryview]]:
     """Read and check a partclone stream; yields (header, bitmap, data piece).
 
@@ -307,7 +315,7 @@ def iter_data(src: BinaryIO, where: str = "image", *, chunk: int = 4 << 20
         raise ImageError(f"{where}: unexpected data after the last block")
 
 
-def verify_stream(src: BinaryIO, where: str = "image",
+def verify_stream(src: _Source, where: str = "image",
                   progress: Callable[[int, int], None] | None = None) -> PartcloneReport:
     """Check a whole partclone stream (see :func:`iter_data`); return what was seen."""
     header: PartcloneHeader | None = None
@@ -327,7 +335,7 @@ def verify_stream(src: BinaryIO, where: str = "image",
 
 
 class _CountingReader:
-    def __init__(self, src: BinaryIO) -> None:
+    def __init__(self, src: _Source) -> None:
         self.src = src
         self.count = 0
 
@@ -337,13 +345,11 @@ class _CountingReader:
         return b
 
 
-def restore_to_file(src: BinaryIO, target: str, where: str = "image") -> PartcloneHeader:
+def restore_to_file(src: _Source, target: str, where: str = "image") -> PartcloneHeader:
     """Write a partclone stream's blocks to an existing file at block_id x block_size.
 
     Pure-Python restore used by tests; stock partclone.restore is the real path.
     """
-    from imgfarm.imageformats.partimage import iter_used_runs
-
     header: PartcloneHeader | None = None
     with open(target, "r+b") as out:
         runs: Iterator[tuple[int, int]] | None = None

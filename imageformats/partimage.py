@@ -4,8 +4,8 @@ Why a reader of our own: converting the farm's old images must not need a
 scratch disk or the partimage binary, and it must check everything partimage
 itself checks on restore (volume headers, header sums, CHK CRCs and their
 positions, the tail) so a damaged image is refused *before* anything is
-registered.  The byte layouts are in docs/FORMATS.md (section A); every
-constant below names the line of that sheet it comes from.
+registered.  The byte layouts are in docs/formats.md (section A); the
+constants below name the section they come from.
 
 Public surface:
 
@@ -30,14 +30,16 @@ import queue
 import re
 import struct
 import threading
+import types
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from imgfarm.errors import ImageError, NotFound
 
+_audioop: types.ModuleType | None
 try:  # audioop gives a C-speed exact byte sum (see _ByteSum); gone in Python 3.13
     import warnings
 
@@ -60,13 +62,15 @@ INFLATE = ("isal" if _isal_zlib is not None and os.environ.get("IMGFARM_INFLATE"
            else "zlib")
 _INFLATE_ERRORS: tuple[type[BaseException], ...] = (
     (zlib.error,) if _isal_zlib is None else (zlib.error, _isal_zlib.error))
+# what a damaged or truncated volume raises while it is decompressed
+_CORRUPT_DATA: tuple[type[BaseException], ...] = (*_INFLATE_ERRORS, OSError, EOFError, ValueError)
 crc32: Callable[..., int] = _isal_zlib.crc32 if INFLATE == "isal" else zlib.crc32
 
-# --- FORMATS.md A1: volume header ---------------------------------------------------
+# --- docs/formats.md A1: volume header ------------------------------------------------
 VOLUME_MAGIC = b"PaRtImAgE-VoLuMe"
 VOLUME_HEADER_SIZE = 512
 ACCEPTED_VERSIONS = ("0.6.0", "0.6.1")
-# --- FORMATS.md A2: logical stream --------------------------------------------------
+# --- docs/formats.md A2: logical stream -----------------------------------------------
 HEADER_SIZE = 16384  # CMainHeader, CLocalHeader, info header
 MAGIC_MBR = b"MAGIC-BEGIN-MBRBACKUP"
 MAGIC_LOCAL = b"MAGIC-BEGIN-LOCALHEADER"
@@ -76,7 +80,7 @@ MAGIC_DATA = b"MAGIC-BEGIN-DATABLOCKS"
 MAGIC_TAIL = b"MAGIC-BEGIN-TAIL"
 EXT_SLOTS = 10
 MBR_SIZE = 2048
-# --- FORMATS.md A3/A4 ---------------------------------------------------------------
+# --- docs/formats.md A3/A4 ------------------------------------------------------------
 CHECK_FREQUENCY = 65536  # bytes of block data between two CHK records
 CHECK_SIZE = 16
 COPYBUF_SIZE = 262144  # caps a used run: qwPos is the start of the capped run
@@ -137,7 +141,7 @@ def _cstr(raw: bytes) -> str:
 def signed_sum(buf: bytes) -> int:
     """partimage's header "CRC": the sum of the bytes as signed chars, as a u32.
 
-    Not a CRC at all (FORMATS.md A2); kept bit-exact so that we accept exactly
+    Not a CRC at all (docs/formats.md A2); kept bit-exact so that we accept exactly
     what partimage accepts.
     """
     high = len(buf) - len(buf.translate(None, bytes(range(128, 256)))) if buf else 0
@@ -183,7 +187,7 @@ class _LengthOnly:
 class _ByteSum:
     """Exact unsigned byte sum of a stream, at C speed, without numpy.
 
-    The tail's qwCRC (FORMATS.md A4) is a plain 64-bit sum of every byte;
+    The tail's qwCRC (docs/formats.md A4) is a plain 64-bit sum of every byte;
     summing gigabytes with ``sum()`` would run at ~150 MB/s and dominate the
     conversion.  For each piece of at most 32 KiB: ``zlib.adler32`` gives the
     sum modulo 65521 and ``audioop.avg`` (after ``audioop.bias`` moves the bytes
@@ -219,7 +223,7 @@ class _ByteSum:
 
 @dataclass
 class MbrBackup:
-    """One CMbr record (FORMATS.md A5): sector 0 of a disk saved with the partition."""
+    """One CMbr record (docs/formats.md A5): sector 0 of a disk saved with the partition."""
 
     device: str
     sector0: bytes = field(repr=False)
@@ -316,7 +320,7 @@ def _volume_path(first: Path, base: Path, n: int) -> Path:
 def detect_compression(head: bytes) -> str:
     """Compression of one volume file from its first bytes (never from its name).
 
-    Same order as partimage (FORMATS.md A1): LZO, bzip2, raw, gzip.
+    Same order as partimage (docs/formats.md A1): LZO, bzip2, raw, gzip.
     """
     if head[1:4] == _LZO_MAGIC:
         return "lzo"
@@ -436,7 +440,7 @@ def _open_volume(path: Path) -> tuple[Any, str]:
     return fh, kind
 
 
-def _decode_volumes(first: Path, base: Path, name: str) -> Iterator[tuple[str, Any]]:
+def _decode_volumes(first: Path, base: Path, name: str) -> Generator[tuple[str, Any], None, None]:
     """The logical stream across volumes, as ("data", bytes) / ("endvol", n) items.
 
     Each volume's header is checked (magic, version, identifier == volume 0's,
@@ -499,7 +503,7 @@ def _decode_volumes(first: Path, base: Path, name: str) -> Iterator[tuple[str, A
                             if not out:
                                 continue
                         yield "data", out
-                except (*_INFLATE_ERRORS, OSError, EOFError, ValueError) as exc:
+                except _CORRUPT_DATA as exc:
                     raise ImageError(
                         f"{path.name}: corrupt {kind} data ({exc})",
                         hint="the volume file is damaged or truncated") from exc
@@ -674,7 +678,7 @@ class _Headers:
 
 
 def _read_headers(stream: _Stream, first: Path, base: Path, name: str) -> _Headers:
-    """Parse everything up to MAGIC-BEGIN-DATABLOCKS (FORMATS.md A2, items 2-13)."""
+    """Parse everything up to MAGIC-BEGIN-DATABLOCKS (docs/formats.md A2, items 2-13)."""
     try:
         main = stream.read_exact(HEADER_SIZE + 4, "main header")
     except ImageError as exc:
@@ -1010,7 +1014,7 @@ class PartimageReader:
     def blocks(self) -> Iterator[tuple[int, memoryview]]:
         """``(partition byte offset, data)`` for every run of consecutive used blocks.
 
-        Offsets follow FORMATS.md A3: block i is at i x block_size (ext2/3:
+        Offsets follow docs/formats.md A3: block i is at i x block_size (ext2/3:
         1 KiB logical blocks; FAT: absolute sectors, the last sector never saved).
         """
         bs = self.info.block_size

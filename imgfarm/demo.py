@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ class Demo:
         self.procs.append(proc)
         return proc
 
-    def wait_until(self, cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    def wait_until(self, cond: Callable[[], object], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:

@@ -6,8 +6,10 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
 
 from imgfarm.config.settings import get_settings
+from imgfarm.models.db import get_engine
 
 
 def alembic_config(url: str | None = None) -> Config:
@@ -22,10 +24,6 @@ def upgrade(url: str | None = None, revision: str = "head") -> None:
 
 
 def current(url: str | None = None) -> str | None:
-    from alembic.runtime.migration import MigrationContext
-
-    from imgfarm.models.db import get_engine
-
     with get_engine(url or get_settings().database_url).connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
 

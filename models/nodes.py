@@ -16,7 +16,6 @@ from ClusterShell.NodeUtils import GroupResolver, GroupSource
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from imgfarm.drivers.base import NodeInfo
 from imgfarm.errors import Conflict, InvalidInput, NodeRangeError, NotFound
 from imgfarm.models import states
 from imgfarm.models.tables import Group, Job, Node
@@ -112,41 +111,25 @@ def ensure_groups(session: Session, names: list[str]) -> list[Group]:
     return out
 
 
-def node_info(node: Node) -> NodeInfo:
-    return NodeInfo(
-        name=node.name,
-        mac=node.mac,
-        ip=node.ip,
-        boot_driver=node.boot_driver,
-        power_driver=node.power_driver,
-        driver_info=dict(node.driver_info or {}),
-        disk=node.disk,
-        groups=tuple(node.group_names),
-    )
-
-
-def validate_drivers(info: NodeInfo) -> None:
-    """Check the node's driver names and settings now, not when a job runs."""
-    from imgfarm.drivers.registry import validate_node
-
-    validate_node(info)
-
-
-def add_node(
+def new_node(
     session: Session,
     name: str,
     mac: str = "",
     ip: str = "",
-    groups: list[str] | None = None,
     boot: str = "sim",
     power: str = "sim",
     disk: str = "",
     driver_info: dict[str, Any] | None = None,
 ) -> Node:
+    """A new, unsaved node row: its name checked and free, its MAC normalized.
+
+    Its drivers' settings are not checked here (models know no drivers):
+    tasks.nodes.add_node checks them, then saves the row.
+    """
     check_node_name(name)
     if session.scalar(select(Node).where(Node.name == name)) is not None:
         raise Conflict(f"node {name} exists already", hint=f"change it with `imgfarm node set {name}`")
-    node = Node(
+    return Node(
         name=name,
         mac=normalize_mac(mac),
         ip=ip,
@@ -155,11 +138,6 @@ def add_node(
         disk=disk,
         driver_info=driver_info or {},
     )
-    validate_drivers(node_info(node))
-    node.groups = ensure_groups(session, groups or [])
-    session.add(node)
-    session.flush()
-    return node
 
 
 def set_admin_state(node: Node, state: str) -> None:

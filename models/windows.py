@@ -13,13 +13,17 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from croniter import croniter
 from sqlalchemy import Boolean, ForeignKey, Integer, String, Text, UniqueConstraint, select
-from sqlalchemy.orm import Mapped, mapped_column, relationship
+from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
 
-from imgfarm.errors import Conflict
+from imgfarm.errors import Conflict, InvalidInput, NotFound
+from imgfarm.models.images import get_image
+from imgfarm.models.nodes import check_node_name, resolve_nodes
 from imgfarm.models.states import ON_CLOSE, ON_CLOSE_FINISH
-from imgfarm.models.tables import Base, utcnow
+from imgfarm.models.tables import Base, Group, utcnow
 
 # WindowRun.state
 RUN_OPEN = "open"  # inside the window: jobs are being started
@@ -120,10 +124,6 @@ class WindowRunNode(Base):
 
 def check_cron(expr: str) -> str:
     """A 5-field cron expression, or InvalidInput naming it with an example."""
-    from croniter import croniter
-
-    from imgfarm.errors import InvalidInput
-
     expr = " ".join(expr.split())
     if len(expr.split()) != 5 or not croniter.is_valid(expr):
         raise InvalidInput(
@@ -134,10 +134,6 @@ def check_cron(expr: str) -> str:
 
 
 def check_timezone(tz: str) -> str:
-    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-    from imgfarm.errors import InvalidInput
-
     try:
         ZoneInfo(tz)
     except (ZoneInfoNotFoundError, ValueError):
@@ -147,30 +143,19 @@ def check_timezone(tz: str) -> str:
     return tz
 
 
-def get_window(session: Any, name: str) -> Window:
-    from sqlalchemy import select
-
-    from imgfarm.errors import NotFound
-
+def get_window(session: Session, name: str) -> Window:
     window = session.scalar(select(Window).where(Window.name == name))
     if window is None:
         raise NotFound(f"unknown window {name!r}", hint="see `imgfarm window list`")
     return window
 
 
-def add_window(session: Any, name: str, cron: str, duration_minutes: int, image: str,
+def add_window(session: Session, name: str, cron: str, duration_minutes: int, image: str,
                nodes: str = "", groups: list[str] | None = None, timezone: str = "UTC",
                convert: bool = False, max_concurrent: int = 20, store_cap: int | None = None,
                on_close: str = ON_CLOSE_FINISH, max_retries: int = 1,
                enabled: bool = True) -> Window:
     """Validate everything a window names now (cron, zone, image, nodes, groups), then add it."""
-    from sqlalchemy import select
-
-    from imgfarm.errors import Conflict, InvalidInput, NotFound
-    from imgfarm.models.images import get_image
-    from imgfarm.models.nodes import check_node_name, resolve_nodes
-    from imgfarm.models.tables import Group
-
     check_node_name(name)
     if session.scalar(select(Window.id).where(Window.name == name)) is not None:
         raise Conflict(f"window {name} exists already",
@@ -216,10 +201,6 @@ def _ts(value: datetime | None) -> str | None:
 
 def next_open(window: Window, after: datetime | None = None) -> datetime | None:
     """When the window next opens (UTC), for listings."""
-    from zoneinfo import ZoneInfo
-
-    from croniter import croniter
-
     try:
         zone = ZoneInfo(window.timezone)
         base = (after or utcnow()).astimezone(zone)

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from typing import Any
 
 from celery import Task
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from imgfarm.errors import Conflict, ImgfarmError, InvalidInput
+from imgfarm.imageformats.convert import convert_legacy
 from imgfarm.imageformats.partimage import legacy_first_volume
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
@@ -31,8 +33,10 @@ from imgfarm.models.images import (
 from imgfarm.models.jobs import add_event, begin_finalizing, get_job, transition
 from imgfarm.models.names import check_image_name
 from imgfarm.models.tables import Job, utcnow
+from imgfarm.tasks.enqueue import enqueue_jobs, fail_unqueued
+from imgfarm.tasks.finalize import finalize_job
 from imgfarm.tasks.lifecycle import JobEnded
-from imgfarm.worker.app import app
+from imgfarm.worker.app import app, check_broker
 from imgfarm.worker.liveness import worker_id
 
 log = logging.getLogger(__name__)
@@ -66,8 +70,6 @@ def enqueue_convert(job_id: int) -> None:
     try:
         res = convert.apply_async(args=args, ignore_result=True)
     except Exception as exc:
-        from imgfarm.tasks.submit import fail_unqueued
-
         try:
             fail_unqueued([job_id], exc)
         finally:
@@ -78,8 +80,6 @@ def enqueue_convert(job_id: int) -> None:
 
 def submit_convert(source: str, target: str | None = None, submitted_by: str = "", enqueue: bool = True) -> int:
     if enqueue:
-        from imgfarm.tasks.submit import check_broker
-
         check_broker()
     with session_scope() as s:
         job_id = create_convert_job(s, source, target or f"{source}-ng", submitted_by)
@@ -90,8 +90,6 @@ def submit_convert(source: str, target: str | None = None, submitted_by: str = "
 
 def run_convert(job_id: int, progress: Any = None) -> str:
     """Convert, register and release the waiting restores; returns the final state."""
-    from imgfarm.imageformats.convert import convert_legacy
-
     with session_scope() as s:
         job = get_job(s, job_id)
         if job.state in states.FINAL:
@@ -102,7 +100,7 @@ def run_convert(job_id: int, progress: Any = None) -> str:
         src_dir = store_root() / src.location
         if job.state == states.QUEUED or job.state == states.RUNNING:
             # A redelivered conversion starts again from the legacy image.
-            s.execute(Job.__table__.update().where(Job.id == job_id).values(waiter=worker_id()))
+            s.execute(update(Job).where(Job.id == job_id).values(waiter=worker_id()))
             if job.state == states.QUEUED:
                 transition(s, job_id, states.QUEUED, states.RUNNING, f"converting {source_name} -> {target}",
                            started_at=utcnow())
@@ -159,9 +157,6 @@ def run_convert(job_id: int, progress: Any = None) -> str:
 
 def release_dependents(convert_job_id: int) -> list[int]:
     """Enqueue the restores that waited on this conversion, or fail them with its reason."""
-    from imgfarm.tasks.finalize import finalize_job
-    from imgfarm.tasks.submit import enqueue_jobs
-
     with session_scope() as s:
         conv = get_job(s, convert_job_id)
         if conv.state not in states.FINAL:
@@ -187,8 +182,6 @@ def convert(self: Task, job_id: int, source: str = "", image: str = "") -> dict[
     last = [0.0]
 
     def progress(done: int, total: int) -> None:
-        import time
-
         now = time.monotonic()
         if now - last[0] >= 1.0:
             last[0] = now

@@ -19,12 +19,14 @@ from typing import Any
 
 from imgfarm.config.settings import get_settings
 from imgfarm.errors import ImgfarmError
+from imgfarm.imageformats import ng
+from imgfarm.imageformats.partimage import legacy_first_volume
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
 from imgfarm.models.images import find_image, image_dir, incoming_dir, register_image
 from imgfarm.models.jobs import add_event, get_job, transition
-from imgfarm.models.nodes import node_info
 from imgfarm.models.tables import Node
+from imgfarm.tasks.nodes import node_info, reset_node
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +63,6 @@ def _verify_capture(job_id: int, name: str, fmt: str, result: dict[str, Any]) ->
         for part in manifest.get("partitions", []):
             if reported.get(part["file"]) != part.get("sha256"):
                 raise ImgfarmError(f"manifest sha256 of {part['file']} differs from the agent's")
-    from imgfarm.imageformats import ng
-    from imgfarm.imageformats.partimage import legacy_first_volume
-
     ng.verify_image(src if fmt == "partimage-ng" else legacy_first_volume(src))
     return {"size_bytes": size, "checksums": reported, "manifest": manifest}
 
@@ -90,8 +89,6 @@ def _register_capture(s: Any, job: Any, fields: dict[str, Any]) -> None:
 
 def finalize_job(job_id: int) -> None:
     """finalizing -> outcome: reset the node, register a capture, end the job."""
-    from imgfarm.tasks.lifecycle import reset_node
-
     settings = get_settings()
     with session_scope() as s:
         job = get_job(s, job_id)

@@ -16,9 +16,10 @@ import threading
 from typing import Any
 
 from celery import Task
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import worker_process_init
 
 from imgfarm.models import states
+from imgfarm.models.db import dispose_all
 from imgfarm.tasks.lifecycle import JobEnded, run_job
 from imgfarm.units import format_bytes
 from imgfarm.worker.app import app
@@ -108,28 +109,4 @@ JOB_TASKS = {"capture": capture, "restore": restore}
 @worker_process_init.connect
 def _on_child_start(**_: Any) -> None:
     """A prefork child (the convert worker) must not reuse its parent's DB connections."""
-    from imgfarm.models.db import dispose_all
-
     dispose_all(close=False)
-
-
-@worker_ready.connect
-def _on_worker_ready(sender: Any = None, **_: Any) -> None:
-    """Heartbeat, wake-ups, and one reconcile pass so orphaned jobs resume at once."""
-    import threading
-
-    from imgfarm.config.settings import get_settings
-    from imgfarm.tasks.reconcile import reconcile_once
-    from imgfarm.worker.liveness import start_heartbeat
-    from imgfarm.worker.wakeup import get_waker
-
-    start_heartbeat()
-    get_waker(get_settings().redis_url)
-
-    def first_pass() -> None:
-        try:
-            reconcile_once()
-        except Exception:  # noqa: BLE001
-            log.exception("start-up reconcile failed")
-
-    threading.Thread(target=first_pass, name="imgfarm-startup-reconcile", daemon=True).start()

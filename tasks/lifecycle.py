@@ -28,20 +28,19 @@ from sqlalchemy import select, update
 
 from imgfarm.config.settings import get_settings
 from imgfarm.drivers.base import AgentOrders, NodeInfo
-from imgfarm.drivers.registry import boot_driver, power_driver
-from imgfarm.errors import DriverError, ImgfarmError
+from imgfarm.errors import ImgfarmError
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
 from imgfarm.models.jobs import begin_finalizing, get_job, hash_token, transition
 from imgfarm.models.tables import Job, Node, utcnow
 from imgfarm.tasks.finalize import finalize_job
+from imgfarm.tasks.nodes import boot_agent
 from imgfarm.worker.liveness import worker_id
 from imgfarm.worker.wakeup import get_waker
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[dict[str, Any]], None]
-_last_boot: dict[int, float] = {}  # job id -> seconds to its first deadline, for jobs just booted here
 
 
 class JobEnded(Exception):
@@ -62,11 +61,13 @@ class Summary:
 _NODE_INFO = (Node.name, Node.mac, Node.ip, Node.boot_driver, Node.power_driver, Node.driver_info, Node.disk)
 
 
-def _start(job_id: int) -> bool:
+def _start(job_id: int) -> float | None:
     """queued -> booting, once: mint the token, boot the agent, power-cycle.
 
-    Returns False when the job was no longer queued (another delivery, or a
-    resumed job), so the caller claims it for waiting instead.
+    Returns the seconds to the job's first deadline when this call booted the
+    node, so the wait can skip its first read of the row; None otherwise (the
+    job was no longer queued: another delivery, or a resumed job, and this
+    worker has claimed it for waiting; or it ended before or during the boot).
     """
     settings = get_settings()
     token = secrets.token_urlsafe(32)
@@ -81,14 +82,14 @@ def _start(job_id: int) -> bool:
         if job.state != states.QUEUED:
             if job.state not in states.FINAL:
                 s.execute(update(Job).where(Job.id == job_id).values(waiter=worker_id()))
-            return False
+            return None
         if job.cancel_requested:
             begin_finalizing(s, job_id, states.CANCELLED, "cancelled before it started")
-            return True
+            return None
         node = s.execute(select(*_NODE_INFO).where(Node.id == job.node_id)).one_or_none()
         if node is None:
             begin_finalizing(s, job_id, states.FAILED, "the job's node no longer exists")
-            return True
+            return None
         options = job.options or {}
         timeout = float(options.get("timeout") or settings.job_timeout)
         first_deadline = min(timeout, float(options.get("boot_timeout") or settings.boot_timeout))
@@ -111,13 +112,12 @@ def _start(job_id: int) -> bool:
         if won:  # what we are about to ask of the node; finalize sets local again
             s.execute(update(Node).where(Node.id == job.node_id).values(boot_target="agent", power_state="on"))
     if not won:
-        return True
+        return None
     orders = AgentOrders(api_url=settings.api_url, job_id=job_id, token=token,
                          disk=str(options.get("disk") or ""))
     try:
-        boot_driver(info.boot_driver).boot_agent(info, orders)
-        power_driver(info.power_driver).reboot(info)
-        _last_boot[job_id] = first_deadline
+        boot_agent(info, orders)
+        return first_deadline
     except ImgfarmError as exc:
         with session_scope() as s:
             begin_finalizing(s, job_id, states.FAILED, f"could not boot {info.name}: {exc}")
@@ -125,12 +125,7 @@ def _start(job_id: int) -> bool:
         log.exception("boot of job %s failed", job_id)
         with session_scope() as s:
             begin_finalizing(s, job_id, states.FAILED, f"could not boot {info.name}: {exc!r}")
-    return True
-
-
-def _set_node(name: str, **values: Any) -> None:
-    with session_scope() as s:
-        s.execute(update(Node).where(Node.name == name).values(**values))
+    return None
 
 
 def _check_deadlines(job: Any) -> tuple[str, str] | None:
@@ -174,8 +169,7 @@ def run_job(job_id: int, on_progress: ProgressFn | None = None) -> Summary:
     waker = get_waker(get_settings().redis_url)
     slot = waker.register(job_id)  # before booting: the agent's first report must not be missed
     try:
-        _start(job_id)
-        first_deadline = _last_boot.pop(job_id, None)
+        first_deadline = _start(job_id)
         return wait_and_finish(job_id, on_progress, slot=slot, just_booted=first_deadline)
     finally:
         waker.unregister(job_id, slot)
@@ -210,8 +204,8 @@ def wait_and_finish(
     try:
         while True:
             if just_booted is not None:
-                progress = {"job_id": job_id, "state": states.BOOTING, "percent": 0.0, "bytes_done": 0,
-                            "bytes_total": 0, "rate": 0.0}
+                progress: dict[str, Any] = {"job_id": job_id, "state": states.BOOTING, "percent": 0.0,
+                                            "bytes_done": 0, "bytes_total": 0, "rate": 0.0}
                 wake_at = time.monotonic() + min(just_booted + 0.05, SAFETY_RECHECK)
                 just_booted = None
             else:
@@ -254,22 +248,3 @@ def wait_and_finish(
         if own_slot:
             waker.unregister(job_id, slot)
 
-
-def reset_node(info: NodeInfo, power_cycle: bool) -> str:
-    """Local boot again, then power as asked; returns an error text or ''."""
-    errors = []
-    for attempt in range(3):
-        try:
-            boot_driver(info.boot_driver).boot_local(info)
-            _set_node(info.name, boot_target="local")
-            break
-        except Exception as exc:  # noqa: BLE001
-            if attempt == 2:
-                errors.append(f"could not set local boot on {info.name}: {exc}")
-            time.sleep(0.5 * (attempt + 1))
-    if power_cycle:
-        try:
-            power_driver(info.power_driver).reboot(info)
-        except (DriverError, Exception) as exc:  # noqa: BLE001
-            errors.append(f"could not power-cycle {info.name}: {exc}")
-    return "; ".join(errors)

@@ -17,8 +17,8 @@ from imgfarm.drivers.base import PowerState
 from imgfarm.drivers.power_sync import DriftKind, detect_drift
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
-from imgfarm.models.nodes import node_info
 from imgfarm.models.tables import Job, Node, NodeEvent
+from imgfarm.tasks.nodes import node_info
 from imgfarm.worker.app import app
 
 
@@ -45,9 +45,9 @@ def sync_once() -> list[dict[str, Any]]:
             s.add(NodeEvent(node_id=node_id, kind=f"power-{d.kind.value}", message=d.message(),
                             data={"recorded": d.recorded.value, "observed": d.observed.value, "error": d.error}))
             if d.kind is not DriftKind.UNREACHABLE:
-                node = s.get(Node, node_id)
-                if node is not None:
-                    node.power_state = d.observed.value
+                row = s.get(Node, node_id)
+                if row is not None:
+                    row.power_state = d.observed.value
             out.append({"node": d.node, "kind": d.kind.value, "message": d.message()})
     return out
 

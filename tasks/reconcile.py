@@ -16,18 +16,25 @@ and a live task) cannot both act on one job.
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from datetime import timedelta
 from typing import Any
 
+from celery.signals import worker_ready
 from sqlalchemy import select, update
 
+from imgfarm.config.settings import get_settings
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
 from imgfarm.models.jobs import add_event, begin_finalizing
 from imgfarm.models.tables import Job, utcnow
+from imgfarm.tasks.convert import enqueue_convert, release_dependents
+from imgfarm.tasks.finalize import finalize_job
+from imgfarm.tasks.jobs import JOB_TASKS
 from imgfarm.worker.app import app
-from imgfarm.worker.liveness import dead_workers, forget, live_workers
+from imgfarm.worker.liveness import dead_workers, forget, live_workers, start_heartbeat
+from imgfarm.worker.wakeup import get_waker
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +43,6 @@ ORPHAN_AFTER = timedelta(minutes=2)
 
 
 def reconcile_once() -> dict[str, Any]:
-    from imgfarm.tasks.convert import enqueue_convert, release_dependents
-    from imgfarm.tasks.finalize import finalize_job
-    from imgfarm.tasks.jobs import JOB_TASKS
-
     dead = dead_workers()
     live = live_workers()
     resumed: list[int] = []
@@ -59,10 +62,10 @@ def reconcile_once() -> dict[str, Any]:
             j.id for j in jobs
             if j.deadline_at and utcnow() > j.deadline_at + STUCK_GRACE and j.state != states.FINALIZING
         ]
-        conv_done = [
-            j.options.get("after_job") for j in jobs
+        conv_done = {
+            int(j.options["after_job"]) for j in jobs
             if j.state == states.QUEUED and (j.options or {}).get("after_job") and not j.celery_task_id
-        ]
+        }
     for job_id, kind, node, image, waiter in orphans:
         task_id = uuid.uuid4().hex
         with session_scope() as s:
@@ -85,8 +88,8 @@ def reconcile_once() -> dict[str, Any]:
             begin_finalizing(s, job_id, states.TIMED_OUT, "the job's overall deadline passed (reconciler)")
         finalize_job(job_id)
         ended.append(job_id)
-    for conv_id in set(conv_done):
-        release_dependents(int(conv_id))
+    for conv_id in conv_done:
+        release_dependents(conv_id)
     forget(dead)
     if resumed or ended:
         log.info("reconcile: resumed %s, ended %s", resumed, ended)
@@ -96,3 +99,18 @@ def reconcile_once() -> dict[str, Any]:
 @app.task(name="imgfarm.reconcile", ignore_result=True)
 def reconcile() -> dict[str, Any]:
     return reconcile_once()
+
+
+@worker_ready.connect
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
+    """Heartbeat, wake-ups, and one reconcile pass so orphaned jobs resume at once."""
+    start_heartbeat()
+    get_waker(get_settings().redis_url)
+
+    def first_pass() -> None:
+        try:
+            reconcile_once()
+        except Exception:  # noqa: BLE001
+            log.exception("start-up reconcile failed")
+
+    threading.Thread(target=first_pass, name="imgfarm-startup-reconcile", daemon=True).start()

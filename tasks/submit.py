@@ -13,18 +13,24 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from imgfarm.errors import Conflict, InvalidInput, ServiceUnavailable
+from imgfarm.config.settings import get_settings
+from imgfarm.errors import Conflict, InvalidInput
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
 from imgfarm.models.images import check_format, find_image, get_image
-from imgfarm.models.jobs import add_event
+from imgfarm.models.jobs import add_event, begin_finalizing, get_job
 from imgfarm.models.names import check_image_name
 from imgfarm.models.nodes import get_node, resolve_nodes
 from imgfarm.models.tables import Job, JobEvent, Node, utcnow
+from imgfarm.tasks.convert import create_convert_job, enqueue_convert
+from imgfarm.tasks.enqueue import enqueue_jobs
+from imgfarm.tasks.finalize import finalize_job
+from imgfarm.worker.app import check_broker
+from imgfarm.worker.wakeup import notify
 
 
 @dataclass
@@ -38,65 +44,7 @@ def _busy(session: Session, node_ids: list[int]) -> dict[int, int]:
     rows = session.execute(
         select(Job.node_id, Job.id).where(Job.node_id.in_(node_ids), Job.state.in_(states.ACTIVE))
     )
-    return {n: j for n, j in rows}
-
-
-def _enqueue(job_ids: list[int]) -> None:
-    """Send the tasks of committed job rows; their task ids were set at creation."""
-    from imgfarm.tasks.jobs import JOB_TASKS
-
-    with session_scope() as s:
-        rows = [(j.id, j.kind, j.node_name, j.image_name, j.celery_task_id)
-                for j in s.scalars(select(Job).where(Job.id.in_(job_ids)).order_by(Job.id))]
-    missing = [r[0] for r in rows if not r[4]]
-    if missing:
-        ids = {jid: uuid.uuid4().hex for jid in missing}
-        with session_scope() as s:
-            for jid, tid in ids.items():
-                s.execute(update(Job).where(Job.id == jid).values(celery_task_id=tid))
-        rows = [(r[0], r[1], r[2], r[3], r[4] or ids[r[0]]) for r in rows]
-    from imgfarm.worker.app import app
-
-    sent: set[int] = set()
-    try:
-        with app.producer_or_acquire() as producer:  # one connection for the whole batch
-            for job_id, kind, node, image, task_id in rows:
-                # ignore_result: the job row is the result; without it Celery would
-                # also SUBSCRIBE to a result channel per job here, and store a result
-                # per job in Redis for a week, for a .get() nobody calls.
-                JOB_TASKS[kind].apply_async(args=(job_id, node, image), task_id=task_id,
-                                            producer=producer, ignore_result=True)
-                sent.add(job_id)
-    except Exception as exc:
-        fail_unqueued([r[0] for r in rows if r[0] not in sent], exc)
-
-
-def fail_unqueued(job_ids: list[int], exc: BaseException) -> None:
-    """End jobs whose task could not be sent (the broker went away mid-submit), then raise.
-
-    Why not leave them queued: nothing would ever run them, and their nodes
-    would stay reserved.  They never booted anything, so ending them touches
-    no node (finalize_job skips the drivers for such jobs).
-    """
-    from imgfarm.models.jobs import begin_finalizing
-    from imgfarm.tasks.finalize import finalize_job
-
-    reason = f"could not be queued: {exc}"
-    for jid in job_ids:
-        with session_scope() as s:
-            begin_finalizing(s, jid, states.FAILED, reason)
-        finalize_job(jid)
-    ids = ", ".join(map(str, job_ids))
-    raise ServiceUnavailable(f"the broker failed while queueing: {exc}; job(s) {ids} ended as "
-                             "failed", hint="check IMGFARM_BROKER_URL and that Redis runs, "
-                             "then submit again") from exc
-
-
-def check_broker() -> None:
-    """Refuse to submit while the broker is unreachable (see worker.app.check_broker)."""
-    from imgfarm.worker.app import check_broker as _check
-
-    _check()
+    return {n: j for n, j in rows if n is not None}
 
 
 _DISK = re.compile(r"^/[^\s'\"\\;]{1,255}$")
@@ -162,7 +110,7 @@ def submit_capture(
         add_event(s, job.id, "state", f"capture of {node} to {image} ({fmt}) submitted", state=states.QUEUED)
         job_id = job.id
     if enqueue:
-        _enqueue([job_id])
+        enqueue_jobs([job_id])
     return Submitted([job_id], {})
 
 
@@ -208,8 +156,6 @@ def submit_restore(
         opts = dict(options or {})
         target_image, target_format = image, img.format
         if convert:
-            from imgfarm.tasks.convert import create_convert_job
-
             target_image = converted_name or f"{image}-ng"
             target_format = "partimage-ng"
             done = find_image(s, target_image)
@@ -224,11 +170,9 @@ def submit_restore(
                                    window_run_id, with_task_ids=not convert_job_id)
     if enqueue:
         if convert_job_id:
-            from imgfarm.tasks.convert import enqueue_convert
-
             enqueue_convert(convert_job_id)
         else:
-            _enqueue(job_ids)
+            enqueue_jobs(job_ids)
     return Submitted(job_ids, skipped, convert_job_id)
 
 
@@ -260,10 +204,6 @@ def _insert_restores(s: Session, nodes: list[Node], image: str, fmt: str, submit
     return ids
 
 
-def enqueue_jobs(job_ids: list[int]) -> None:
-    _enqueue(job_ids)
-
-
 def request_cancel(job_id: int) -> str:
     """Ask a job to end as cancelled; whoever holds it resets the node.
 
@@ -271,11 +211,6 @@ def request_cancel(job_id: int) -> str:
     node is set to local boot all the same); otherwise its waiting task is
     woken and does it.
     """
-    from imgfarm.config.settings import get_settings
-    from imgfarm.models.jobs import begin_finalizing, get_job
-    from imgfarm.tasks.finalize import finalize_job
-    from imgfarm.worker.wakeup import notify
-
     with session_scope() as s:
         job = get_job(s, job_id)
         if job.state in states.FINAL:

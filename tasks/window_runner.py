@@ -44,7 +44,8 @@ from imgfarm.models.db import session_scope
 from imgfarm.models.images import find_image
 from imgfarm.models.nodes import resolve_nodes
 from imgfarm.models.tables import Job, Node, utcnow
-from imgfarm.models.windows import Window, WindowRun, WindowRunNode
+from imgfarm.models.windows import Window, WindowRun, WindowRunNode, get_window
+from imgfarm.tasks.submit import request_cancel, submit_restore
 
 log = logging.getLogger(__name__)
 
@@ -290,8 +291,6 @@ def _advance(s: Session, now: datetime, claims: list[_Claim], cancels: list[int]
 
 def _submit(claim: _Claim, check_clock: bool, report: dict[str, Any]) -> None:
     """Turn one claim into a job (outside the tick's transaction) and record it."""
-    from imgfarm.tasks.submit import submit_restore
-
     job_id: int | None = None
     convert_job_id: int | None = None
     status, reason = w.NODE_QUEUED, ""
@@ -341,8 +340,6 @@ def tick(now: datetime | None = None) -> dict[str, Any]:
         _open_due(s, now, report)
         _advance(s, now, claims, cancels, report)
     for job_id in cancels:
-        from imgfarm.tasks.submit import request_cancel
-
         try:
             request_cancel(job_id)
             report["cancelled"].append(job_id)
@@ -358,8 +355,6 @@ def tick(now: datetime | None = None) -> dict[str, Any]:
 
 def run_now(name: str, now: datetime | None = None) -> dict[str, Any]:
     """Open a window at once (outside its schedule) for its duration, then tick."""
-    from imgfarm.models.windows import get_window
-
     now = now or utcnow()
     with session_scope() as s:
         _lock(s)

@@ -16,8 +16,8 @@ from imgfarm.models import states
 from imgfarm.models.db import session_scope
 from imgfarm.models.images import register_image
 from imgfarm.models.jobs import hash_token
-from imgfarm.models.nodes import add_node
 from imgfarm.models.tables import Job, JobEvent
+from imgfarm.tasks.nodes import add_node
 
 TOKEN = "t" * 43
 

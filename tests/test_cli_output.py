@@ -22,9 +22,9 @@ from imgfarm.cli.output import plain
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
 from imgfarm.models.dbapi import reader
-from imgfarm.models.nodes import add_node
 from imgfarm.models.tables import Job, JobEvent
 from imgfarm.models.views import read_job, read_jobs
+from imgfarm.tasks.nodes import add_node
 
 runner = CliRunner()
 ERROR = "disk gone [/]\x1b[2J"

@@ -7,8 +7,8 @@ import typer
 
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
-from imgfarm.models.nodes import add_node
 from imgfarm.models.tables import Job
+from imgfarm.tasks.nodes import add_node
 
 
 def test_state_counts_follow_the_lifecycle() -> None:

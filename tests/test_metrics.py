@@ -16,8 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
 from imgfarm.models.images import register_image
-from imgfarm.models.nodes import add_node
 from imgfarm.models.tables import Job, utcnow
+from imgfarm.tasks.nodes import add_node
 
 
 def _scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

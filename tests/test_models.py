@@ -9,8 +9,9 @@ from imgfarm.errors import NodeRangeError, NotFound
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
 from imgfarm.models.jobs import begin_finalizing, get_job, transition
-from imgfarm.models.nodes import add_node, expand_range, resolve_nodes
+from imgfarm.models.nodes import expand_range, resolve_nodes
 from imgfarm.models.tables import Job, JobEvent
+from imgfarm.tasks.nodes import add_node
 
 
 def _nodes(n: int, group: str | None = None) -> None:

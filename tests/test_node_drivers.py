@@ -63,8 +63,8 @@ def test_power_drift_is_recorded_as_node_events(settings_env: str) -> None:
     """A sim node powered on behind the farm's back shows up as drift."""
     from imgfarm.config.settings import get_settings
     from imgfarm.models.db import session_scope
-    from imgfarm.models.nodes import add_node
     from imgfarm.models.tables import Node, NodeEvent
+    from imgfarm.tasks.nodes import add_node
     from imgfarm.tasks.power_sync import sync_once
 
     with session_scope() as s:

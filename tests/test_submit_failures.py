@@ -19,8 +19,8 @@ from imgfarm.errors import ServiceUnavailable
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
 from imgfarm.models.images import register_image
-from imgfarm.models.nodes import add_node
 from imgfarm.models.tables import Job, JobEvent
+from imgfarm.tasks.nodes import add_node
 
 DEAD_BROKER = "redis://127.0.0.1:1/0"
 
@@ -70,7 +70,8 @@ def test_submit_with_the_broker_down_records_nothing(settings_env: str,
 def test_broker_lost_while_queueing_ends_the_jobs_and_touches_no_node(
         settings_env: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows were written, then the broker went away before their tasks were sent."""
-    from imgfarm.tasks.submit import enqueue_jobs, submit_restore
+    from imgfarm.tasks.enqueue import enqueue_jobs
+    from imgfarm.tasks.submit import submit_restore
 
     _setup()
     sub = submit_restore("n[1-2]", "base", enqueue=False)

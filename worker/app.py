@@ -8,9 +8,12 @@ and a convert worker with `imgfarm worker --cpu` (prefork, queue imgfarm.cpu).
 from __future__ import annotations
 
 from celery import Celery
+from kombu import Connection
+from kombu.utils.url import maybe_sanitize_url
 
 from imgfarm.config.celery import celery_config
 from imgfarm.config.settings import get_settings
+from imgfarm.errors import ServiceUnavailable
 
 app = Celery("imgfarm")
 app.conf.update(celery_config(get_settings()))
@@ -42,11 +45,6 @@ def check_broker(timeout: float = 3.0) -> None:
     retry a dead Redis for ~20 s and then fail with a traceback, after the job
     rows exist; checking first turns that into one clear error and no rows.
     """
-    from kombu import Connection
-    from kombu.utils.url import maybe_sanitize_url
-
-    from imgfarm.errors import ServiceUnavailable
-
     urls = {"broker": app.conf.broker_url}
     backend = str(app.conf.result_backend or "")
     if backend.startswith(("redis://", "rediss://")) and backend != urls["broker"]:

@@ -16,17 +16,18 @@ import threading
 import time
 from typing import Any
 
+from imgfarm.config.settings import get_settings
+
 log = logging.getLogger(__name__)
 
 CHANNEL = "imgfarm:job:{}"
 PATTERN = "imgfarm:job:*"
+POLL_FALLBACK = 2.0
 
 
 def _prefix() -> str:
-    from imgfarm.config.settings import get_settings
-
     return get_settings().broker_prefix
-POLL_FALLBACK = 2.0
+
 
 _pub_lock = threading.Lock()
 _pub_clients: dict[str, Any] = {}

@@ -4,14 +4,9 @@ from __future__ import annotations
 
 from alembic import context
 
-from imgfarm.models import tables  # noqa: F401 - registers the tables
+from imgfarm.models import tables, windows  # noqa: F401 - registers their tables
 from imgfarm.models.db import get_engine
 from imgfarm.models.tables import Base
-
-try:  # windows live in their own module when present
-    from imgfarm.models import windows  # noqa: F401
-except ImportError:
-    pass
 
 config = context.config
 url = config.get_main_option("sqlalchemy.url")

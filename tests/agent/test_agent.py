@@ -53,17 +53,3 @@ def test_partclone_tool_per_filesystem() -> None:
     assert partclone_for("vfat")[0] == "fat"
     assert partclone_for("")[0] == "dd"
 
-
-def test_agent_imports_nothing_from_the_farm() -> None:
-    import ast
-
-    for path in Path(__file__).resolve().parents[2].joinpath("agent").glob("*.py"):
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            for name in names:
-                if name.startswith("imgfarm.agent"):
-                    continue
-                assert not name.startswith(("imgfarm", "celery", "sqlalchemy", "httpx")), (path, name)

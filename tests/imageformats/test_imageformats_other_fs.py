@@ -3,7 +3,7 @@
 Same rule as test_imageformats_tools: the converted image restored with stock
 tools (``zstd -dc | partclone.restore -O``) onto a zero-filled target gives
 exactly the bytes ``partimage restore`` of the original gives.  These prove
-the block -> offset mapping (FORMATS.md A3: block i at i x block size) on
+the block -> offset mapping (docs/formats.md A3: block i at i x block size) on
 file systems whose used blocks are spread differently from ext (NTFS's MFT in
 the middle, ReiserFS's 32 MiB journal, XFS's allocation groups, FAT16's
 fixed root directory).  JFS is not here: partimage 0.6.9 fails to save a

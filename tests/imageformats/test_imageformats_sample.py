@@ -113,7 +113,7 @@ def _sample_blocks() -> tuple[pi.LegacyInfo, bytes, bytes]:
 
 
 def test_partclone_crc_variant() -> None:
-    # FORMATS.md B3: start 0xFFFFFFFF, no final inversion == zlib.crc32 ^ 0xFFFFFFFF
+    # docs/formats.md B3: start 0xFFFFFFFF, no final inversion == zlib.crc32 ^ 0xFFFFFFFF
     assert pc.pc_crc32(b"123456789") == zlib.crc32(b"123456789") ^ 0xFFFFFFFF == 0x340BC6D9
 
 

@@ -94,7 +94,7 @@ def test_uncompressed(ext3_raw: Legacy, dest: Path, work: Path) -> None:
 
 
 def test_partclone_W_restore(ext3_gzip: Legacy, dest: Path, work: Path, tmp_path: Path) -> None:
-    """FORMATS.md B4: -W makes a full-size sparse file identical to the partition."""
+    """docs/formats.md B4: -W makes a full-size sparse file identical to the partition."""
     import subprocess
 
     from pi_helpers import sha256_file

@@ -19,8 +19,8 @@ import redis
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
 from imgfarm.models.images import register_image
-from imgfarm.models.nodes import add_node
 from imgfarm.models.tables import Job, utcnow
+from imgfarm.tasks.nodes import add_node
 from tests.farm import Farm, running_farm
 
 REDIS_DB = 9
