@@ -28,6 +28,7 @@ pytestmark = [
 ]
 
 REDIS_DB = 10
+AGENT_DELAY = 10  # seconds the good node's agent waits before imaging
 
 
 @pytest.fixture
@@ -62,7 +63,9 @@ def test_flower_shows_jobs_with_args_state_progress_and_failure_reason(
         flower_farm: tuple[Farm, str]) -> None:
     farm, base = flower_farm
     farm.add_node("src", fill=True)
-    farm.add_node("t1", "--set", "kernel_args=imgfarm.delay=2")
+    # The agent waits before imaging so the job is still running while this test reads
+    # Flower, however slowly the CLI calls below run on a loaded machine.
+    farm.add_node("t1", "--set", f"kernel_args=imgfarm.delay={AGENT_DELAY}")
     farm.add_node("dead", "--set", "agent=silent")
     farm.cli("capture", "src", "--image", "base", "--wait")
 
@@ -75,7 +78,7 @@ def test_flower_shows_jobs_with_args_state_progress_and_failure_reason(
     # Watch the good one live: Flower must show PROGRESS before SUCCESS.
     seen: list[str] = []
     shown_progress: set[str] = set()  # what Flower's Result column says while it runs
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 60 + AGENT_DELAY
     while time.monotonic() < deadline:
         info = _task(base, ok_task)
         state = info.get("state")
@@ -93,7 +96,7 @@ def test_flower_shows_jobs_with_args_state_progress_and_failure_reason(
     ok = _task(base, ok_task)
     assert ok["name"] == "imgfarm.restore"
     assert ok["args"] == f"({ok_job}, 't1', 'base')"
-    assert ok["runtime"] and ok["runtime"] > 2  # the agent waited 2 s before imaging
+    assert ok["runtime"] and ok["runtime"] > AGENT_DELAY  # the agent waited before imaging
     assert ok["worker"] and ok["exception"] is None
     assert f"'job_id': {ok_job}" in ok["result"] and "'state': 'succeeded'" in ok["result"]
 
