@@ -22,7 +22,7 @@ from imgfarm.models.db import session_scope
 from imgfarm.models.images import get_image
 from imgfarm.models.jobs import add_event, begin_finalizing, hash_token, transition
 from imgfarm.models.tables import Job, utcnow
-from imgfarm.protocol import JobKind, ProgressReport, ResultReport
+from imgfarm.protocol import JobKind, ProgressReport, ProtocolError, ResultReport
 from imgfarm.tasks.job_spec import job_spec
 from imgfarm.worker.wakeup import notify
 
@@ -59,7 +59,13 @@ def get_spec(job_id: int, authorization: str | None = Header(None)) -> dict[str,
         job = _authorized_job(s, job_id, authorization)
         _open_job(job)
         image = get_image(s, job.image_name) if job.kind == JobKind.RESTORE else None
-        return job_spec(job, image).to_json()
+        try:
+            return job_spec(job, image).to_json()
+        except ProtocolError as exc:  # the farm's own settings: the job cannot run, say why now
+            reason = f"the farm cannot describe this job to the agent: {exc}"
+            begin_finalizing(s, job_id, states.FAILED, reason)
+    notify(get_settings().redis_url, job_id, {"kind": "result", "ok": False})
+    raise Conflict(reason, hint="check IMGFARM_IMAGE_STORE_NFS and IMGFARM_PROGRESS_INTERVAL")
 
 
 @router.post("/jobs/{job_id}/progress")

@@ -16,7 +16,16 @@ from imgfarm.drivers.xcat import xcat_image_store
 from imgfarm.errors import DriverError
 from imgfarm.models.images import incoming_location, store_root
 from imgfarm.models.tables import Image, Job
-from imgfarm.protocol import ImageFormat, ImageRef, JobKind, JobSpec, LocalStore, NfsStore, Store
+from imgfarm.protocol import (
+    ImageFormat,
+    ImageRef,
+    JobKind,
+    JobSpec,
+    LocalStore,
+    NfsStore,
+    ProtocolError,
+    Store,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +40,10 @@ def image_store(job: Job) -> Store:
             nfs = xcat_image_store() or ""
         except DriverError as exc:  # tabdump failed: the local path is the best we know
             log.warning("cannot read xCAT's site table for the image store: %s", exc)
-    if nfs:
-        return NfsStore(export=nfs)
-    return LocalStore(path=str(store_root()))
+    try:
+        return NfsStore(export=nfs) if nfs else LocalStore(path=str(store_root()))
+    except ProtocolError as exc:
+        raise exc.within("store") from None
 
 
 def job_spec(job: Job, image: Image | None = None) -> JobSpec:

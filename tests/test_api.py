@@ -127,6 +127,21 @@ def test_spec_is_the_protocols_job_spec(client: TestClient) -> None:
     assert spec["store"]["type"] == "local" and spec["image"]["format"] == "partimage-ng"
 
 
+def test_a_spec_the_settings_make_invalid_fails_the_job_with_the_reason(
+        client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    from imgfarm.config.settings import get_settings
+
+    job_id = _running_job(states.BOOTING)
+    monkeypatch.setenv("IMGFARM_IMAGE_STORE_NFS", "/srv/images")  # no server: not an NFS export
+    get_settings.cache_clear()
+    r = client.get(f"/agent/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 409 and "store.export: '/srv/images' is not server:/export" in r.json()["error"]
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.state == states.FINALIZING and job.outcome == states.FAILED
+        assert "store.export" in job.error
+
+
 def test_operator_errors_name_the_bad_input(client: TestClient) -> None:
     with session_scope() as s:
         for i in range(1, 4):
