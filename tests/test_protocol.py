@@ -267,7 +267,20 @@ def test_one_image_name_rule(name: str, ok: bool) -> None:
 
 
 def test_public_names_are_exported() -> None:
-    """__all__ is the package's public face: every name in it exists, and nothing public is missing."""
-    assert all(hasattr(protocol, n) for n in protocol.__all__)
-    public = {n for n in dir(protocol) if not n.startswith("_") and n != "annotations"}
-    assert public == set(protocol.__all__)
+    """__all__ is the package's public face (httpx's habit): every name in it resolves, the
+    messages that load on first use included."""
+    assert all(getattr(protocol, n) is not None for n in protocol.__all__)
+    assert set(protocol._MESSAGES) <= set(protocol.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'Manifets'"):
+        protocol.Manifets  # noqa: B018
+
+
+def test_the_enums_load_without_the_messages() -> None:
+    """The CLI imports the enums at start-up; the message classes must not come with them."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from imgfarm.protocol import ImageFormat, JobKind; "
+            "print(sorted(m for m in sys.modules if m.startswith('imgfarm.protocol')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['imgfarm.protocol', 'imgfarm.protocol._vocabulary']"

@@ -29,29 +29,11 @@ The enums (JobKind, ImageFormat, BootTarget, PowerState) and the rules on names
 package, so each rule has one copy.
 """
 
-from imgfarm.protocol._agent import (
-    CMDLINE_PREFIX,
-    ImageRef,
-    JobSpec,
-    LocalStore,
-    NfsStore,
-    Orders,
-    ProgressReport,
-    ResultReport,
-    Store,
-)
-from imgfarm.protocol._manifest import (
-    CaptureOrigin,
-    ConvertOrigin,
-    Disk,
-    DiskHead,
-    LegacyMbr,
-    Manifest,
-    Origin,
-    Partition,
-    PartitionTable,
-)
-from imgfarm.protocol._message import Message, ProtocolError, Rule
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from imgfarm.protocol._vocabulary import (
     DEVICE_PATH,
     HEAD_FILE,
@@ -74,6 +56,56 @@ from imgfarm.protocol._vocabulary import (
     sha256_file,
     timestamp,
 )
+
+if TYPE_CHECKING:
+    from imgfarm.protocol._agent import (
+        CMDLINE_PREFIX,
+        ImageRef,
+        JobSpec,
+        LocalStore,
+        NfsStore,
+        Orders,
+        ProgressReport,
+        ResultReport,
+        Store,
+    )
+    from imgfarm.protocol._manifest import (
+        CaptureOrigin,
+        ConvertOrigin,
+        Disk,
+        DiskHead,
+        LegacyMbr,
+        Manifest,
+        Origin,
+        Partition,
+        PartitionTable,
+    )
+    from imgfarm.protocol._message import Message, ProtocolError, Rule
+
+# The messages load on first use. Creating their dataclasses costs ~15 ms (more on a busy
+# machine), which every `imgfarm` command would pay at start-up although the CLI needs only
+# the enums and the name rules above.
+_MESSAGES = {
+    **dict.fromkeys(("CMDLINE_PREFIX", "ImageRef", "JobSpec", "LocalStore", "NfsStore", "Orders",
+                     "ProgressReport", "ResultReport", "Store"), "_agent"),
+    **dict.fromkeys(("CaptureOrigin", "ConvertOrigin", "Disk", "DiskHead", "LegacyMbr", "Manifest",
+                     "Origin", "Partition", "PartitionTable"), "_manifest"),
+    **dict.fromkeys(("Message", "ProtocolError", "Rule"), "_message"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MESSAGES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "CMDLINE_PREFIX",
