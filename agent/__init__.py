@@ -1,6 +1,8 @@
 """The node agent (`imgfarm-agent`): stdlib only, runs in the node's stateless image.
 
-It imports nothing from the farm: no Celery, no SQLAlchemy. Its orders come
-from the kernel command line; it talks to the farm's HTTP API with the job's
-one-time token, and runs partclone/zstd or partimage against the disk.
+Of the farm it imports only `imgfarm.protocol`, the stdlib-only contract
+that defines its orders (the kernel command line), the job spec, its reports
+and the image manifest: no Celery, no SQLAlchemy. It talks to the farm's HTTP
+API with the job's one-time token, and runs partclone/zstd or partimage
+against the disk.
 """

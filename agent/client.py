@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from imgfarm.agent.orders import Orders
+from imgfarm.protocol import JobSpec, Orders, ProgressReport, ResultReport
 
 
 class ApiError(Exception):
@@ -59,11 +59,12 @@ class FarmClient:
             delay = min(delay * 2, 10.0)
         raise AssertionError("unreachable")
 
-    def spec(self) -> dict[str, Any]:
-        return self._call("GET", "")
+    def spec(self) -> JobSpec:
+        """The job spec; ProtocolError (naming the field) if it is not one this agent reads."""
+        return JobSpec.from_json(self._call("GET", ""))
 
-    def progress(self, **fields: Any) -> None:
-        self._call("POST", "/progress", fields)
+    def progress(self, report: ProgressReport) -> None:
+        self._call("POST", "/progress", report.to_json())
 
-    def result(self, **fields: Any) -> None:
-        self._call("POST", "/result", fields)
+    def result(self, report: ResultReport) -> None:
+        self._call("POST", "/result", report.to_json())

@@ -10,10 +10,9 @@ partimage 0.6.9 in batch mode.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
-import json
 import os
+import re
 import subprocess
 import threading
 from collections import deque
@@ -22,6 +21,20 @@ from typing import Any
 
 from imgfarm.agent import disks
 from imgfarm.agent.progress import Progress, rchar, watch_stderr
+from imgfarm.protocol import (
+    HEAD_FILE,
+    CaptureOrigin,
+    Disk,
+    DiskHead,
+    JobSpec,
+    Manifest,
+    Partition,
+    PartitionTable,
+    ProtocolError,
+    part_file,
+    part_name,
+    sha256_file,
+)
 
 CHUNK = 4 << 20
 
@@ -43,13 +56,10 @@ def _run_checked(args: list[str], stdin: Any = None) -> str:
     return out.stdout
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 # ---------------------------------------------------------------- capture
 
-def _capture_partition(dev: str, out: Path, progress: Progress, base_done: int, size: int = 0) -> dict[str, Any]:
+def _capture_partition(dev: str, out: Path, progress: Progress, base_done: int, *, index: int,
+                       start: int, size: int = 0, ptype: str = "") -> Partition:
     fstype = disks.fs_type(dev)
     tool, label = disks.partclone_for(fstype)
     cmd = [f"partclone.{tool}", "-c", "-s", dev, "-o", "-"]
@@ -85,21 +95,22 @@ def _capture_partition(dev: str, out: Path, progress: Progress, base_done: int, 
     if rc_pc != 0 or rc_zs != 0:
         raise ToolError(f"{cmd[0]} exited {rc_pc}, zstd exited {rc_zs} while capturing {dev}", _tail(tail))
     info = _parse_partclone_summary(tail)
-    return {
-        "filesystem": fstype or "unknown",
-        "partclone_fs": info.pop("partclone_fs", label),
-        "tool": tool,
-        "file": out.name,
-        "sha256": h.hexdigest(),
-        "stream_bytes": written,
-        "compression": "zstd",
-        **info,
-    }
+    missing = [k for k in ("block_size", "total_blocks", "used_blocks") if k not in info]
+    if missing:
+        raise ToolError(f"{cmd[0]} did not report the {', '.join(missing)} of {dev}", _tail(tail))
+    bs = info["block_size"]
+    try:
+        return Partition(
+            index=index, name=part_name(index), start_bytes=start, size_bytes=size, type=ptype,
+            filesystem=fstype or "unknown", partclone_fs=info.get("partclone_fs", label), tool=tool,
+            file=out.name, sha256=h.hexdigest(), stream_bytes=written, compression="zstd",
+            block_size=bs, total_blocks=info["total_blocks"], used_blocks=info["used_blocks"],
+            total_bytes=info["total_blocks"] * bs, used_bytes=info["used_blocks"] * bs)
+    except ProtocolError as exc:
+        raise ToolError(f"partition {index} of the manifest: {exc}", _tail(tail)) from None
 
 
 def _parse_partclone_summary(tail: deque[bytes]) -> dict[str, Any]:
-    import re
-
     text = b"\n".join(tail).decode(errors="replace")
     info: dict[str, Any] = {}
     m = re.search(r"File system:\s*(\S+)", text)
@@ -114,26 +125,21 @@ def _parse_partclone_summary(tail: deque[bytes]) -> dict[str, Any]:
     m = re.search(r"Space in use:.*?=\s*(\d+) Blocks", text)
     if m:
         info["used_blocks"] = int(m.group(1))
-    if "block_size" in info:
-        if "total_blocks" in info:
-            info["total_bytes"] = info["total_blocks"] * info["block_size"]
-        if "used_blocks" in info:
-            info["used_bytes"] = info["used_blocks"] * info["block_size"]
     return info
 
 
-def capture_ng(disk: str, outdir: Path, spec: dict[str, Any], progress: Progress) -> dict[str, Any]:
-    """Capture `disk` into outdir as partimage-ng; return the manifest."""
+def capture_ng(disk: str, outdir: Path, spec: JobSpec, progress: Progress) -> Manifest:
+    """Capture `disk` into outdir as partimage-ng; return the manifest (also written there)."""
     outdir.mkdir(parents=True, exist_ok=True)
     table = disks.partition_table(disk)
     disk_size = disks.size_of(disk)
     progress.bytes_total = disk_size
-    parts: list[dict[str, Any]] = []
-    head_file = None
+    parts: list[Partition] = []
+    head = None
     if table is None:
         progress.stage = "capturing whole-disk filesystem"
-        p = _capture_partition(disk, outdir / "part0.ptcl.zst", progress, 0)
-        parts.append({"index": 0, "name": "part0", "start_bytes": 0, "size_bytes": disk_size, **p})
+        parts.append(_capture_partition(disk, outdir / part_file(0), progress, 0, index=0, start=0,
+                                        size=disk_size))
     else:
         sector = int(table["json"].get("sectorsize", 512))
         entries = [(_partition_number(e["node"], i), int(e["start"]) * sector, int(e["size"]) * sector,
@@ -141,50 +147,40 @@ def capture_ng(disk: str, outdir: Path, spec: dict[str, Any], progress: Progress
         first = min(start for _, start, _, _ in entries)
         with open(disk, "rb") as fh:
             data = fh.read(first)
-        (outdir / "disk-head.bin").write_bytes(data)
-        head_file = {"file": "disk-head.bin", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        (outdir / HEAD_FILE).write_bytes(data)
+        head = DiskHead(file=HEAD_FILE, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
         done = 0
         with disks.PartitionDevices(disk, [(n, start, size) for n, start, size, _ in entries]) as devs:
             for num, start, size, ptype in entries:
                 progress.stage = f"capturing partition {num}"
-                p = _capture_partition(devs[num], outdir / f"part{num}.ptcl.zst", progress, done, size)
+                parts.append(_capture_partition(devs[num], outdir / part_file(num), progress, done,
+                                                index=num, start=start, size=size, ptype=ptype))
                 done += size
-                parts.append({"index": num, "name": f"part{num}", "start_bytes": start, "size_bytes": size,
-                              "type": ptype, **p})
-    manifest = {
-        "format": "partimage-ng",
-        "version": 1,
-        "created": _now(),
-        "name": spec["image"]["name"],
-        "origin": {"kind": "capture", "node": spec.get("node", ""), "disk": disk, "job": spec["job_id"]},
-        "disk": {
-            "size_bytes": disk_size,
-            "partition_table": None if table is None else {"type": table["type"], "sfdisk": table["sfdisk"]},
-            "head": head_file,
-        },
-        "partitions": parts,
-    }
-    tmp = outdir / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, outdir / "manifest.json")
+    try:
+        manifest = Manifest(
+            name=spec.image.name,
+            origin=CaptureOrigin(node=spec.node, disk=disk, job=spec.job_id),
+            disk=Disk(size_bytes=disk_size, head=head, partition_table=None if table is None else
+                      PartitionTable(type=table["type"], sfdisk=table["sfdisk"])),
+            partitions=tuple(parts))
+    except ProtocolError as exc:
+        raise ToolError(f"the manifest of {disk}: {exc}") from None
+    manifest.save(outdir)
     return manifest
 
 
 def _partition_number(node: str, fallback: int) -> int:
-    import re
-
     m = re.search(r"(\d+)$", node)
     return int(m.group(1)) if m else fallback
 
 
-def capture_partimage(disk: str, outdir: Path, spec: dict[str, Any], progress: Progress) -> dict[str, Any]:
+def capture_partimage(disk: str, outdir: Path, spec: JobSpec, progress: Progress) -> None:
     outdir.mkdir(parents=True, exist_ok=True)
-    name = spec["image"]["name"]
+    name = spec.image.name
     progress.bytes_total = disks.size_of(disk)
     with disks.LoopAttach(disk) as dev:
         cmd = ["partimage", "-b", "-z1", "-o", "-d", "save", dev, str(outdir / name)]
         _run_with_rchar(cmd, progress, f"partimage save of {disk}")
-    return {"format": "partimage", "files": sorted(p.name for p in outdir.iterdir())}
 
 
 def _run_with_rchar(cmd: list[str], progress: Progress, what: str) -> None:
@@ -205,24 +201,14 @@ def _run_with_rchar(cmd: list[str], progress: Progress, what: str) -> None:
 
 
 def _strip_ansi(text: str) -> str:
-    import re
-
     return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\(B", "", text)[-4000:]
 
 
 # ---------------------------------------------------------------- restore
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _restore_partition(src: Path, target: str, part: dict[str, Any], progress: Progress, base: int) -> str:
+def _restore_partition(src: Path, target: str, part: Partition, progress: Progress, base: int) -> str:
     """Stream src through zstd into partclone.restore (or raw for dd images)."""
-    if part.get("tool") == "dd" or part.get("partclone_fs") == "raw":
+    if part.raw:
         sink = ["dd", f"of={target}", "bs=4M", "conv=notrunc", "status=none"]
     else:
         sink = ["partclone.restore", "-s", "-", "-O", target]
@@ -257,12 +243,15 @@ def _restore_partition(src: Path, target: str, part: dict[str, Any], progress: P
     return h.hexdigest()
 
 
-def restore_ng(disk: str, imgdir: Path, spec: dict[str, Any], progress: Progress) -> dict[str, str]:
-    manifest = json.loads((imgdir / "manifest.json").read_text())
-    parts = manifest["partitions"]
-    progress.bytes_total = sum(int(p.get("stream_bytes") or (imgdir / p["file"]).stat().st_size) for p in parts)
-    table = (manifest.get("disk") or {}).get("partition_table")
-    need = max(int(p.get("start_bytes", 0)) + int(p.get("size_bytes", 0)) for p in parts)
+def restore_ng(disk: str, imgdir: Path, spec: JobSpec, progress: Progress) -> dict[str, str]:
+    try:
+        manifest = Manifest.load(imgdir)
+    except ProtocolError as exc:
+        raise ToolError(f"{imgdir.name}/manifest.json: {exc}") from None
+    parts = manifest.partitions
+    progress.bytes_total = sum(p.stream_bytes or (imgdir / p.file).stat().st_size for p in parts)
+    table = manifest.disk.partition_table
+    need = max(p.start_bytes + p.size_bytes for p in parts)
     have = disks.size_of(disk)
     if have < need:
         raise ToolError(f"target disk {disk} has {have} bytes; the image needs {need}")
@@ -271,37 +260,36 @@ def restore_ng(disk: str, imgdir: Path, spec: dict[str, Any], progress: Progress
     if table is None:
         p = parts[0]
         progress.stage = "restoring whole-disk filesystem"
-        files[p["file"]] = _restore_partition(imgdir / p["file"], disk, p, progress, 0)
+        files[p.file] = _restore_partition(imgdir / p.file, disk, p, progress, 0)
     else:
-        head = (manifest.get("disk") or {}).get("head")
+        head = manifest.disk.head
         if head:
-            data = (imgdir / head["file"]).read_bytes()
-            files[head["file"]] = hashlib.sha256(data).hexdigest()
+            data = (imgdir / head.file).read_bytes()
+            files[head.file] = hashlib.sha256(data).hexdigest()
             with open(disk, "r+b") as fh:
                 fh.write(data)
-        _run_checked(["sfdisk", "-q", "--no-reread", "--no-tell-kernel", disk], stdin=table["sfdisk"])
-        spans = [(int(p["index"]), int(p["start_bytes"]), int(p["size_bytes"])) for p in parts]
+        _run_checked(["sfdisk", "-q", "--no-reread", "--no-tell-kernel", disk], stdin=table.sfdisk)
+        spans = [(p.index, p.start_bytes, p.size_bytes) for p in parts]
         with disks.PartitionDevices(disk, spans) as devs:
             for p in parts:
-                progress.stage = f"restoring partition {p['index']}"
-                files[p["file"]] = _restore_partition(imgdir / p["file"], devs[int(p["index"])], p, progress, done)
-                done += int(p.get("stream_bytes") or 0)
+                progress.stage = f"restoring partition {p.index}"
+                files[p.file] = _restore_partition(imgdir / p.file, devs[p.index], p, progress, done)
+                done += p.stream_bytes
     for p in parts:
-        if files.get(p["file"]) != p.get("sha256"):
-            raise ToolError(f"{p['file']}: sha256 of the stream read differs from the manifest; "
+        if files.get(p.file) != p.sha256:
+            raise ToolError(f"{p.file}: sha256 of the stream read differs from the manifest; "
                             "the image is damaged")
     return files
 
 
-def restore_partimage(disk: str, imgdir: Path, spec: dict[str, Any], progress: Progress) -> dict[str, str]:
+def restore_partimage(disk: str, imgdir: Path, spec: JobSpec, progress: Progress) -> dict[str, str]:
     vols = sorted(p for p in imgdir.iterdir() if p.is_file())
     first = next((p for p in vols if p.name.endswith(".000")), vols[0] if vols else None)
     if first is None:
         raise ToolError(f"no partimage volumes in {imgdir}")
     progress.bytes_total = sum(p.stat().st_size for p in vols)
-    expected = dict((spec.get("image") or {}).get("checksums") or {})
-    files = {p.name: sha256_of(p) for p in vols}
-    for name, digest in expected.items():
+    files = {p.name: sha256_file(p).sha256 for p in vols}
+    for name, digest in spec.image.checksums.items():
         if files.get(name) != digest:
             raise ToolError(f"{name}: sha256 differs from the registry; the image is damaged")
     with disks.LoopAttach(disk) as dev:

@@ -17,12 +17,26 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from imgfarm.agent import disks, imaging
 from imgfarm.agent.client import ApiError, FarmClient
-from imgfarm.agent.orders import Orders, OrdersError, parse_cmdline
 from imgfarm.agent.progress import Progress, Reporter
+from imgfarm.protocol import (
+    MANIFEST_FILE,
+    MAX_ERROR,
+    MAX_TAIL,
+    ImageFormat,
+    JobKind,
+    JobSpec,
+    LocalStore,
+    Manifest,
+    NfsStore,
+    Orders,
+    ProtocolError,
+    ResultReport,
+    Store,
+    sha256_file,
+)
 
 RUN_DIR = Path("/run/imgfarm")
 
@@ -34,23 +48,27 @@ def log(msg: str) -> None:
 class StoreMount:
     """The image store: a local path, or an NFS export mounted for the job."""
 
-    def __init__(self, store: dict[str, Any], job_id: int) -> None:
+    NFS_OPTIONS = "vers=3,hard,nolock"
+
+    def __init__(self, store: Store, job_id: int) -> None:
         self.store = store
         self.mountpoint: Path | None = None
         self.job_id = job_id
 
     def __enter__(self) -> Path:
-        if self.store.get("type") == "nfs":
+        if isinstance(self.store, NfsStore):
             mnt = RUN_DIR / f"store-{self.job_id}"
             mnt.mkdir(parents=True, exist_ok=True)
-            opts = self.store.get("options") or "vers=3,hard,nolock"
-            out = subprocess.run(["mount", "-t", "nfs", "-o", opts, self.store["export"], str(mnt)],
+            opts = self.store.options or self.NFS_OPTIONS
+            out = subprocess.run(["mount", "-t", "nfs", "-o", opts, self.store.export, str(mnt)],
                                  capture_output=True, text=True)
             if out.returncode != 0:
-                raise imaging.ToolError(f"cannot mount image store {self.store['export']}", out.stderr)
+                raise imaging.ToolError(f"cannot mount image store {self.store.export}", out.stderr)
             self.mountpoint = mnt
             return mnt
-        path = Path(self.store["path"])
+        if not isinstance(self.store, LocalStore):
+            raise imaging.ToolError(f"this agent cannot use a {self.store.type!r} image store")
+        path = Path(self.store.path)
         if not path.is_dir():
             raise imaging.ToolError(f"image store {path} is not a directory")
         return path
@@ -60,31 +78,43 @@ class StoreMount:
             subprocess.run(["umount", str(self.mountpoint)], capture_output=True)
 
 
+def _failure(error: str, tail: str, started: float) -> ResultReport:
+    return ResultReport(ok=False, error=error[:MAX_ERROR], stderr_tail=tail[-MAX_TAIL:],
+                        duration=round(time.monotonic() - started, 2))
+
+
 def run(orders: Orders) -> int:
     client = FarmClient(orders)
+    started = time.monotonic()
     try:
         spec = client.spec()
     except ApiError as exc:
         log(f"cannot fetch job {orders.job_id}: {exc}")
         return 2
+    except ProtocolError as exc:  # a farm this agent does not understand: say so, and stop
+        log(f"job {orders.job_id}: the job spec is not one this agent reads: {exc}")
+        try:
+            client.result(_failure(f"the agent cannot read its job spec: {exc}", "", started))
+        except ApiError as api_exc:
+            log(f"could not report the failure: {api_exc}")
+        return 1
     progress = Progress()
     progress.stage = "agent started"
     try:
-        client.progress(state="running", **progress.snapshot())
+        client.progress(progress.snapshot())
     except ApiError as exc:
         log(f"cannot report to the farm: {exc}")
         return 2
-    reporter = Reporter(lambda snap: client.progress(state="running", **snap), progress,
-                        float(spec.get("progress_interval", 5.0)))
+    reporter = Reporter(client.progress, progress, spec.progress_interval)
     reporter.start()
     started = time.monotonic()
     try:
         if orders.delay:
             time.sleep(orders.delay)
-        disk = disks.find_disk(orders.disk or spec.get("disk_hint", ""))
-        log(f"job {orders.job_id}: {spec['kind']} {spec['format']} on {disk}")
-        with StoreMount(spec["store"], orders.job_id) as root:
-            result = _do(spec, disk, root, progress)
+        disk = disks.find_disk(orders.disk or spec.disk_hint)
+        log(f"job {orders.job_id}: {spec.kind} {spec.format} on {disk}")
+        with StoreMount(spec.store, orders.job_id) as root:
+            files, manifest = _do(spec, disk, root, progress)
     except Exception as exc:  # noqa: BLE001 - every failure is reported, never swallowed
         reporter.stop.set()
         tail = getattr(exc, "stderr_tail", "")
@@ -94,15 +124,14 @@ def run(orders: Orders) -> int:
             tail = tail or traceback.format_exc()[-4000:]
         log(f"job {orders.job_id} failed: {exc}")
         try:
-            client.result(ok=False, error=str(exc), stderr_tail=tail,
-                          duration=round(time.monotonic() - started, 2))
+            client.result(_failure(str(exc), tail, started))
         except ApiError as api_exc:
             log(f"could not report the failure: {api_exc}")
         return 1
     reporter.stop.set()
     try:
-        client.result(ok=True, duration=round(time.monotonic() - started, 2),
-                      bytes=progress.snapshot()["bytes_done"], **result)
+        client.result(ResultReport(ok=True, duration=round(time.monotonic() - started, 2),
+                                   bytes=progress.snapshot().bytes_done, files=files, manifest=manifest))
     except ApiError as exc:
         log(f"could not report the result: {exc}")
         return 1
@@ -110,25 +139,25 @@ def run(orders: Orders) -> int:
     return 0
 
 
-def _do(spec: dict[str, Any], disk: str, root: Path, progress: Progress) -> dict[str, Any]:
-    kind, fmt = spec["kind"], spec["format"]
-    if kind == "capture":
-        outdir = root / spec["output_dir"]
-        if fmt == "partimage-ng":
+def _do(spec: JobSpec, disk: str, root: Path, progress: Progress) -> tuple[dict[str, str], Manifest | None]:
+    """Run the job's tool; the sha256 of every file written or read, and a capture's manifest."""
+    if spec.kind == JobKind.CAPTURE:
+        outdir = root / spec.output_dir
+        manifest: Manifest | None = None
+        if spec.format == ImageFormat.NG:
             manifest = imaging.capture_ng(disk, outdir, spec, progress)
         else:
             imaging.capture_partimage(disk, outdir, spec, progress)
-            manifest = {}
-        files = {p.name: imaging.sha256_of(p) for p in sorted(outdir.iterdir())
-                 if p.is_file() and p.name != "manifest.json"}
-        return {"files": files, "manifest": manifest}
-    imgdir = root / spec["image"]["location"]
-    if fmt == "partimage-ng":
+        files = {p.name: sha256_file(p).sha256 for p in sorted(outdir.iterdir())
+                 if p.is_file() and p.name != MANIFEST_FILE}
+        return files, manifest
+    imgdir = root / spec.image.location
+    if spec.format == ImageFormat.NG:
         files = imaging.restore_ng(disk, imgdir, spec, progress)
     else:
         files = imaging.restore_partimage(disk, imgdir, spec, progress)
     os.sync()
-    return {"files": files}
+    return files, None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the orders are (default: /proc/cmdline)")
     args = parser.parse_args(argv)
     try:
-        orders = parse_cmdline(Path(args.cmdline_file).read_text())
-    except (OSError, OrdersError) as exc:
+        orders = Orders.from_cmdline(Path(args.cmdline_file).read_text())
+    except (OSError, ProtocolError) as exc:
         log(str(exc))
         return 2
     return run(orders)

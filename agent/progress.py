@@ -13,7 +13,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO
+
+from imgfarm.protocol import ProgressReport
 
 COMPLETED_RE = re.compile(rb"Completed:\s*([0-9.]+)%")
 
@@ -36,16 +38,12 @@ class Progress:
             if percent is not None:
                 self.percent = max(0.0, min(100.0, percent))
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> ProgressReport:
         with self.lock:
             elapsed = max(1e-6, time.monotonic() - self.started)
-            return {
-                "percent": round(self.percent, 2),
-                "bytes_done": self.bytes_done,
-                "bytes_total": self.bytes_total,
-                "rate": round(self.bytes_done / elapsed, 1),
-                "message": self.stage,
-            }
+            return ProgressReport(percent=round(self.percent, 2), bytes_done=self.bytes_done,
+                                  bytes_total=self.bytes_total, rate=round(self.bytes_done / elapsed, 1),
+                                  message=self.stage)
 
 
 def rchar(pid: int) -> int:
@@ -84,7 +82,7 @@ def watch_stderr(stream: IO[bytes], on_percent: Callable[[float], None], tail: d
 class Reporter(threading.Thread):
     """Posts progress every `interval` seconds, jittered so nodes do not sync up."""
 
-    def __init__(self, post: Callable[[dict[str, Any]], None], progress: Progress, interval: float) -> None:
+    def __init__(self, post: Callable[[ProgressReport], None], progress: Progress, interval: float) -> None:
         super().__init__(name="progress-reporter", daemon=True)
         self.post = post
         self.progress = progress

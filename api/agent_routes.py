@@ -9,10 +9,10 @@ tells a stranger nothing about which jobs exist.
 from __future__ import annotations
 
 import hmac
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header
-from pydantic import BaseModel, Field
+from pydantic import PlainValidator
 from sqlalchemy import update
 
 from imgfarm.config.settings import get_settings
@@ -22,29 +22,20 @@ from imgfarm.models.db import session_scope
 from imgfarm.models.images import get_image
 from imgfarm.models.jobs import add_event, begin_finalizing, hash_token, transition
 from imgfarm.models.tables import Job, utcnow
+from imgfarm.protocol import JobKind, ProgressReport, ProtocolError, ResultReport
 from imgfarm.tasks.job_spec import job_spec
 from imgfarm.worker.wakeup import notify
 
 router = APIRouter(prefix="/agent/v1", tags=["agent"])
 
 
-class ProgressReport(BaseModel):
-    state: str = "running"
-    percent: float = Field(0.0, ge=0, le=100)
-    bytes_done: int = Field(0, ge=0)
-    bytes_total: int = Field(0, ge=0)
-    rate: float = Field(0.0, ge=0)
-    message: str = ""
-
-
-class ResultReport(BaseModel):
-    ok: bool
-    error: str = ""
-    stderr_tail: str = ""
-    files: dict[str, str] = {}
-    manifest: dict[str, Any] = {}
-    bytes: int = 0
-    duration: float = 0.0
+# Request bodies are the protocol's messages: pydantic reads each with the message's own
+# from_json (one definition of every field and rule), and derives the OpenAPI schema from
+# the same dataclass.
+ProgressBody = Annotated[ProgressReport, PlainValidator(ProgressReport.from_json,
+                                                        json_schema_input_type=ProgressReport)]
+ResultBody = Annotated[ResultReport, PlainValidator(ResultReport.from_json,
+                                                    json_schema_input_type=ResultReport)]
 
 
 def _authorized_job(session: Any, job_id: int, authorization: str | None) -> Job:
@@ -67,17 +58,18 @@ def get_spec(job_id: int, authorization: str | None = Header(None)) -> dict[str,
     with session_scope() as s:
         job = _authorized_job(s, job_id, authorization)
         _open_job(job)
-        spec = job_spec(job)
-        if job.kind == "restore":
-            img = get_image(s, job.image_name)
-            spec["image"].update(
-                {"location": img.location, "format": img.format, "checksums": img.checksums}
-            )
-        return spec
+        image = get_image(s, job.image_name) if job.kind == JobKind.RESTORE else None
+        try:
+            return job_spec(job, image).to_json()
+        except ProtocolError as exc:  # the farm's own settings: the job cannot run, say why now
+            reason = f"the farm cannot describe this job to the agent: {exc}"
+            begin_finalizing(s, job_id, states.FAILED, reason)
+    notify(get_settings().redis_url, job_id, {"kind": "result", "ok": False})
+    raise Conflict(reason, hint="check IMGFARM_IMAGE_STORE_NFS and IMGFARM_PROGRESS_INTERVAL")
 
 
 @router.post("/jobs/{job_id}/progress")
-def post_progress(job_id: int, report: ProgressReport, authorization: str | None = Header(None)) -> dict[str, str]:
+def post_progress(job_id: int, report: ProgressBody, authorization: str | None = Header(None)) -> dict[str, str]:
     now = utcnow()
     with session_scope() as s:
         job = _authorized_job(s, job_id, authorization)
@@ -99,20 +91,20 @@ def post_progress(job_id: int, report: ProgressReport, authorization: str | None
         )
         if int(report.percent // 25) > int(before // 25) or (report.message and report.message != "agent started"):
             add_event(s, job_id, "progress", report.message or f"{report.percent:.0f}%",
-                      state=states.RUNNING, data=report.model_dump())
-    notify(get_settings().redis_url, job_id, {"kind": "progress", **report.model_dump()})
+                      state=states.RUNNING, data=report.to_json())
+    notify(get_settings().redis_url, job_id, {"kind": "progress", **report.to_json()})
     return {"status": "recorded"}
 
 
 @router.post("/jobs/{job_id}/result")
-def post_result(job_id: int, report: ResultReport, authorization: str | None = Header(None)) -> dict[str, str]:
+def post_result(job_id: int, report: ResultBody, authorization: str | None = Header(None)) -> dict[str, str]:
     now = utcnow()
     with session_scope() as s:
         job = _authorized_job(s, job_id, authorization)
         _open_job(job)
         if job.state == states.BOOTING:
             transition(s, job_id, states.BOOTING, states.RUNNING, "agent reported")
-        result = report.model_dump()
+        result = report.to_json()
         res = s.execute(
             update(Job).where(Job.id == job_id, Job.state == states.RUNNING).values(
                 result=result, last_report_at=now, bytes_done=report.bytes or job.bytes_done,

@@ -8,6 +8,7 @@ the status code of the farm's error class (imgfarm/errors.py).
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
 
@@ -15,6 +16,24 @@ from imgfarm import __version__
 from imgfarm.api import agent_routes, metrics, operator_routes, windows_routes
 from imgfarm.errors import ImgfarmError
 from imgfarm.models.dbapi import explain_db_error
+from imgfarm.protocol import ProtocolError
+
+
+def _problems(exc: RequestValidationError) -> str:
+    """Each bad field of a request, named ("percent: must be at most 100, not 150").
+
+    Why not FastAPI's default: it echoes the whole input back (an agent's report
+    can be large, and a NaN in it made the error itself fail to serialize).
+    """
+    out = []
+    for err in exc.errors():
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, ProtocolError):
+            out.append(str(cause))
+            continue
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        out.append(f"{where}: {err.get('msg', '')}" if where else str(err.get("msg", "")))
+    return "; ".join(out)[:2000]
 
 
 def create_app() -> FastAPI:
@@ -24,6 +43,11 @@ def create_app() -> FastAPI:
     @app.exception_handler(ImgfarmError)
     async def _farm_error(_req: Request, exc: ImgfarmError) -> JSONResponse:
         return JSONResponse({"error": exc.message, "hint": exc.hint}, status_code=exc.http_status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": _problems(exc), "hint": "the fields and their types are in "
+                             "/openapi.json"}, status_code=422)
 
     @app.exception_handler(DBAPIError)
     async def _db_error(req: Request, exc: DBAPIError) -> JSONResponse:

@@ -27,6 +27,7 @@ from imgfarm.models import states
 from imgfarm.models import windows as w
 from imgfarm.models.db import session_scope
 from imgfarm.models.tables import Job, Node
+from imgfarm.protocol import JobKind
 
 # Seconds: a restore of a small image takes seconds, a large capture hours.
 DURATION_BUCKETS = (10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0,
@@ -66,13 +67,13 @@ class FarmCollector(Collector):
             for kind, state, n in s.execute(
                     select(Job.kind, Job.state, func.count(Job.id)).group_by(Job.kind, Job.state)):
                 counts[(kind, state)] = int(n)
-            for kind in states.KINDS:
+            for kind in JobKind:
                 for state in states.ALL:
                     jobs.add_metric([kind, state], counts.get((kind, state), 0))
             summed = func.coalesce(func.sum(Job.bytes_done), 0)
             by_kind = dict(s.execute(select(Job.kind, summed).where(Job.state == states.SUCCEEDED)
                                      .group_by(Job.kind)).all())
-            for kind in states.KINDS:
+            for kind in JobKind:
                 moved.add_metric([kind], float(by_kind.get(kind, 0) or 0))
             durations: dict[tuple[str, str], list[float]] = {}
             rows = s.execute(select(Job.kind, Job.state, Job.started_at, Job.finished_at).where(

@@ -16,6 +16,7 @@ from imgfarm.models.dbapi import reader
 from imgfarm.models.images import get_image, image_views
 from imgfarm.models.nodes import get_node, node_views
 from imgfarm.models.views import image_view, node_view
+from imgfarm.protocol import ImageFormat
 from imgfarm.tasks import submit
 from imgfarm.tasks.convert import submit_convert
 from imgfarm.tasks.nodes import add_node
@@ -33,7 +34,7 @@ router = APIRouter(prefix="/api/v1", tags=["operator"], dependencies=[Depends(op
 class CaptureIn(BaseModel):
     node: str
     image: str
-    format: str = "partimage-ng"
+    format: str = ImageFormat.NG  # checked by the submit (a named error, not a 422)
     submitted_by: str = "api"
     timeout: float = 0
     disk: str = ""  # this job's device on the node instead of the node's disk

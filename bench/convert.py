@@ -177,8 +177,8 @@ m = convert_legacy(Path(sys.argv[1]), Path(sys.argv[2]), name="bench", **kw)
 dt = time.perf_counter() - t
 ru = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"seconds": dt, "rss_kib": ru.ru_maxrss, "cpu": ru.ru_utime + ru.ru_stime,
-                  "stream_bytes": m["partitions"][0]["stream_bytes"],
-                  "used_bytes": m["partitions"][0]["used_bytes"]}))
+                  "stream_bytes": m.partitions[0].stream_bytes,
+                  "used_bytes": m.partitions[0].used_bytes}))
 """
 
 

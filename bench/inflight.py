@@ -103,11 +103,12 @@ def main() -> int:
         from imgfarm.models.db import session_scope
         from imgfarm.models.images import register_image
         from imgfarm.models.tables import Node
+        from imgfarm.protocol import ImageFormat
 
         with session_scope() as s:
             for i in range(1, args.jobs + 1):
                 s.add(Node(name=f"b{i:04d}", disk="/dev/null", driver_info={"agent": "external"}))
-            register_image(s, "bench", "partimage-ng", "bench", size_bytes=1, checksums={})
+            register_image(s, "bench", ImageFormat.NG, "bench", size_bytes=1, checksums={})
         start("api", "api")
         worker = start("worker", "worker", "--concurrency", str(args.jobs + 50), "--loglevel", "WARNING")
         deadline = time.monotonic() + 60

@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         with ThreadPoolExecutor(args.threads) as pool:
             t0 = time.perf_counter()
             list(pool.map(lambda n: boot.boot_agent(
-                n, AgentOrders("http://10.0.0.1:8470", int(n.name[1:]), "t" * 43)), nodes))
+                n, AgentOrders(api_url="http://10.0.0.1:8470", job_id=int(n.name[1:]) + 1,
+                               token="t" * 43)), nodes))
             t1 = time.perf_counter()
             list(pool.map(boot.boot_local, nodes))
             t2 = time.perf_counter()

@@ -24,8 +24,9 @@ from imgfarm.cli.output import (
     table,
 )
 from imgfarm.errors import Conflict, InvalidInput, NotFound
-from imgfarm.models.names import check_image_name
+from imgfarm.models.names import check_image_name, converted_name
 from imgfarm.models.views import image_view
+from imgfarm.protocol import ImageFormat, JobKind, sha256_file
 
 app = typer.Typer(help="List, import, inspect, convert and verify images.", no_args_is_help=True)
 
@@ -74,15 +75,14 @@ def import_legacy(
     from imgfarm.imageformats.ng import verify_image
     from imgfarm.models.db import session_scope
     from imgfarm.models.images import find_image, image_dir, register_image, store_root
-    from imgfarm.tasks.finalize import sha256_file
 
     path = _resolve_path(source)
     if path is None:
         raise NotFound(f"{source}: no such file or directory",
                        hint="give the path of NAME.000 or of the directory holding it")
     if path.is_dir():
-        raise InvalidInput(f"{source} is a partimage-ng image; import takes legacy partimage "
-                           "images", hint="partimage-ng images are registered by capture and "
+        raise InvalidInput(f"{source} is a {ImageFormat.NG} image; import takes legacy partimage "
+                           "images", hint=f"{ImageFormat.NG} images are registered by capture and "
                            "convert")
     name = name or default_name(path)
     check_image_name(name)
@@ -100,7 +100,7 @@ def import_legacy(
         with console.status(f"copying {len(vols)} volume(s) into the store ..."):
             for v in vols:
                 shutil.copyfile(v, tmp / v.name)
-            checksums = {v.name: sha256_file(tmp / v.name) for v in vols}
+            checksums = {v.name: sha256_file(tmp / v.name).sha256 for v in vols}
         if dest.exists():
             raise Conflict(f"{dest} exists in the image store", hint="remove it or choose another name")
         tmp.rename(dest)
@@ -110,7 +110,7 @@ def import_legacy(
     size = sum(v.stat().st_size for v in vols)
     try:
         with session_scope() as s:
-            img = register_image(s, name, "partimage", name, size_bytes=size, checksums=checksums,
+            img = register_image(s, name, ImageFormat.PARTIMAGE, name, size_bytes=size, checksums=checksums,
                                  origin={"kind": "import", "source_path": str(path)})
             view = image_view(img)
     except BaseException:  # the name was taken meanwhile: no unregistered copy left behind
@@ -183,7 +183,7 @@ def _resolve_source(source: str) -> Path:
     with session_scope() as s:
         img = get_image(s, source)
         d = store_root() / img.location
-    if img.format == "partimage":
+    if img.format == ImageFormat.PARTIMAGE:
         return legacy_first_volume(d)
     return d
 
@@ -280,10 +280,10 @@ def convert(
 
     path = _resolve_source(source)
     if path.is_dir():
-        raise InvalidInput(f"{source} is a partimage-ng image already; there is nothing to "
+        raise InvalidInput(f"{source} is a {ImageFormat.NG} image already; there is nothing to "
                            "convert", hint="`imgfarm image convert` takes a legacy partimage "
                            "image (NAME.000)")
-    target = name or (Path(source).name.removesuffix(".000") + "-ng")
+    target = name or converted_name(Path(source).name.removesuffix(".000"))
     check_image_name(target)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -307,15 +307,16 @@ def convert(
     if out is None:
         try:
             with session_scope() as s:
-                register_converted(s, target, manifest, origin={"kind": "convert", "source": str(path)})
+                register_converted(s, target, manifest,
+                                   origin={"kind": JobKind.CONVERT, "source": str(path)})
         except BaseException:  # e.g. the name was taken meanwhile: no unregistered leftovers
             shutil.rmtree(dest_dir / target, ignore_errors=True)
             raise
     if json_out:
-        print_json(manifest)
+        print_json(manifest.to_json())
     else:
-        part = manifest["partitions"][0]
-        echo(f"converted {path.name} -> {dest_dir / target} ({part['filesystem']}, "
-             f"{human_bytes(part['used_bytes'])} used -> {human_bytes(part['stream_bytes'])} "
+        part = manifest.partitions[0]
+        echo(f"converted {path.name} -> {dest_dir / target} ({part.filesystem}, "
+             f"{human_bytes(part.used_bytes)} used -> {human_bytes(part.stream_bytes)} "
              f"zstd, {time.monotonic() - started:.1f} s; every CRC checked"
              f"{'' if out is not None else f', registered as {target}'})")

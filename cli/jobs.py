@@ -32,6 +32,7 @@ from imgfarm.cli.output import (
 from imgfarm.models import states
 from imgfarm.models.dbapi import reader
 from imgfarm.models.views import list_jobs, read_job, read_jobs
+from imgfarm.protocol import ImageFormat
 
 
 def who() -> str:
@@ -162,7 +163,8 @@ DISK_HELP = ("device to image on the node for this job only (default: the node's
 def capture(
     node: str = typer.Argument(..., help="the node whose disk to capture"),
     image: str = typer.Option(..., "--image", "-i", help="name of the new image"),
-    fmt: str = typer.Option("partimage-ng", "--format", "-f", help="partimage-ng (default) or partimage"),
+    fmt: str = typer.Option(ImageFormat.NG.value, "--format", "-f",
+                            help=f"{ImageFormat.NG} (default) or {ImageFormat.PARTIMAGE}"),
     wait: bool = typer.Option(False, "--wait", "-w", help="wait for the end; exit 1 unless it succeeded"),
     timeout: float = typer.Option(0, "--timeout", help="seconds for the whole job (default: settings)"),
     disk: str = typer.Option("", "--disk", help=DISK_HELP),

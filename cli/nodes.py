@@ -79,7 +79,7 @@ def set_node(
     # lazy: SQLAlchemy and the driver registry load only for the commands that use them
     from imgfarm.drivers.registry import left_behind
     from imgfarm.models.db import session_scope
-    from imgfarm.models.nodes import ensure_groups, get_node, normalize_mac, set_admin_state
+    from imgfarm.models.nodes import check_mac, ensure_groups, get_node, set_admin_state
     from imgfarm.models.tables import NodeEvent
     from imgfarm.tasks.nodes import node_info, validate_drivers
 
@@ -87,7 +87,7 @@ def set_node(
         node = get_node(s, name)
         old_drivers = (node.boot_driver, node.power_driver)
         if mac is not None:
-            node.mac = normalize_mac(mac)
+            node.mac = check_mac(mac)
         if ip is not None:
             node.ip = ip
         if boot is not None:

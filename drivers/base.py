@@ -19,7 +19,6 @@ fails raises `DriverError` with what the peer said.
 
 from __future__ import annotations
 
-import enum
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -27,18 +26,8 @@ from typing import Any
 
 from imgfarm.drivers.properties import Properties, Property, check_values, value_of
 from imgfarm.errors import DriverError
-
-
-class BootTarget(enum.StrEnum):
-    AGENT = "agent"  # the next boot runs the farm's agent
-    LOCAL = "local"  # the next boot is from the local disk
-    UNKNOWN = "unknown"
-
-
-class PowerState(enum.StrEnum):
-    ON = "on"
-    OFF = "off"
-    UNKNOWN = "unknown"
+from imgfarm.protocol import BootTarget, PowerState
+from imgfarm.protocol import Orders as AgentOrders  # the kernel command line's orders, one type
 
 
 @dataclass(frozen=True)
@@ -53,29 +42,6 @@ class NodeInfo:
     driver_info: Mapping[str, Any] = field(default_factory=dict)
     disk: str = ""  # target-disk hint: a device name, or a file for sim nodes
     groups: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class AgentOrders:
-    """What the agent must be told at boot: where the API is, which job, its token.
-
-    Only the one-job token is secret; it dies with the job.
-    """
-
-    api_url: str
-    job_id: int
-    token: str
-    disk: str = ""
-
-    def kernel_params(self) -> str:
-        params = [
-            f"imgfarm.api={self.api_url}",
-            f"imgfarm.job={self.job_id}",
-            f"imgfarm.token={self.token}",
-        ]
-        if self.disk:
-            params.append(f"imgfarm.disk={self.disk}")
-        return " ".join(params)
 
 
 class DriverInterface:

@@ -38,8 +38,8 @@ from imgfarm.config.settings import get_settings
 from imgfarm.drivers.base import AgentOrders, BootInterface, BootTarget, NodeInfo, Property
 from imgfarm.drivers.properties import value_of
 from imgfarm.errors import DriverError, DriverSettingsError
+from imgfarm.protocol import normalize_mac
 
-_MAC = re.compile(r"^[0-9a-f]{2}([:-]?)[0-9a-f]{2}(\1[0-9a-f]{2}){4}$")
 # Characters every loader passes through literally: no quoting, no expansion
 # (GRUB and iPXE expand "$", GRUB splits on ";", pxelinux ends a line at "\n").
 _CMDLINE_SAFE = re.compile(r"^[A-Za-z0-9 ._:/=,@%+~-]*$")
@@ -91,15 +91,6 @@ PROPERTIES = (
     Property("mac", "the boot NIC's MAC, when the node's own --mac is not set",
              example="52:54:00:12:34:01"),
 )
-
-
-def normalize_mac(mac: str) -> str | None:
-    """"AA:BB:CC:DD:EE:FF" / "aa-bb-..." / "aabbccddeeff" -> "aa:bb:cc:dd:ee:ff", else None."""
-    mac = mac.strip().lower()
-    if not _MAC.match(mac):
-        return None
-    digits = re.sub(r"[:-]", "", mac)
-    return ":".join(digits[i : i + 2] for i in range(0, 12, 2))
 
 
 def node_mac(node: NodeInfo) -> str:

@@ -77,7 +77,7 @@ def _write(path: Path, data: dict[str, Any] | str) -> None:
 
 def boot_state(name: str) -> dict[str, Any]:
     """What the sim node boots next, as its firmware sees it (tests read this)."""
-    return _read(node_dir(name) / "boot.json") or {"target": "unknown"}
+    return _read(node_dir(name) / "boot.json") or {"target": BootTarget.UNKNOWN}
 
 
 def _validate_disk(node: NodeInfo) -> None:
@@ -108,16 +108,16 @@ class SimBoot(BootInterface):
             cmdline += " " + extra
         with _lock(node.name):
             _write(d / "cmdline", "BOOT_IMAGE=imgfarm-agent " + cmdline + "\n")
-            _write(d / "boot.json", {"target": "agent", "job": orders.job_id})
+            _write(d / "boot.json", {"target": BootTarget.AGENT, "job": orders.job_id})
 
     def boot_local(self, node: NodeInfo) -> None:
         d = node_dir(node.name)
         with _lock(node.name):
-            _write(d / "boot.json", {"target": "local"})
+            _write(d / "boot.json", {"target": BootTarget.LOCAL})
             (d / "cmdline").unlink(missing_ok=True)
 
     def get_boot_target(self, node: NodeInfo) -> BootTarget:
-        return BootTarget(boot_state(node.name).get("target", "unknown"))
+        return BootTarget(boot_state(node.name).get("target", BootTarget.UNKNOWN))
 
 
 def _alive(pid: int) -> bool:
@@ -146,7 +146,7 @@ class SimPower(PowerInterface):
 
     def get_power_state(self, node: NodeInfo) -> PowerState:
         st = _read(node_dir(node.name) / "power.json")
-        return PowerState(st.get("state", "off"))
+        return PowerState(st.get("state", PowerState.OFF))
 
     def set_power_state(self, node: NodeInfo, state: PowerState) -> None:
         with _lock(node.name):
@@ -175,13 +175,13 @@ class SimPower(PowerInterface):
                 os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
                 pass
-        _write(d / "power.json", {"state": "off", "pid": 0})
+        _write(d / "power.json", {"state": PowerState.OFF, "pid": 0})
 
     def _on(self, node: NodeInfo) -> None:
         d = node_dir(node.name)
         boot = boot_state(node.name)
         pid = 0
-        if boot.get("target") == "agent" and self.value(node, "agent").lower() == "process":
+        if boot.get("target") == BootTarget.AGENT and self.value(node, "agent").lower() == "process":
             log = open(d / "agent.log", "ab")  # noqa: SIM115 - handed to the child
             try:
                 proc = subprocess.Popen(
@@ -197,4 +197,4 @@ class SimPower(PowerInterface):
             pid = proc.pid
             # Reap the child when it ends so it does not linger as a zombie.
             threading.Thread(target=proc.wait, daemon=True).start()
-        _write(d / "power.json", {"state": "on", "pid": pid, "boot": boot.get("target")})
+        _write(d / "power.json", {"state": PowerState.ON, "pid": pid, "boot": boot.get("target")})

@@ -23,7 +23,6 @@ import contextlib
 import hashlib
 import os
 import queue
-import re
 import shutil
 import tempfile
 import threading
@@ -35,14 +34,26 @@ import zstandard
 
 from imgfarm.errors import ImageError
 from imgfarm.imageformats import ng, partclone, partimage
+from imgfarm.protocol import (
+    IMAGE_NAME,
+    IMAGE_NAME_HINT,
+    ConvertOrigin,
+    Disk,
+    ImageFormat,
+    LegacyMbr,
+    Manifest,
+    Partition,
+    part_file,
+    part_name,
+    timestamp,
+)
 
-PART_FILE = "part0.ptcl.zst"
+PART_FILE = part_file(0)  # a legacy image is one partition: the whole "disk" is its filesystem
 # zstd level 1: on the bench image (1/3 text, 1/3 random, 1/6 zeros) it compresses *better*
 # than 3 (ratio 2.31 vs 2.26) at half the CPU (0.55 s vs 1.03 s for 373 MiB); figures for
 # levels -5..3 in bench/README.md ("convert").  Pass level= for another trade-off.
 ZSTD_LEVEL = 1
 VERIFY_MODES = ("stream", "written", "full")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class _ZstdFrames:
@@ -217,49 +228,32 @@ def _fs_names(filesystem: str) -> tuple[str, str]:
 
 
 def build_manifest(info: partimage.LegacyInfo, *, name: str, source: Path, sha256: str,
-                   stream_bytes: int, fs: str, pc_fs: str) -> dict[str, Any]:
+                   stream_bytes: int, fs: str, pc_fs: str) -> Manifest:
     """The manifest of a converted image (always one partition covering the whole disk)."""
-    now = ng.utc_now()
+    now = timestamp()
     bs = info.block_size
-    return {
-        "format": ng.FORMAT,
-        "version": ng.VERSION,
-        "created": now,
-        "name": name,
-        "origin": {
-            "kind": "convert",
-            "source_path": str(source),
-            "identifier": f"0x{info.identifier:016x}",
-            "source_format": "partimage",
-            "legacy": info.to_dict(),
-            "converted_at": now,
-        },
-        "disk": {
-            "size_bytes": info.partition_size,
-            "partition_table": None,
-            "legacy_mbr": [
-                {"device": m.device, "sector0_b64": base64.b64encode(m.sector0).decode(),
-                 "size_kib": m.size_kib}
-                for m in info.mbrs
-            ],
-        },
-        "partitions": [
-            {
-                "index": 0, "name": "part0", "file": PART_FILE, "filesystem": fs,
-                "partclone_fs": pc_fs, "block_size": bs, "total_blocks": info.block_count,
-                "used_blocks": info.used_blocks, "total_bytes": info.block_count * bs,
-                "used_bytes": info.used_blocks * bs, "start_bytes": 0,
-                "size_bytes": info.partition_size, "sha256": sha256,
-                "stream_bytes": stream_bytes, "compression": "zstd",
-            }
-        ],
-    }
+    return Manifest(
+        created=now,
+        name=name,
+        origin=ConvertOrigin(source_path=str(source), identifier=f"0x{info.identifier:016x}",
+                             source_format=ImageFormat.PARTIMAGE, legacy=info.to_dict(),
+                             converted_at=now),
+        disk=Disk(size_bytes=info.partition_size, partition_table=None, legacy_mbr=tuple(
+            LegacyMbr(device=m.device, sector0_b64=base64.b64encode(m.sector0).decode(),
+                      size_kib=m.size_kib) for m in info.mbrs)),
+        partitions=(Partition(
+            index=0, name=part_name(0), file=PART_FILE, filesystem=fs, partclone_fs=pc_fs,
+            block_size=bs, total_blocks=info.block_count, used_blocks=info.used_blocks,
+            total_bytes=info.block_count * bs, used_bytes=info.used_blocks * bs, start_bytes=0,
+            size_bytes=info.partition_size, sha256=sha256, stream_bytes=stream_bytes,
+            compression="zstd"),),
+    )
 
 
 def convert_legacy(source: Path, dest_dir: Path, *, name: str | None = None,
                    progress: Callable[[int, int], None] | None = None,
                    zstd_threads: int = 1, verify: bool | str = "stream",
-                   level: int = ZSTD_LEVEL) -> dict[str, Any]:
+                   level: int = ZSTD_LEVEL) -> Manifest:
     """Convert the legacy image `source` (``NAME.000`` or an unsplit file) to ``dest_dir/NAME``.
 
     Checks every volume header, header sum, CHK CRC and the tail while it
@@ -294,9 +288,8 @@ def convert_legacy(source: Path, dest_dir: Path, *, name: str | None = None,
     source = Path(source)
     dest_dir = Path(dest_dir)
     name = name or default_name(source)
-    if not _NAME.match(name):
-        raise ImageError(f"invalid image name {name!r}",
-                         hint="use letters, digits, '.', '_' and '-', not starting with '.'")
+    if not IMAGE_NAME.match(name):
+        raise ImageError(f"invalid image name {name!r}", hint=IMAGE_NAME_HINT)
     final = dest_dir / name
     if final.exists():
         raise ImageError(f"{final} already exists", hint="choose another name")
@@ -327,7 +320,7 @@ def convert_legacy(source: Path, dest_dir: Path, *, name: str | None = None,
 
 def _convert_into(source: Path, tmp: Path, name: str,
                   progress: Callable[[int, int], None] | None,
-                  zstd_threads: int, level: int, *, roundtrip: bool) -> dict[str, Any]:
+                  zstd_threads: int, level: int, *, roundtrip: bool) -> Manifest:
     with partimage.PartimageReader(source, exact_sum=False) as reader:
         info = reader.info
         fs, pc_fs = _fs_names(info.filesystem)

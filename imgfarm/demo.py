@@ -28,6 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from imgfarm.protocol import BootTarget, ImageFormat
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "tests" / "data" / "legacy"
 BIN = Path(sys.executable).parent
@@ -186,7 +188,7 @@ def main() -> int:
             demo.cli("node", "add", name, "--disk", str(disk), "--group", "demo",
                      "--mac", f"52:54:00:00:00:{i:02x}")
 
-        say("capturing node01 to image demo-base (partimage-ng: partclone + zstd)")
+        say(f"capturing node01 to image demo-base ({ImageFormat.NG}: partclone + zstd)")
         out = demo.cli("capture", "node01", "--image", "demo-base", "--wait", check=False)
         print(out.stdout.rstrip())
         if out.returncode != 0:
@@ -213,7 +215,7 @@ def main() -> int:
         restore_sample(demo, "node08", disks["node08"], "legacy-sample", sample,
                        "what partimage restore gives", "legacy restore to node08 did not match")
 
-        say("converting the legacy sample to partimage-ng (no broker, no node) and restoring it "
+        say(f"converting the legacy sample to {ImageFormat.NG} (no broker, no node) and restoring it "
             "to node07")
         print("    " + demo.cli("image", "convert", "legacy-sample", "--name", "legacy-sample-ng")
               .stdout.strip())
@@ -225,7 +227,7 @@ def main() -> int:
         for name in disks:
             target = json.loads((base / "data" / "sim" / name / "boot.json").read_text())["target"]
             print(f"    {name}: next boot {target}")
-            if target != "local":
+            if target != BootTarget.LOCAL:
                 demo.failures.append(f"{name} was left netbooting")
 
         say("jobs")

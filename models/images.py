@@ -18,17 +18,24 @@ from imgfarm.config.settings import get_settings
 from imgfarm.errors import Conflict, InvalidInput, NotFound
 from imgfarm.models import states
 from imgfarm.models.names import check_image_name
-from imgfarm.models.states import FORMATS
 from imgfarm.models.tables import Image, Job
 from imgfarm.models.views import image_view
+from imgfarm.protocol import ImageFormat, Manifest
 
 INCOMING = ".incoming"
 
 
-def check_format(fmt: str) -> str:
-    if fmt not in FORMATS:
-        raise InvalidInput(f"unknown image format {fmt!r}", hint=f"one of {', '.join(FORMATS)}")
-    return fmt
+def check_format(fmt: str) -> ImageFormat:
+    try:
+        return ImageFormat(fmt)
+    except ValueError:
+        raise InvalidInput(f"unknown image format {fmt!r}",
+                           hint=f"one of {', '.join(ImageFormat)}") from None
+
+
+def incoming_location(job_id: int) -> str:
+    """Where a capture writes, relative to the store: nothing there is taken for an image."""
+    return f"{INCOMING}/job-{job_id}"
 
 
 def store_root() -> Path:
@@ -42,7 +49,7 @@ def image_dir(name: str) -> Path:
 
 
 def incoming_dir(job_id: int) -> Path:
-    return store_root() / INCOMING / f"job-{job_id}"
+    return store_root() / incoming_location(job_id)
 
 
 def get_image(session: Session, name: str) -> Image:
@@ -93,7 +100,7 @@ def register_image(
     return image
 
 
-def register_converted(session: Session, name: str, manifest: dict[str, Any],
+def register_converted(session: Session, name: str, manifest: Manifest,
                        origin: dict[str, Any], source_job_id: int | None = None) -> Image:
     """Register the partimage-ng directory a conversion wrote as store/NAME.
 
@@ -101,12 +108,10 @@ def register_converted(session: Session, name: str, manifest: dict[str, Any],
     size is the sum of its streams, the checksums the manifest's sha256 per
     stream, and the manifest's own origin record completes `origin`.
     """
-    parts = manifest.get("partitions", [])
     return register_image(
-        session, name, "partimage-ng", name,
-        size_bytes=sum(p.get("stream_bytes", 0) for p in parts),
-        checksums={p["file"]: p["sha256"] for p in parts},
-        manifest=manifest, origin={**origin, **(manifest.get("origin") or {})},
+        session, name, ImageFormat.NG, name,
+        size_bytes=manifest.stream_bytes, checksums=manifest.checksums,
+        manifest=manifest.to_json(), origin={**origin, **manifest.origin.to_json()},
         source_job_id=source_job_id)
 
 

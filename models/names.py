@@ -8,17 +8,18 @@ loading SQLAlchemy.
 
 from __future__ import annotations
 
-import re
-
 from imgfarm.errors import InvalidInput
-
-IMAGE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
+from imgfarm.protocol import IMAGE_NAME, IMAGE_NAME_HINT
 
 
 def check_image_name(name: str) -> str:
-    if not IMAGE_NAME_RE.match(name or "") or ".." in name:
-        raise InvalidInput(
-            f"bad image name {name!r}",
-            hint="use letters, digits, '.', '_', '+' and '-' (no '/', no '..'), at most 128",
-        )
+    """The protocol's one image-name rule (the converter and the agent check the same), as the
+    operator's error."""
+    if not IMAGE_NAME.match(name or ""):
+        raise InvalidInput(f"bad image name {name!r}", hint=IMAGE_NAME_HINT)
     return name
+
+
+def converted_name(source: str) -> str:
+    """The default name of the image converted from the legacy image `source`."""
+    return f"{source}-ng"

@@ -20,9 +20,9 @@ from imgfarm.errors import Conflict, InvalidInput, NodeRangeError, NotFound
 from imgfarm.models import states
 from imgfarm.models.tables import Group, Job, Node
 from imgfarm.models.views import node_view, unknown_node
+from imgfarm.protocol import normalize_mac
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 
 
 def check_node_name(name: str) -> str:
@@ -34,11 +34,14 @@ def check_node_name(name: str) -> str:
     return name
 
 
-def normalize_mac(mac: str) -> str:
-    m = mac.strip().lower().replace("-", ":")
-    if m and not MAC_RE.match(m):
+def check_mac(mac: str) -> str:
+    """The node's MAC in the one form the farm stores ("" when it has none)."""
+    if not mac.strip():
+        return ""
+    norm = normalize_mac(mac)
+    if norm is None:
         raise InvalidInput(f"bad MAC address {mac!r}", hint="write it as aa:bb:cc:dd:ee:ff")
-    return m
+    return norm
 
 
 def _resolver(session: Session) -> GroupResolver:
@@ -131,7 +134,7 @@ def new_node(
         raise Conflict(f"node {name} exists already", hint=f"change it with `imgfarm node set {name}`")
     return Node(
         name=name,
-        mac=normalize_mac(mac),
+        mac=check_mac(mac),
         ip=ip,
         boot_driver=boot,
         power_driver=power,

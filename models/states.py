@@ -39,9 +39,6 @@ ON_CLOSE_FINISH = "finish"  # let them finish; start nothing new
 ON_CLOSE_CANCEL = "cancel"  # cancel them (the node is put back to local boot)
 ON_CLOSE = (ON_CLOSE_FINISH, ON_CLOSE_CANCEL)
 
-KINDS = ("capture", "restore", "convert")
-FORMATS = ("partimage-ng", "partimage")
-
 
 def allowed(src: str, dst: str) -> bool:
     return dst in TRANSITIONS.get(src, ())

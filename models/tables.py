@@ -29,6 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from imgfarm.models import states
+from imgfarm.protocol import BootTarget, ImageFormat, PowerState
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -81,8 +82,8 @@ class Node(Base):
     driver_info: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     disk: Mapped[str] = mapped_column(String(512), default="")
     admin_state: Mapped[str] = mapped_column(String(16), default=states.NODE_AVAILABLE)
-    boot_target: Mapped[str] = mapped_column(String(16), default="unknown")
-    power_state: Mapped[str] = mapped_column(String(16), default="unknown")
+    boot_target: Mapped[str] = mapped_column(String(16), default=BootTarget.UNKNOWN)
+    power_state: Mapped[str] = mapped_column(String(16), default=PowerState.UNKNOWN)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     groups: Mapped[list[Group]] = relationship(secondary=node_groups, lazy="selectin")
@@ -112,7 +113,7 @@ class Job(Base):
     kind: Mapped[str] = mapped_column(String(16))
     node_id: Mapped[int | None] = mapped_column(ForeignKey("nodes.id"), nullable=True)
     image_name: Mapped[str] = mapped_column(String(128))
-    format: Mapped[str] = mapped_column(String(32), default="partimage-ng")
+    format: Mapped[str] = mapped_column(String(32), default=ImageFormat.NG)
     state: Mapped[str] = mapped_column(String(16), default=states.QUEUED, index=True)
     outcome: Mapped[str | None] = mapped_column(String(16), nullable=True)
     progress: Mapped[float] = mapped_column(Float, default=0.0)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from imgfarm.errors import InvalidInput, NotFound
 from imgfarm.models import states
+from imgfarm.protocol import JobKind
 
 if TYPE_CHECKING:
     from imgfarm.models.dbapi import Reader
@@ -99,8 +100,8 @@ def list_jobs(db: Reader, state: str = "", node: str = "", kind: str = "",
     """Jobs newest first, filtered; one query for the CLI and the API alike."""
     if state and state not in states.ALL:
         raise InvalidInput(f"unknown state {state!r}", hint=f"one of {', '.join(states.ALL)}")
-    if kind and kind not in states.KINDS:
-        raise InvalidInput(f"unknown job kind {kind!r}", hint=f"one of {', '.join(states.KINDS)}")
+    if kind and kind not in tuple(JobKind):
+        raise InvalidInput(f"unknown job kind {kind!r}", hint=f"one of {', '.join(JobKind)}")
     where: list[str] = []
     params: dict[str, Any] = {"limit": limit}
     if state:

@@ -24,6 +24,7 @@ from imgfarm.models.images import get_image
 from imgfarm.models.nodes import check_node_name, resolve_nodes
 from imgfarm.models.states import ON_CLOSE, ON_CLOSE_FINISH
 from imgfarm.models.tables import Base, Group, utcnow
+from imgfarm.protocol import ImageFormat
 
 # WindowRun.state
 RUN_OPEN = "open"  # inside the window: jobs are being started
@@ -173,7 +174,7 @@ def add_window(session: Session, name: str, cron: str, duration_minutes: int, im
     if on_close not in ON_CLOSE:
         raise InvalidInput(f"bad on_close {on_close!r}", hint=f"one of {', '.join(ON_CLOSE)}")
     img = get_image(session, image)
-    if convert and img.format != "partimage":
+    if convert and img.format != ImageFormat.PARTIMAGE:
         raise InvalidInput(f"image {image!r} is {img.format} already",
                            hint="--convert is for legacy partimage images")
     groups = [g.strip().lstrip("@") for g in groups or [] if g.strip()]

@@ -31,8 +31,9 @@ from imgfarm.models.images import (
     store_root,
 )
 from imgfarm.models.jobs import add_event, begin_finalizing, get_job, transition
-from imgfarm.models.names import check_image_name
+from imgfarm.models.names import check_image_name, converted_name
 from imgfarm.models.tables import Job, utcnow
+from imgfarm.protocol import ImageFormat, JobKind, Manifest
 from imgfarm.tasks.enqueue import enqueue_jobs, fail_unqueued
 from imgfarm.tasks.finalize import finalize_job
 from imgfarm.tasks.lifecycle import JobEnded
@@ -46,16 +47,17 @@ def create_convert_job(s: Session, source: str, target: str, submitted_by: str =
     """A queued convert job row (committed by the caller's session)."""
     check_image_name(target)
     img = get_image(s, source)
-    if img.format != "partimage":
+    if img.format != ImageFormat.PARTIMAGE:
         raise InvalidInput(f"image {source!r} is {img.format}; only partimage images convert")
     if find_image(s, target) is not None:
         raise Conflict(f"image {target!r} exists already", hint="choose another --name")
     other = s.scalar(
-        select(Job.id).where(Job.kind == "convert", Job.image_name == target, Job.state.in_(states.ACTIVE))
+        select(Job.id).where(Job.kind == JobKind.CONVERT, Job.image_name == target,
+                             Job.state.in_(states.ACTIVE))
     )
     if other:
         raise Conflict(f"job {other} is already converting to {target!r}")
-    job = Job(kind="convert", image_name=target, format="partimage-ng", submitted_by=submitted_by,
+    job = Job(kind=JobKind.CONVERT, image_name=target, format=ImageFormat.NG, submitted_by=submitted_by,
               options={"source": source})
     s.add(job)
     s.flush()
@@ -82,7 +84,7 @@ def submit_convert(source: str, target: str | None = None, submitted_by: str = "
     if enqueue:
         check_broker()
     with session_scope() as s:
-        job_id = create_convert_job(s, source, target or f"{source}-ng", submitted_by)
+        job_id = create_convert_job(s, source, target or converted_name(source), submitted_by)
     if enqueue:
         enqueue_convert(job_id)
     return job_id
@@ -105,7 +107,7 @@ def run_convert(job_id: int, progress: Any = None) -> str:
                 transition(s, job_id, states.QUEUED, states.RUNNING, f"converting {source_name} -> {target}",
                            started_at=utcnow())
     error = ""
-    manifest: dict[str, Any] = {}
+    manifest: Manifest | None = None
     with session_scope() as s:
         state = get_job(s, job_id).state
     if state == states.RUNNING:
@@ -135,8 +137,9 @@ def run_convert(job_id: int, progress: Any = None) -> str:
                 begin_finalizing(s, job_id, outcome, error)
             else:
                 try:
+                    assert manifest is not None  # convert_legacy returned it
                     register_converted(s, target, manifest, source_job_id=job_id,
-                                       origin={"kind": "convert", "source_image": source_name,
+                                       origin={"kind": JobKind.CONVERT, "source_image": source_name,
                                                "job": job_id})
                     begin_finalizing(s, job_id, states.SUCCEEDED)
                 except ImgfarmError as exc:
@@ -163,7 +166,7 @@ def release_dependents(convert_job_id: int) -> list[int]:
             return []
         waiting = [
             j.id
-            for j in s.scalars(select(Job).where(Job.state == states.QUEUED, Job.kind == "restore"))
+            for j in s.scalars(select(Job).where(Job.state == states.QUEUED, Job.kind == JobKind.RESTORE))
             if (j.options or {}).get("after_job") == convert_job_id and not j.celery_task_id
         ]
         ok, reason = conv.state == states.SUCCEEDED, conv.error

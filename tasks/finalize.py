@@ -9,12 +9,9 @@ for an image.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shutil
-from pathlib import Path
 from typing import Any
 
 from imgfarm.config.settings import get_settings
@@ -26,17 +23,10 @@ from imgfarm.models.db import session_scope
 from imgfarm.models.images import find_image, image_dir, incoming_dir, register_image
 from imgfarm.models.jobs import add_event, get_job, transition
 from imgfarm.models.tables import Node
+from imgfarm.protocol import ImageFormat, JobKind, sha256_file
 from imgfarm.tasks.nodes import node_info, reset_node
 
 log = logging.getLogger(__name__)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(4 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _verify_capture(job_id: int, name: str, fmt: str, result: dict[str, Any]) -> dict[str, Any]:
@@ -50,7 +40,7 @@ def _verify_capture(job_id: int, name: str, fmt: str, result: dict[str, Any]) ->
         path = src / fname
         if "/" in fname or not path.is_file():
             raise ImgfarmError(f"captured file {fname} is missing")
-        actual = sha256_file(path)
+        actual = sha256_file(path).sha256
         if actual != digest:
             raise ImgfarmError(
                 f"captured file {fname}: sha256 {actual[:16]}... differs from the agent's "
@@ -58,12 +48,13 @@ def _verify_capture(job_id: int, name: str, fmt: str, result: dict[str, Any]) ->
             )
         size += path.stat().st_size
     manifest: dict[str, Any] = {}
-    if fmt == "partimage-ng":
-        manifest = json.loads((src / "manifest.json").read_text())
-        for part in manifest.get("partitions", []):
-            if reported.get(part["file"]) != part.get("sha256"):
-                raise ImgfarmError(f"manifest sha256 of {part['file']} differs from the agent's")
-    ng.verify_image(src if fmt == "partimage-ng" else legacy_first_volume(src))
+    if fmt == ImageFormat.NG:
+        m = ng.read_manifest(src)
+        for part in m.partitions:
+            if reported.get(part.file) != part.sha256:
+                raise ImgfarmError(f"manifest sha256 of {part.file} differs from the agent's")
+        manifest = m.to_json()
+    ng.verify_image(src if fmt == ImageFormat.NG else legacy_first_volume(src))
     return {"size_bytes": size, "checksums": reported, "manifest": manifest}
 
 
@@ -81,7 +72,7 @@ def _register_capture(s: Any, job: Any, fields: dict[str, Any]) -> None:
         size_bytes=fields["size_bytes"],
         checksums=fields["checksums"],
         manifest=fields["manifest"],
-        origin={"kind": "capture", "node": job.node_name, "job": job.id},
+        origin={"kind": JobKind.CAPTURE, "node": job.node_name, "job": job.id},
         source_job_id=job.id,
     )
     add_event(s, job.id, "note", f"registered image {name} ({fields['size_bytes']} bytes)")
@@ -107,7 +98,7 @@ def finalize_job(job_id: int) -> None:
     errors: list[str] = []
     verified: dict[str, Any] | None = None
     verify_error = ""
-    if outcome == states.SUCCEEDED and kind == "capture":
+    if outcome == states.SUCCEEDED and kind == JobKind.CAPTURE:
         try:  # reading every captured byte: outside any session
             verified = _verify_capture(job_id, name, fmt, result)
         except (ImgfarmError, OSError, ValueError, KeyError) as exc:
@@ -122,7 +113,7 @@ def finalize_job(job_id: int) -> None:
     with session_scope() as s:
         job = get_job(s, job_id)
         final, error = outcome, job.error
-        if kind == "capture" and job.outcome == states.SUCCEEDED and outcome == states.FAILED:
+        if kind == JobKind.CAPTURE and job.outcome == states.SUCCEEDED and outcome == states.FAILED:
             error = verify_error
         if final == states.SUCCEEDED and verified is not None:
             try:
@@ -142,5 +133,5 @@ def finalize_job(job_id: int) -> None:
             error=error,
             progress=100.0 if final == states.SUCCEEDED else job.progress,
         )
-    if kind == "capture" and final != states.SUCCEEDED and ok:
+    if kind == JobKind.CAPTURE and final != states.SUCCEEDED and ok:
         shutil.rmtree(incoming_dir(job_id), ignore_errors=True)

@@ -1,4 +1,4 @@
-"""What a job's agent is told when it asks: the job spec.
+"""What a job's agent is told when it asks: the job spec (imgfarm.protocol.JobSpec).
 
 The agent (agent/main.py) fetches it from the API with the job's token
 (api/agent_routes.py); deciding its content is orchestration, so it lives
@@ -10,21 +10,29 @@ how often to report, and where a capture writes.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from imgfarm.config.settings import get_settings
 from imgfarm.drivers.xcat import xcat_image_store
 from imgfarm.errors import DriverError
-from imgfarm.models.images import INCOMING, store_root
-from imgfarm.models.tables import Job
+from imgfarm.models.images import incoming_location, store_root
+from imgfarm.models.tables import Image, Job
+from imgfarm.protocol import (
+    ImageFormat,
+    ImageRef,
+    JobKind,
+    JobSpec,
+    LocalStore,
+    NfsStore,
+    ProtocolError,
+    Store,
+)
 
 log = logging.getLogger(__name__)
 
 
-def job_spec(job: Job) -> dict[str, Any]:
-    settings = get_settings()
-    store: dict[str, Any]
-    nfs = settings.image_store_nfs
+def image_store(job: Job) -> Store:
+    """Where the agent finds the store: the NFS export, or the farm's own directory."""
+    nfs = get_settings().image_store_nfs
     if not nfs and job.node is not None and job.node.boot_driver == "xcat":
         # An xCAT site names its image library in the site table
         # (IMAGELIBSERVER, IMAGELIBINSTALLDIR): no duplicate configuration.
@@ -32,20 +40,26 @@ def job_spec(job: Job) -> dict[str, Any]:
             nfs = xcat_image_store() or ""
         except DriverError as exc:  # tabdump failed: the local path is the best we know
             log.warning("cannot read xCAT's site table for the image store: %s", exc)
-    if nfs:
-        store = {"type": "nfs", "export": nfs}
-    else:
-        store = {"type": "local", "path": str(store_root())}
-    spec: dict[str, Any] = {
-        "job_id": job.id,
-        "kind": job.kind,
-        "format": job.format,
-        "node": job.node_name,
-        "disk_hint": (job.options or {}).get("disk") or (job.node.disk if job.node else ""),
-        "store": store,
-        "progress_interval": settings.progress_interval,
-        "image": {"name": job.image_name},
-    }
-    if job.kind == "capture":
-        spec["output_dir"] = f"{INCOMING}/job-{job.id}"
-    return spec
+    try:
+        return NfsStore(export=nfs) if nfs else LocalStore(path=str(store_root()))
+    except ProtocolError as exc:
+        raise exc.within("store") from None
+
+
+def job_spec(job: Job, image: Image | None = None) -> JobSpec:
+    """The job spec of a capture, or of a restore of `image`."""
+    ref = ImageRef(name=job.image_name)
+    if image is not None:
+        ref = ImageRef(name=image.name, location=image.location, format=ImageFormat(image.format),
+                       checksums=image.checksums)
+    return JobSpec(
+        job_id=job.id,
+        kind=JobKind(job.kind),
+        format=ImageFormat(job.format),
+        node=job.node_name,
+        disk_hint=(job.options or {}).get("disk") or (job.node.disk if job.node else ""),
+        store=image_store(job),
+        progress_interval=get_settings().progress_interval,
+        image=ref,
+        output_dir=incoming_location(job.id) if job.kind == JobKind.CAPTURE else "",
+    )

@@ -20,6 +20,7 @@ from celery.signals import worker_process_init
 
 from imgfarm.models import states
 from imgfarm.models.db import dispose_all
+from imgfarm.protocol import JobKind
 from imgfarm.tasks.lifecycle import JobEnded, run_job
 from imgfarm.units import format_bytes
 from imgfarm.worker.app import app
@@ -103,7 +104,7 @@ def restore(self: Task, job_id: int, node: str = "", image: str = "") -> dict[st
     return _run(self, job_id)
 
 
-JOB_TASKS = {"capture": capture, "restore": restore}
+JOB_TASKS: dict[str, Any] = {JobKind.CAPTURE: capture, JobKind.RESTORE: restore}
 
 
 @worker_process_init.connect

@@ -27,12 +27,13 @@ from typing import Any
 from sqlalchemy import select, update
 
 from imgfarm.config.settings import get_settings
-from imgfarm.drivers.base import AgentOrders, NodeInfo
+from imgfarm.drivers.base import NodeInfo
 from imgfarm.errors import ImgfarmError
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
 from imgfarm.models.jobs import begin_finalizing, get_job, hash_token, transition
 from imgfarm.models.tables import Job, Node, utcnow
+from imgfarm.protocol import BootTarget, Orders, PowerState, ProtocolError
 from imgfarm.tasks.finalize import finalize_job
 from imgfarm.tasks.nodes import boot_agent
 from imgfarm.worker.liveness import worker_id
@@ -110,15 +111,16 @@ def _start(job_id: int) -> float | None:
                         power_driver=node.power_driver, driver_info=dict(node.driver_info or {}),
                         disk=node.disk)
         if won:  # what we are about to ask of the node; finalize sets local again
-            s.execute(update(Node).where(Node.id == job.node_id).values(boot_target="agent", power_state="on"))
+            s.execute(update(Node).where(Node.id == job.node_id).values(boot_target=BootTarget.AGENT,
+                                                                     power_state=PowerState.ON))
     if not won:
         return None
-    orders = AgentOrders(api_url=settings.api_url, job_id=job_id, token=token,
-                         disk=str(options.get("disk") or ""))
     try:
+        orders = Orders(api_url=settings.api_url, job_id=job_id, token=token,
+                        disk=str(options.get("disk") or ""))
         boot_agent(info, orders)
         return first_deadline
-    except ImgfarmError as exc:
+    except (ImgfarmError, ProtocolError) as exc:  # ProtocolError: e.g. IMGFARM_API_URL is no URL
         with session_scope() as s:
             begin_finalizing(s, job_id, states.FAILED, f"could not boot {info.name}: {exc}")
     except Exception as exc:  # noqa: BLE001 - any driver bug ends the job, never the node

@@ -19,11 +19,12 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from imgfarm.drivers.base import AgentOrders, NodeInfo
+from imgfarm.drivers.base import NodeInfo
 from imgfarm.drivers.registry import boot_driver, power_driver, validate_node
 from imgfarm.models.db import session_scope
 from imgfarm.models.nodes import ensure_groups, new_node
 from imgfarm.models.tables import Node
+from imgfarm.protocol import BootTarget, Orders
 
 
 def node_info(node: Node) -> NodeInfo:
@@ -74,7 +75,7 @@ def set_node(name: str, **values: Any) -> None:
         s.execute(update(Node).where(Node.name == name).values(**values))
 
 
-def boot_agent(info: NodeInfo, orders: AgentOrders) -> None:
+def boot_agent(info: NodeInfo, orders: Orders) -> None:
     """Make the node's next boot run the agent with `orders`, then power-cycle it into it."""
     boot_driver(info.boot_driver).boot_agent(info, orders)
     power_driver(info.power_driver).reboot(info)
@@ -86,7 +87,7 @@ def reset_node(info: NodeInfo, power_cycle: bool) -> str:
     for attempt in range(3):
         try:
             boot_driver(info.boot_driver).boot_local(info)
-            set_node(info.name, boot_target="local")
+            set_node(info.name, boot_target=BootTarget.LOCAL)
             break
         except Exception as exc:  # noqa: BLE001
             if attempt == 2:

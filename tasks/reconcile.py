@@ -29,6 +29,7 @@ from imgfarm.models import states
 from imgfarm.models.db import session_scope
 from imgfarm.models.jobs import add_event, begin_finalizing
 from imgfarm.models.tables import Job, utcnow
+from imgfarm.protocol import JobKind
 from imgfarm.tasks.convert import enqueue_convert, release_dependents
 from imgfarm.tasks.finalize import finalize_job
 from imgfarm.tasks.jobs import JOB_TASKS
@@ -77,7 +78,7 @@ def reconcile_once() -> dict[str, Any]:
                 continue
             why = f"worker {waiter} is gone" if waiter else "no worker holds it"
             add_event(s, job_id, "note", f"{why}; job handed to another worker (task {task_id})")
-        if kind == "convert":
+        if kind == JobKind.CONVERT:
             enqueue_convert(job_id)
         else:
             JOB_TASKS[kind].apply_async(args=(job_id, node, image), task_id=task_id,

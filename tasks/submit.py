@@ -8,7 +8,6 @@ unique index), not by a check that could race.
 
 from __future__ import annotations
 
-import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +23,10 @@ from imgfarm.models.db import session_scope
 from imgfarm.models.images import check_format, find_image, get_image
 from imgfarm.models.jobs import add_event, begin_finalizing, get_job
 from imgfarm.models.names import check_image_name
+from imgfarm.models.names import converted_name as default_converted_name
 from imgfarm.models.nodes import get_node, resolve_nodes
 from imgfarm.models.tables import Job, JobEvent, Node, utcnow
+from imgfarm.protocol import DEVICE_PATH, ImageFormat, JobKind
 from imgfarm.tasks.convert import create_convert_job, enqueue_convert
 from imgfarm.tasks.enqueue import enqueue_jobs
 from imgfarm.tasks.finalize import finalize_job
@@ -47,9 +48,6 @@ def _busy(session: Session, node_ids: list[int]) -> dict[int, int]:
     return {n: j for n, j in rows if n is not None}
 
 
-_DISK = re.compile(r"^/[^\s'\"\\;]{1,255}$")
-
-
 def job_options(timeout: float = 0, disk: str = "") -> dict[str, Any]:
     """Per-job options from the CLI/API, checked: a timeout, and a target device.
 
@@ -64,7 +62,7 @@ def job_options(timeout: float = 0, disk: str = "") -> dict[str, Any]:
     if timeout:
         opts["timeout"] = timeout
     if disk:
-        if not _DISK.match(disk):
+        if not DEVICE_PATH.match(disk):
             raise InvalidInput(f"bad --disk {disk!r}: give an absolute device path without "
                                "spaces or quotes", hint="e.g. /dev/sda1 or /dev/disk/by-id/...")
         opts["disk"] = disk
@@ -78,7 +76,7 @@ def new_task_id() -> str:
 def submit_capture(
     node: str,
     image: str,
-    fmt: str = "partimage-ng",
+    fmt: str = ImageFormat.NG,
     submitted_by: str = "",
     options: dict[str, Any] | None = None,
     enqueue: bool = True,
@@ -93,13 +91,13 @@ def submit_capture(
             raise Conflict(f"image {image!r} exists already", hint="capture to a new name")
         other = s.scalar(
             select(Job.id).where(
-                Job.kind == "capture", Job.image_name == image, Job.state.in_(states.ACTIVE)
+                Job.kind == JobKind.CAPTURE, Job.image_name == image, Job.state.in_(states.ACTIVE)
             )
         )
         if other:
             raise Conflict(f"job {other} is already capturing image {image!r}")
         _check_available(n)
-        job = Job(kind="capture", node_id=n.id, image_name=image, format=fmt,
+        job = Job(kind=JobKind.CAPTURE, node_id=n.id, image_name=image, format=fmt,
                   submitted_by=submitted_by, options=options or {}, celery_task_id=new_task_id())
         s.add(job)
         try:
@@ -140,7 +138,7 @@ def submit_restore(
     with session_scope() as s:
         img = get_image(s, image)
         targets = resolve_nodes(s, nodes)
-        if convert and img.format != "partimage":
+        if convert and img.format != ImageFormat.PARTIMAGE:
             raise InvalidInput(f"image {image!r} is {img.format} already; --convert is for legacy partimage images")
         busy = _busy(s, [n.id for n in targets])
         skipped: dict[str, str] = {}
@@ -156,8 +154,8 @@ def submit_restore(
         opts = dict(options or {})
         target_image, target_format = image, img.format
         if convert:
-            target_image = converted_name or f"{image}-ng"
-            target_format = "partimage-ng"
+            target_image = converted_name or default_converted_name(image)
+            target_format = ImageFormat.NG
             done = find_image(s, target_image)
             if done is not None and (done.origin or {}).get("source_image") != image:
                 raise Conflict(f"image {target_image!r} exists and was not converted from {image!r}",
@@ -188,7 +186,7 @@ def _insert_restores(s: Session, nodes: list[Node], image: str, fmt: str, submit
     """
     if not nodes:
         return []
-    rows = [{"kind": "restore", "node_id": n.id, "image_name": image, "format": fmt,
+    rows = [{"kind": JobKind.RESTORE, "node_id": n.id, "image_name": image, "format": fmt,
              "submitted_by": submitted_by, "options": options, "window_run_id": window_run_id,
              "celery_task_id": new_task_id() if with_task_ids else ""} for n in nodes]
     try:

@@ -42,9 +42,11 @@ from imgfarm.models import states
 from imgfarm.models import windows as w
 from imgfarm.models.db import session_scope
 from imgfarm.models.images import find_image
+from imgfarm.models.names import converted_name
 from imgfarm.models.nodes import resolve_nodes
 from imgfarm.models.tables import Job, Node, utcnow
 from imgfarm.models.windows import Window, WindowRun, WindowRunNode, get_window
+from imgfarm.protocol import ImageFormat
 from imgfarm.tasks.submit import request_cancel, submit_restore
 
 log = logging.getLogger(__name__)
@@ -204,9 +206,9 @@ def _restore_image(s: Session, run: WindowRun) -> tuple[str | None, str | None, 
     if not window.convert:
         return run.image, None, ""
     img = find_image(s, run.image)
-    if img is not None and img.format != "partimage":
+    if img is not None and img.format != ImageFormat.PARTIMAGE:
         return run.image, None, ""
-    target = f"{window.image}-ng"
+    target = converted_name(window.image)
     if find_image(s, target) is not None:
         run.image = target
         return target, None, ""

@@ -99,6 +99,49 @@ def test_report_for_a_finished_job_is_refused_and_changes_nothing(client: TestCl
     assert _counts(job_id) == before
 
 
+@pytest.mark.parametrize("path,body,words", [
+    ("/progress", b'{"percent": NaN}', "percent: must be a finite number"),
+    ("/progress", b'{"percent": 150}', "percent: must be at most 100"),
+    ("/progress", b'{"percnt": 5}', "percnt: unknown field"),
+    ("/result", b'{"ok": true, "files": {"../x": "00"}}', "files['../x']: '../x' is not a plain file name"),
+    ("/result", b'{"error": "boom"}', "ok: missing"),
+    ("/result", b'[1, 2]', "must be a JSON object"),
+])
+def test_bad_report_is_422_naming_the_field_and_records_nothing(client: TestClient, path: str,
+                                                                 body: bytes, words: str) -> None:
+    job_id = _running_job()
+    before = _counts(job_id)
+    r = client.post(f"/agent/v1/jobs/{job_id}{path}", content=body,
+                    headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    assert r.status_code == 422 and words in r.json()["error"], r.text
+    assert _counts(job_id) == before
+
+
+def test_spec_is_the_protocols_job_spec(client: TestClient) -> None:
+    from imgfarm.protocol import JobSpec, LocalStore
+
+    job_id = _running_job(states.BOOTING)
+    spec = client.get(f"/agent/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    parsed = JobSpec.from_json(spec)
+    assert parsed.image.location == "base" and isinstance(parsed.store, LocalStore)
+    assert spec["store"]["type"] == "local" and spec["image"]["format"] == "partimage-ng"
+
+
+def test_a_spec_the_settings_make_invalid_fails_the_job_with_the_reason(
+        client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    from imgfarm.config.settings import get_settings
+
+    job_id = _running_job(states.BOOTING)
+    monkeypatch.setenv("IMGFARM_IMAGE_STORE_NFS", "/srv/images")  # no server: not an NFS export
+    get_settings.cache_clear()
+    r = client.get(f"/agent/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 409 and "store.export: '/srv/images' is not server:/export" in r.json()["error"]
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.state == states.FINALIZING and job.outcome == states.FAILED
+        assert "store.export" in job.error
+
+
 def test_operator_errors_name_the_bad_input(client: TestClient) -> None:
     with session_scope() as s:
         for i in range(1, 4):

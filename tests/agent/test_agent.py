@@ -7,19 +7,19 @@ from pathlib import Path
 import pytest
 
 from imgfarm.agent.disks import DiskError, find_disk, partclone_for
-from imgfarm.agent.orders import OrdersError, parse_cmdline
+from imgfarm.protocol import Orders, ProtocolError
 
 
 def test_orders_from_kernel_cmdline() -> None:
-    o = parse_cmdline("BOOT_IMAGE=x quiet imgfarm.api=http://10.0.0.1:8470/ imgfarm.job=42 "
+    o = Orders.from_cmdline("BOOT_IMAGE=x quiet imgfarm.api=http://10.0.0.1:8470/ imgfarm.job=42 "
                       "imgfarm.token=abc imgfarm.disk=/dev/nvme0n1 console=ttyS0")
     assert (o.api_url, o.job_id, o.token, o.disk) == ("http://10.0.0.1:8470", 42, "abc", "/dev/nvme0n1")
 
 
 @pytest.mark.parametrize("line,missing", [("quiet", "imgfarm.api="), ("imgfarm.api=x imgfarm.job=1", "imgfarm.token=")])
 def test_orders_name_what_is_missing(line: str, missing: str) -> None:
-    with pytest.raises(OrdersError, match=missing):
-        parse_cmdline(line)
+    with pytest.raises(ProtocolError, match=missing):
+        Orders.from_cmdline(line)
 
 
 def _block(root: Path, name: str, size: int = 1000, removable: int = 0) -> None:
@@ -52,4 +52,3 @@ def test_partclone_tool_per_filesystem() -> None:
     assert partclone_for("ext4") == ("extfs", "EXTFS")
     assert partclone_for("vfat")[0] == "fat"
     assert partclone_for("")[0] == "dd"
-

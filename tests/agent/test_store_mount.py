@@ -15,6 +15,7 @@ import pytest
 
 from imgfarm.agent.imaging import ToolError
 from imgfarm.agent.main import StoreMount
+from imgfarm.protocol import LocalStore, NfsStore
 
 
 @pytest.fixture
@@ -35,7 +36,7 @@ def fake_mount(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_nfs_store_is_mounted_and_unmounted(fake_mount: Path, tmp_path: Path) -> None:
-    with StoreMount({"type": "nfs", "export": "imagesrv:/srv/images"}, 7) as root:
+    with StoreMount(NfsStore(export="imagesrv:/srv/images"), 7) as root:
         assert root == tmp_path / "run" / "store-7" and root.is_dir()
     calls = fake_mount.read_text().splitlines()
     assert calls == [
@@ -46,15 +47,15 @@ def test_nfs_store_is_mounted_and_unmounted(fake_mount: Path, tmp_path: Path) ->
 
 def test_failed_mount_is_a_clear_error(fake_mount: Path) -> None:
     with pytest.raises(ToolError, match="cannot mount image store badserver:/x") as err:
-        with StoreMount({"type": "nfs", "export": "badserver:/x", "options": "vers=4"}, 8):
+        with StoreMount(NfsStore(export="badserver:/x", options="vers=4"), 8):
             pass
     assert "Connection refused" in err.value.stderr_tail
     assert "-o vers=4 badserver:/x" in fake_mount.read_text()
 
 
 def test_local_store_must_exist(tmp_path: Path) -> None:
-    with StoreMount({"type": "local", "path": str(tmp_path)}, 1) as root:
+    with StoreMount(LocalStore(path=str(tmp_path)), 1) as root:
         assert root == tmp_path
     with pytest.raises(ToolError, match="is not a directory"):
-        with StoreMount({"type": "local", "path": str(tmp_path / "nope")}, 1):
+        with StoreMount(LocalStore(path=str(tmp_path / "nope")), 1):
             pass

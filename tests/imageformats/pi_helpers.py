@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from imgfarm import protocol
+
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -33,11 +35,7 @@ MiB = 1 << 20
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(4 * MiB):
-            h.update(chunk)
-    return h.hexdigest()
+    return protocol.sha256_file(path).sha256
 
 
 def zero_file(path: Path, size: int) -> Path:

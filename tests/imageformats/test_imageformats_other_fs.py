@@ -39,7 +39,7 @@ def test_other_fs_converts_byte_exact(fs: str, tmp_path: Path) -> None:
     assert info.used_blocks > 0 and info.block_count * info.block_size <= legacy.size
     dest = tmp_path / "store"
     dest.mkdir()
-    m = convert_legacy(legacy.image, dest)
+    m = convert_legacy(legacy.image, dest).to_json()
     part = m["partitions"][0]
     assert (part["filesystem"], part["partclone_fs"]) == (ng_fs, pc_fs)
     assert part["used_bytes"] == info.used_blocks * info.block_size

@@ -166,11 +166,11 @@ def test_partclone_reader_refuses_damage() -> None:
 # ---------------------------------------------------------------------------- convert
 def test_convert_sample(tmp_path: Path, dest: Path) -> None:
     progress: list[tuple[int, int]] = []
-    m = convert_legacy(SAMPLE, dest, progress=lambda d, t: progress.append((d, t)))
+    m = convert_legacy(SAMPLE, dest, progress=lambda d, t: progress.append((d, t))).to_json()
     img = dest / "sample-ext2"
     assert sorted(p.name for p in dest.iterdir()) == ["sample-ext2"]
     assert sorted(p.name for p in img.iterdir()) == ["manifest.json", "part0.ptcl.zst"]
-    assert read_manifest(img) == m
+    assert read_manifest(img).to_json() == m
     part = m["partitions"][0]
     assert (part["index"], part["start_bytes"], part["size_bytes"]) == (
         0, 0, META["partition_size_bytes"])
@@ -258,14 +258,14 @@ def test_refuses_tail_sum_mismatch(tmp_path: Path) -> None:
 def test_uncompressed_copy_converts(tmp_path: Path, dest: Path) -> None:
     raw = tmp_path / "plain"
     raw.write_bytes(gzip.decompress(SAMPLE.read_bytes()))  # unsplit, uncompressed, no suffix
-    m = convert_legacy(raw, dest)
+    m = convert_legacy(raw, dest).to_json()
     assert m["name"] == "plain"
     assert m["origin"]["legacy"]["volumes"][0]["compression"] == "none"
 
 
 # ---------------------------------------------------------------------------- manifest
 def test_manifest_validation(tmp_path: Path, dest: Path) -> None:
-    m = convert_legacy(SAMPLE, dest)
+    m = convert_legacy(SAMPLE, dest).to_json()
     capture = copy.deepcopy(m)
     capture["origin"] = {"kind": "capture", "node": "lab001", "disk": "/dev/sda"}
     capture["disk"]["partition_table"] = {"type": "gpt", "sfdisk": "label: gpt\n"}
@@ -286,8 +286,8 @@ def test_manifest_validation(tmp_path: Path, dest: Path) -> None:
             validate_manifest(bad)
     d = tmp_path / "w"
     d.mkdir()
-    write_manifest(d, capture)
-    assert read_manifest(d) == capture
+    write_manifest(d, validate_manifest(capture))
+    assert read_manifest(d) == validate_manifest(capture)
     (d / "manifest.json").write_text("{not json")
     with pytest.raises(ImageError, match="not valid JSON"):
         read_manifest(d)
@@ -373,7 +373,7 @@ def test_convert_levels_and_verify_modes(tmp_path: Path) -> None:
                             {"zstd_threads": 0}]):
         dest = tmp_path / f"d{i}"
         dest.mkdir()
-        m = convert_legacy(SAMPLE, dest, name="x", **kw)  # type: ignore[arg-type]
+        m = convert_legacy(SAMPLE, dest, name="x", **kw).to_json()  # type: ignore[arg-type]
         img = dest / "x"
         rep = verify_image(img)
         assert rep.partitions[0].sha256 == m["partitions"][0]["sha256"]
@@ -440,7 +440,7 @@ def test_isal_and_zlib_paths_agree(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         monkeypatch.setattr(pi, "crc32", zlib.crc32 if mode == "zlib" else pi.crc32)
         dest = tmp_path / mode
         dest.mkdir(exist_ok=True)
-        m = convert_legacy(SAMPLE, dest, name="x")
+        m = convert_legacy(SAMPLE, dest, name="x").to_json()
         digests.add(m["partitions"][0]["sha256"])
         bad = tmp_path / f"flip-{mode}.000"
         raw = bytearray(SAMPLE.read_bytes())

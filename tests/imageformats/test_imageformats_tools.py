@@ -56,7 +56,7 @@ def ext3_raw(work: Path) -> Legacy:
 
 
 def _convert_and_compare(legacy: Legacy, dest: Path, work: Path) -> dict:
-    m = convert_legacy(legacy.image, dest)
+    m = convert_legacy(legacy.image, dest).to_json()
     part = m["partitions"][0]
     assert part["size_bytes"] == legacy.size == m["disk"]["size_bytes"]
     zst = dest / m["name"] / part["file"]
@@ -99,7 +99,7 @@ def test_partclone_W_restore(ext3_gzip: Legacy, dest: Path, work: Path, tmp_path
 
     from pi_helpers import sha256_file
 
-    m = convert_legacy(ext3_gzip.image, dest, name="w")
+    m = convert_legacy(ext3_gzip.image, dest, name="w").to_json()
     out = tmp_path / "w.img"
     subprocess.run(f"zstd -dc '{dest / 'w' / 'part0.ptcl.zst'}' | partclone.restore -s - -W "
                    f"-O '{out}'", shell=True, check=True, capture_output=True)
