@@ -50,17 +50,22 @@ def list_images(json_out: bool = json_option()) -> None:
 
 
 def _legacy_volumes(first: Path) -> list[Path]:
+    """Every file of a legacy image: NAME.000, NAME.001, ..., a split set's pieces, or one file."""
     if first.suffix == ".000":
         base = first.name[:-4]
         return sorted(first.parent.glob(f"{base}.[0-9][0-9][0-9]"))
-    return [first]
+    # lazy: the image formats load only for the commands that read images
+    from imgfarm.imageformats.layers import split_pieces
+
+    return split_pieces(first) or [first]
 
 
 @app.command("import")
 @handles_errors
 def import_legacy(
     source: str = typer.Argument(..., help="a legacy partimage image: NAME.000 (its other "
-                                 "volumes come along), NAME, or its directory"),
+                                 "volumes come along), NAME, a split set's NAME.aa (its "
+                                 "other pieces come along), or its directory"),
     name: str = typer.Option("", "--name", "-n", help="name in the registry (default: NAME)"),
     json_out: bool = json_option(),
 ) -> None:
@@ -160,6 +165,13 @@ def _resolve_path(source: str) -> Path | None:
                                hint="name the one you mean: DIR/NAME.000")
         if firsts:
             return legacy_first_volume(path)
+        sets = sorted(p.name for p in (*path.glob("*.aa"), *path.glob("*.aaa")))
+        if len(sets) > 1:
+            raise InvalidInput(f"{source} holds {len(sets)} split sets ({', '.join(sets[:4])}"
+                               f"{', ...' if len(sets) > 4 else ''})",
+                               hint="name the one you mean: DIR/NAME.aa")
+        if sets:
+            return path / sets[0]
         raise NotFound(f"{source} holds no image (no manifest.json, no NAME.000)",
                        hint="give the image directory, or the path of NAME.000")
     first = volume_paths(path)[0]  # NAME, NAME.001 -> NAME.000
@@ -262,7 +274,8 @@ def verify(
 @app.command("convert")
 @handles_errors
 def convert(
-    source: str = typer.Argument(..., help="legacy image name, or path to NAME.000"),
+    source: str = typer.Argument(..., help="legacy image name, or path to NAME.000, to an "
+                                 "unsplit image, or to a split set (NAME.aa, ...)"),
     out: Path | None = typer.Option(None, "--out", help="write the image under DIR, do not register it"),
     name: str = typer.Option("", "--name", help="name of the new image (registered in the store)"),
     json_out: bool = json_option(),
@@ -283,7 +296,12 @@ def convert(
         raise InvalidInput(f"{source} is a {ImageFormat.NG} image already; there is nothing to "
                            "convert", hint="`imgfarm image convert` takes a legacy partimage "
                            "image (NAME.000)")
-    target = name or converted_name(Path(source).name.removesuffix(".000"))
+    # lazy: the image formats load only for the commands that read images
+    from imgfarm.imageformats.convert import default_name
+
+    typed = Path(source)
+    stem = default_name(path) if "/" in source or typed.exists() else source
+    target = name or converted_name(stem)
     check_image_name(target)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

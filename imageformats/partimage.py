@@ -22,7 +22,6 @@ volume and what was wrong.
 
 from __future__ import annotations
 
-import bz2
 import contextlib
 import datetime as _dt
 import os
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from imgfarm.errors import ImageError, NotFound
+from imgfarm.imageformats import layers
 
 _audioop: types.ModuleType | None
 try:  # audioop gives a C-speed exact byte sum (see _ByteSum); gone in Python 3.13
@@ -49,21 +49,10 @@ try:  # audioop gives a C-speed exact byte sum (see _ByteSum); gone in Python 3.
 except ImportError:  # pragma: no cover - Python >= 3.13
     _audioop = None
 
-# gzip volumes: ISA-L's inflate (python-isal, optional) is ~2x zlib's on the bench image
-# and has the same decompressobj API and the same checks (gzip trailer CRC32 + ISIZE); its
-# crc32 (same polynomial and API as zlib.crc32) is ~10x faster.  IMGFARM_INFLATE=zlib
-# forces plain zlib for both (bench comparisons).
-_isal_zlib: Any
-try:
-    from isal import isal_zlib as _isal_zlib
-except ImportError:  # pragma: no cover - optional dependency
-    _isal_zlib = None
-INFLATE = ("isal" if _isal_zlib is not None and os.environ.get("IMGFARM_INFLATE") != "zlib"
-           else "zlib")
-_INFLATE_ERRORS: tuple[type[BaseException], ...] = (
-    (zlib.error,) if _isal_zlib is None else (zlib.error, _isal_zlib.error))
-# what a damaged or truncated volume raises while it is decompressed
-_CORRUPT_DATA: tuple[type[BaseException], ...] = (*_INFLATE_ERRORS, OSError, EOFError, ValueError)
+# gzip: ISA-L's inflate when python-isal is installed (layers.INFLATE); its crc32 (same
+# polynomial and API as zlib.crc32) is ~10x faster for the CHK CRCs.
+INFLATE = layers.INFLATE
+_isal_zlib: Any = layers._isal_zlib
 crc32: Callable[..., int] = _isal_zlib.crc32 if INFLATE == "isal" else zlib.crc32
 
 # --- docs/formats.md A1: volume header ------------------------------------------------
@@ -87,9 +76,8 @@ COPYBUF_SIZE = 262144  # caps a used run: qwPos is the start of the capped run
 COMPRESSIONS = {0: "none", 1: "gzip", 2: "bzip2", 3: "lzo", 4: "lzma"}
 
 _VOL_SUFFIX = re.compile(r"\.(\d{3})$")
-_LZO_MAGIC = b"LZO"
-_READ_SIZE = 1 << 20  # compressed bytes read per call
-_OUT_SIZE = 4 << 20  # decompressed bytes per chunk at most (bounds memory)
+# compressions whose container checks every decompressed byte (CRC32, CRC64)
+_SELF_CHECKED = ("gzip", "bzip2", "xz")
 _CRC_EMPTY = zlib.crc32(b"")
 
 
@@ -233,10 +221,13 @@ class MbrBackup:
 
 @dataclass
 class VolumeFile:
+    """One volume: a file, or the pieces of a `split` set that together hold it."""
+
     index: int
-    path: str
-    compression: str
-    size: int
+    path: str  # the file, or the first piece
+    compression: str  # detected from the content: gzip, bzip2, lzo, xz, zstd, lzma, none
+    size: int  # bytes on disk (all pieces)
+    pieces: list[str] = field(default_factory=list)  # names of a split set's pieces, in order
 
 
 @dataclass
@@ -289,7 +280,9 @@ def volume_paths(path: str | os.PathLike[str]) -> tuple[Path, Path, str]:
     ``base.%03d``.  An unsplit image is one file with no suffix.  Passing the
     base name of a split image (``img`` when only ``img.000`` exists) works too,
     and so does any later volume (``img.001`` -> ``img.000``): an image is read
-    from its first volume.
+    from its first volume.  A `split` set (``sda1.aa``, ``sda1.ab``, ...; see
+    :func:`layers.split_pieces`) is one volume whose first file is its first
+    piece, given as any piece or as the base name ``sda1``.
     """
     p = Path(path)
     m = _VOL_SUFFIX.search(p.name)
@@ -297,6 +290,10 @@ def volume_paths(path: str | os.PathLike[str]) -> tuple[Path, Path, str]:
         base = p.with_name(p.name[: m.start()])
         first = base.with_name(f"{base.name}.000")
         return (first if m.group(1) != "000" and first.is_file() else p), base, base.name
+    pieces = layers.split_pieces(p)
+    if pieces is not None:
+        base = pieces[0].with_suffix("")
+        return pieces[0], base, base.name
     if not p.exists() and p.with_name(p.name + ".000").exists():
         return p.with_name(p.name + ".000"), p, p.name
     return p, p, p.name
@@ -307,6 +304,9 @@ def legacy_first_volume(directory: Path) -> Path:
     vols = sorted(directory.glob("*.000"))
     if vols:
         return vols[0]
+    sets = sorted(directory.glob("*.aa")) + sorted(directory.glob("*.aaa"))
+    if len(sets) == 1:
+        return sets[0]
     files = [p for p in directory.iterdir() if p.is_file()]
     if len(files) == 1:
         return files[0]
@@ -317,99 +317,27 @@ def _volume_path(first: Path, base: Path, n: int) -> Path:
     return first if n == 0 else base.with_name(f"{base.name}.{n:03d}")
 
 
+def _volume_files(first: Path, base: Path, n: int) -> list[Path]:
+    """The file(s) holding volume n: one file, or for volume 0 perhaps a split set."""
+    if n == 0:
+        return layers.split_pieces(first) or [first]
+    return [_volume_path(first, base, n)]
+
+
 def detect_compression(head: bytes) -> str:
-    """Compression of one volume file from its first bytes (never from its name).
+    """Compression of one volume (or split set) from its first bytes, never from its name.
 
-    Same order as partimage (docs/formats.md A1): LZO, bzip2, raw, gzip.
+    gzip, bzip2, lzop (partimage's own "LZO" test, bytes 1-3), xz, zstd, legacy
+    lzma, or "none" when the bytes are partimage's volume magic; anything else
+    is "unknown" (docs/formats.md A1).
     """
-    if head[1:4] == _LZO_MAGIC:
-        return "lzo"
-    if head[:3] == b"BZh":
-        return "bzip2"
-    if head[:16] == VOLUME_MAGIC:
-        return "none"
-    if head[:2] == b"\x1f\x8b":
-        return "gzip"
-    if head[:3] == b"\x5d\x00\x00":
-        return "lzma"
-    return "unknown"
+    kind = layers.detect(head)
+    if kind == "none":
+        return "none" if head[:16] == VOLUME_MAGIC else "unknown"
+    return kind
 
 
-class _Decompressor:
-    """One volume's decompressor with bounded output chunks."""
-
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-        self._new()
-
-    def _new(self) -> None:
-        if self.kind == "gzip":
-            mod = _isal_zlib if INFLATE == "isal" else zlib
-            self.obj: Any = mod.decompressobj(31)
-        elif self.kind == "bzip2":
-            self.obj = bz2.BZ2Decompressor()
-        else:
-            self.obj = None
-        self.started = False
-
-    @property
-    def at_stream_end(self) -> bool:
-        return self.obj is None or (self.obj.eof if self.started else True)
-
-    def feed(self, data: bytes) -> Iterator[bytes]:
-        """Decompress `data`, yielding chunks of at most _OUT_SIZE bytes."""
-        if self.obj is None:
-            if data:
-                yield data
-            return
-        while data:
-            self.started = True
-            if self.kind == "gzip":
-                out = self.obj.decompress(data, _OUT_SIZE)
-                if out:
-                    yield out
-                if self.obj.eof:
-                    rest = self.obj.unused_data
-                    self._new()  # concatenated gzip members
-                    data = rest
-                    continue
-                data = self.obj.unconsumed_tail
-                if not data:
-                    if len(out) < _OUT_SIZE:
-                        return
-                    data = b""
-                    while True:  # drain output held back by the max_length limit
-                        out = self.obj.decompress(b"", _OUT_SIZE)
-                        if out:
-                            yield out
-                        if self.obj.eof or len(out) < _OUT_SIZE:
-                            break
-                    if self.obj.eof:
-                        rest = self.obj.unused_data
-                        self._new()
-                        data = rest
-                    else:
-                        data = self.obj.unconsumed_tail
-            else:
-                out = self.obj.decompress(data, _OUT_SIZE)
-                if out:
-                    yield out
-                if self.obj.eof:
-                    rest = self.obj.unused_data
-                    self._new()
-                    data = rest
-                    continue
-                data = b""
-                while not self.obj.needs_input and not self.obj.eof:
-                    out = self.obj.decompress(b"", _OUT_SIZE)
-                    if out:
-                        yield out
-                    elif not self.obj.needs_input:
-                        break
-                if self.obj.eof:
-                    rest = self.obj.unused_data
-                    self._new()
-                    data = rest
+_Decompressor = layers.Decompressor
 
 
 def _parse_volume_header(raw: bytes, where: str) -> tuple[str, int, int]:
@@ -420,98 +348,81 @@ def _parse_volume_header(raw: bytes, where: str) -> tuple[str, int, int]:
     return version, number, identifier
 
 
-def _open_volume(path: Path) -> tuple[Any, str]:
-    try:
-        fh = open(path, "rb")  # noqa: SIM115 - closed by the caller
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise ImageError(f"{path.name}: cannot open ({exc.strerror})") from exc
-    head = fh.read(16)
-    fh.seek(0)
-    kind = detect_compression(head)
-    if kind in ("lzo", "lzma"):
-        fh.close()
-        raise ImageError(f"{path.name}: {kind} compressed volumes are not supported",
-                         hint="decompress it to a raw partimage image first")
-    if kind == "unknown":
-        fh.close()
-        raise ImageError(f"{path.name} is not a partimage image")
-    return fh, kind
-
-
 def _decode_volumes(first: Path, base: Path, name: str) -> Generator[tuple[str, Any], None, None]:
     """The logical stream across volumes, as ("data", bytes) / ("endvol", n) items.
 
-    Each volume's header is checked (magic, version, identifier == volume 0's,
-    number == expected) and stripped.  Errors are raised lazily, at the point of
-    the stream where they occur, so a consumer that has already reached the tail
+    Each volume is one file or a split set, under at most one compression
+    layer detected from its content (partimage's own gzip/bzip2, or one put
+    around it from outside: gzip, bzip2, lzop, xz, zstd).  Each volume's
+    header is checked (magic, version, identifier == volume 0's, number ==
+    expected) and stripped.  Errors are raised lazily, at the point of the
+    stream where they occur, so a consumer that has already reached the tail
     never sees a problem with a stray later volume.
     """
     identifier: int | None = None
     n = 0
+    split_set: layers.Pieces | None = None
     while True:
-        path = _volume_path(first, base, n)
-        try:
-            fh, kind = _open_volume(path)
-        except FileNotFoundError:
+        if n and split_set is not None:
+            raise ImageError(
+                f"{split_set.last.name}: the partimage stream ends before its tail",
+                hint=f"{split_set.last.name} (the last piece present) was cut short, or "
+                     "pieces after it are missing")
+        paths = _volume_files(first, base, n)
+        path = paths[0]
+        if not path.is_file():
             if n == 0:
-                raise ImageError(f"{path.name}: no such file") from None
+                raise ImageError(f"{path.name}: no such file")
             raise ImageError(
                 f"{path.name} is missing (volume {n} of image {name})",
                 hint="all volumes NAME.000, NAME.001, ... must be in the same directory",
-            ) from None
-        with fh:
-            dec = _Decompressor(kind)
+            )
+        with layers.Pieces(paths) as src:
+            if len(paths) > 1:
+                split_set = src
+            try:
+                head = src.head(16)
+            except OSError as exc:
+                raise ImageError(f"{path.name}: cannot open ({exc.strerror})") from exc
+            if not head:
+                raise ImageError(f"{path.name} is not a partimage image: empty file "
+                                 f"(volume {n} of image {name})")
+            kind = detect_compression(head)
+            if kind == "unknown":
+                raise ImageError(f"{path.name} is not a partimage image",
+                                 hint="give NAME.000, an unsplit image, or the first piece "
+                                      "of a split set (NAME.aa)")
+            display = src.name
             header = bytearray()
-            got_any = False
-            while True:
-                try:
-                    raw = fh.read(_READ_SIZE)
-                except OSError as exc:
-                    raise ImageError(f"{path.name}: read error ({exc.strerror})") from exc
-                if not raw:
-                    break
-                got_any = True
-                try:
-                    for out in dec.feed(raw):
-                        if len(header) < VOLUME_HEADER_SIZE:
-                            need = VOLUME_HEADER_SIZE - len(header)
-                            header += out[:need]
-                            out = out[need:]
-                            if len(header) < VOLUME_HEADER_SIZE:
-                                continue
-                            version, number, ident = _parse_volume_header(bytes(header),
-                                                                          path.name)
-                            if version not in ACCEPTED_VERSIONS:
-                                raise ImageError(
-                                    f"{path.name}: partimage format version {version!r} is "
-                                    f"not supported (only {', '.join(ACCEPTED_VERSIONS)})")
-                            if identifier is None:
-                                identifier = ident
-                            elif ident != identifier:
-                                raise ImageError(
-                                    f"{path.name}: volume belongs to another image (identifier "
-                                    f"0x{ident:016x}, expected 0x{identifier:016x})",
-                                    hint="volumes of different saves were mixed")
-                            if number != n:
-                                raise ImageError(
-                                    f"{path.name}: wrong volume number {number} (expected {n})")
-                            if n == 0:
-                                yield "ident", identifier
-                            yield "volume", (n, str(path), kind)
-                            if not out:
-                                continue
-                        yield "data", out
-                except _CORRUPT_DATA as exc:
-                    raise ImageError(
-                        f"{path.name}: corrupt {kind} data ({exc})",
-                        hint="the volume file is damaged or truncated") from exc
-            if not got_any:
-                raise ImageError(f"{path.name}: empty file (volume {n} of image {name})")
-            if not dec.at_stream_end:
-                raise ImageError(f"{path.name}: {kind} stream is truncated",
-                                 hint="the volume file was cut short")
+            for out in layers.decode(src, kind):
+                if len(header) < VOLUME_HEADER_SIZE:
+                    need = VOLUME_HEADER_SIZE - len(header)
+                    header += out[:need]
+                    out = out[need:]
+                    if len(header) < VOLUME_HEADER_SIZE:
+                        continue
+                    where = path.name if kind == "none" else f"{display} ({kind})"
+                    version, number, ident = _parse_volume_header(bytes(header), where)
+                    if version not in ACCEPTED_VERSIONS:
+                        raise ImageError(
+                            f"{path.name}: partimage format version {version!r} is "
+                            f"not supported (only {', '.join(ACCEPTED_VERSIONS)})")
+                    if identifier is None:
+                        identifier = ident
+                    elif ident != identifier:
+                        raise ImageError(
+                            f"{path.name}: volume belongs to another image (identifier "
+                            f"0x{ident:016x}, expected 0x{identifier:016x})",
+                            hint="volumes of different saves were mixed")
+                    if number != n:
+                        raise ImageError(
+                            f"{path.name}: wrong volume number {number} (expected {n})")
+                    if n == 0:
+                        yield "ident", identifier
+                    yield "volume", (n, display, kind)
+                    if not out:
+                        continue
+                yield "data", out
             if len(header) < VOLUME_HEADER_SIZE:
                 raise ImageError(f"{path.name} is not a partimage image (too short)")
         yield "endvol", n
@@ -773,17 +684,20 @@ def _list_volumes(first: Path, base: Path) -> list[VolumeFile]:
     out = []
     n = 0
     while True:
-        p = _volume_path(first, base, n)
+        paths = _volume_files(first, base, n)
         try:
-            st = p.stat()
+            size = sum(p.stat().st_size for p in paths)
         except OSError:
             break
         try:
-            with open(p, "rb") as fh:
+            with open(paths[0], "rb") as fh:
                 kind = detect_compression(fh.read(16))
         except OSError:
             kind = "unknown"
-        out.append(VolumeFile(index=n, path=str(p), compression=kind, size=st.st_size))
+        out.append(VolumeFile(index=n, path=str(paths[0]), compression=kind, size=size,
+                              pieces=[p.name for p in paths] if len(paths) > 1 else []))
+        if len(paths) > 1:  # a split set is one volume
+            break
         if first == base:  # unsplit image: one file
             nxt = base.with_name(f"{base.name}.001")
             if not nxt.exists():
@@ -884,7 +798,7 @@ class PartimageReader:
         self._data_sum: _ByteSum | _ResidueSum | _LengthOnly
         if exact_sum:
             self._data_sum = _ByteSum()
-        elif all(v.compression in ("gzip", "bzip2") for v in h.info.volumes):
+        elif all(v.compression in _SELF_CHECKED for v in h.info.volumes):
             self._data_sum = _LengthOnly()  # container CRCs cover every byte
         else:
             self._data_sum = _ResidueSum()
@@ -994,7 +908,7 @@ class PartimageReader:
             ok = (0 <= data_part <= 255 * ds.length and data_part % 65521 == ds.residue)
             byte_sum = stored_sum if ok else rest + ds.residue
         else:
-            if any(v[2] not in ("gzip", "bzip2") for v in st.volumes):
+            if any(v[2] not in _SELF_CHECKED for v in st.volumes):
                 raise ImageError(f"{where}: a volume changed compression while being read")
             ok = 0 <= stored_sum - rest <= 255 * ds.length
             byte_sum = stored_sum if ok else rest

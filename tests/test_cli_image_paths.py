@@ -72,3 +72,23 @@ def test_import_names_the_image_after_the_file(settings_env: str, images: Path) 
     code, out = _cli("list", "--json")
     assert code == 0 and '"name": "lab"' in out
 
+
+
+def test_split_set_is_found_imported_and_converted(settings_env: str, tmp_path: Path) -> None:
+    """A gzip partimage stream cut by `split` (lab.aa, lab.ab, ...), as Clonezilla keeps them."""
+    d = tmp_path / "cz"
+    d.mkdir()
+    raw = SAMPLE.read_bytes()
+    size = len(raw) // 3 + 1
+    for i, suffix in enumerate(("aa", "ab", "ac")):
+        (d / f"lab.{suffix}").write_bytes(raw[i * size : (i + 1) * size])
+    for typed in (d / "lab.aa", d / "lab.ab", d / "lab", d):
+        code, out = _cli("inspect", str(typed))
+        assert code == 0 and f"path {d / 'lab.aa'}" in out and "lab.ac" in out, (typed, out)
+    code, out = _cli("convert", str(d / "lab.ab"), "--out", str(tmp_path / "ng"))
+    assert code == 0 and (tmp_path / "ng" / "lab-ng" / "manifest.json").is_file(), out
+    code, out = _cli("import", str(d / "lab.aa"))
+    assert code == 0 and "imported lab: 3 volume(s)" in out, out
+    (d / "lab.ab").unlink()
+    code, out = _cli("convert", str(d / "lab.aa"), "--out", str(tmp_path / "ng3"))
+    assert code == 6 and "lab.ab is missing" in out, out

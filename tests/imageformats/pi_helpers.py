@@ -208,3 +208,99 @@ def make_other_fs(work: Path, fs: str) -> Legacy:
         subprocess.run(["mcopy", "-i", str(src), *map(str, files.iterdir()), "::"], check=True,
                        capture_output=True, env={**ENV, "MTOOLS_SKIP_CHECK": "1"})
     return _save_gzip(src, fs)
+
+
+# ------------------------------------------------------------- Clonezilla's partimage mode
+# ocs-functions, save_part_by_partimage: one uncompressed partimage stream on stdout,
+# compressed from outside, cut by split (-a 2, -b VOL_LIMIT MB)
+CLONEZILLA_PARTIMAGE = ("partimage -M -f3 -o -d -b -c -z0 --volume=0 -B gui=no save {dev} stdout")
+# the compressors Clonezilla offers for it, and how each is undone for the reference restore
+COMPRESSORS = {
+    "gzip": ("gzip -c", "gzip -dc"),
+    "pigz": ("pigz -c -p 2 -b 128", "gzip -dc"),
+    "bzip2": ("bzip2 -c", "bzip2 -dc"),
+    "pbzip2": ("pbzip2 -c -p2 -b1", "bzip2 -dc"),
+    "lzop": ("lzop -c", "lzop -dc"),
+    "xz": ("xz -c -0", "xz -dc"),
+    "zstd": ("zstd -c -q", "zstd -dcq"),
+    "none": ("cat", "cat"),
+}
+
+
+def clonezilla_save(dev: str, out: Path, *, comp: str, split_bytes: int | None,
+                    suffix_len: int = 2) -> list[Path]:
+    """Save `dev` the way Clonezilla does; returns the files written (pieces in order)."""
+    cmd = (f"{CLONEZILLA_PARTIMAGE.format(dev=dev)} | {COMPRESSORS[comp][0]} | "
+           + (f"split -a {suffix_len} -b {split_bytes} - '{out}.'" if split_bytes
+              else f"cat > '{out}'"))
+    p = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], env=ENV, stdin=subprocess.DEVNULL,
+                       capture_output=True, timeout=300)
+    assert p.returncode == 0, f"Clonezilla recipe failed: {p.stderr[-2000:]!r}"
+    files = sorted(out.parent.glob(f"{out.name}.{'[a-z]' * suffix_len}")) if split_bytes \
+        else [out]
+    assert files and all(f.stat().st_size for f in files)
+    return files
+
+
+def clonezilla_restore_sha(files: list[Path], comp: str, size: int, work: Path) -> str:
+    """sha256 of ``cat PIECES | DECOMPRESS | partimage restore DEV stdin`` (Clonezilla's
+    restore of such an image) onto a zero-filled device of `size`."""
+    target = zero_file(work / "cz-restore.img", size)
+    try:
+        with loop_device(target) as dev:
+            names = " ".join(f"'{f}'" for f in files)
+            p = subprocess.run(["bash", "-o", "pipefail", "-c",
+                                f"cat {names} | {COMPRESSORS[comp][1]} | "
+                                f"partimage -b -f3 restore {dev} stdin"],
+                               env=ENV, stdin=subprocess.DEVNULL, capture_output=True,
+                               timeout=300)
+            assert p.returncode == 0, f"partimage restore failed: {p.stdout[-2000:]!r}"
+        return sha256_file(target)
+    finally:
+        target.unlink(missing_ok=True)
+
+
+class ClonezillaSave:
+    """A partition saved by Clonezilla's partimage recipe, with the reference restore."""
+
+    def __init__(self, files: list[Path], size: int, reference_sha: str) -> None:
+        self.files = files
+        self.size = size
+        self.reference_sha = reference_sha
+
+
+def fill_fat(src: Path, seed: bytes) -> None:
+    """Files on a FAT image through mtools (no vfat driver needed)."""
+    files = src.parent / f"files-{src.stem}"
+    files.mkdir()
+    (files / "readme.txt").write_text("FAT sample for imgfarm\n" * 1000)
+    (files / "random.bin").write_bytes(_deterministic(seed, 2 * MiB))
+    (files / "dir").mkdir()
+    (files / "dir" / "nested.txt").write_text("nested\n" * 5000)
+    subprocess.run(["mcopy", "-s", "-i", str(src), str(files / "readme.txt"),
+                    str(files / "random.bin"), str(files / "dir"), "::"],
+                   check=True, capture_output=True, env={**ENV, "MTOOLS_SKIP_CHECK": "1"})
+
+
+def make_clonezilla(work: Path, label: str, *, fs: str, size_mib: int, comp: str,
+                    split_bytes: int | None, random_mib: int = 2,
+                    suffix_len: int = 2) -> ClonezillaSave:
+    """A file system on a loop device, filled, saved with Clonezilla's partimage recipe."""
+    d = work / label
+    d.mkdir()
+    src = zero_file(d / "fs.img", size_mib * MiB)
+    if fs == "fat32":
+        run("mkfs.vfat", "-F", "32", "-n", "IMGFARM", src)
+        fill_fat(src, label.encode())
+    else:
+        run(f"mkfs.{fs}", "-q", "-F", "-b", "1024", "-L", label, src)
+    out_dir = d / "img"
+    out_dir.mkdir()
+    with loop_device(src) as dev:
+        if fs != "fat32":
+            _fill_ext(dev, d / "mnt", random_mib, seed=size_mib)
+        files = clonezilla_save(dev, out_dir / "sda1", comp=comp, split_bytes=split_bytes,
+                                suffix_len=suffix_len)
+    src.unlink()
+    return ClonezillaSave(files, size_mib * MiB,
+                          clonezilla_restore_sha(files, comp, size_mib * MiB, d))
