@@ -8,19 +8,19 @@ tells a stranger nothing about which jobs exist.
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header
 from pydantic import PlainValidator
 from sqlalchemy import update
 
+from imgfarm.api.auth import authorized_job
 from imgfarm.config.settings import get_settings
-from imgfarm.errors import Conflict, Unauthorized
+from imgfarm.errors import Conflict
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
 from imgfarm.models.images import get_image
-from imgfarm.models.jobs import add_event, begin_finalizing, hash_token, transition
+from imgfarm.models.jobs import add_event, begin_finalizing, transition
 from imgfarm.models.tables import Job, utcnow
 from imgfarm.protocol import JobKind, ProgressReport, ProtocolError, ResultReport
 from imgfarm.tasks.job_spec import job_spec
@@ -38,16 +38,6 @@ ResultBody = Annotated[ResultReport, PlainValidator(ResultReport.from_json,
                                                     json_schema_input_type=ResultReport)]
 
 
-def _authorized_job(session: Any, job_id: int, authorization: str | None) -> Job:
-    token = (authorization or "").removeprefix("Bearer ").strip()
-    job = session.get(Job, job_id)
-    if job is None or not token or not job.token_hash or not hmac.compare_digest(
-        job.token_hash, hash_token(token)
-    ):
-        raise Unauthorized("missing or wrong job token")
-    return job
-
-
 def _open_job(job: Job) -> None:
     if job.state not in (states.BOOTING, states.RUNNING):
         raise Conflict(f"job {job.id} is {job.state}; reports are no longer accepted")
@@ -56,7 +46,7 @@ def _open_job(job: Job) -> None:
 @router.get("/jobs/{job_id}")
 def get_spec(job_id: int, authorization: str | None = Header(None)) -> dict[str, Any]:
     with session_scope() as s:
-        job = _authorized_job(s, job_id, authorization)
+        job = authorized_job(s, job_id, authorization)
         _open_job(job)
         image = get_image(s, job.image_name) if job.kind == JobKind.RESTORE else None
         try:
@@ -72,7 +62,7 @@ def get_spec(job_id: int, authorization: str | None = Header(None)) -> dict[str,
 def post_progress(job_id: int, report: ProgressBody, authorization: str | None = Header(None)) -> dict[str, str]:
     now = utcnow()
     with session_scope() as s:
-        job = _authorized_job(s, job_id, authorization)
+        job = authorized_job(s, job_id, authorization)
         _open_job(job)
         if job.state == states.BOOTING:
             transition(s, job_id, states.BOOTING, states.RUNNING, "agent reported: running")
@@ -100,7 +90,7 @@ def post_progress(job_id: int, report: ProgressBody, authorization: str | None =
 def post_result(job_id: int, report: ResultBody, authorization: str | None = Header(None)) -> dict[str, str]:
     now = utcnow()
     with session_scope() as s:
-        job = _authorized_job(s, job_id, authorization)
+        job = authorized_job(s, job_id, authorization)
         _open_job(job)
         if job.state == states.BOOTING:
             transition(s, job_id, states.BOOTING, states.RUNNING, "agent reported")

@@ -7,13 +7,17 @@ the status code of the farm's error class (imgfarm/errors.py).
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from sqlalchemy.exc import DBAPIError
 
 from imgfarm import __version__
 from imgfarm.api import agent_routes, metrics, operator_routes, windows_routes
+from imgfarm.api.auth import meta_access
 from imgfarm.errors import ImgfarmError
 from imgfarm.models.dbapi import explain_db_error
 from imgfarm.protocol import ProtocolError
@@ -37,8 +41,18 @@ def _problems(exc: RequestValidationError) -> str:
 
 
 def create_app() -> FastAPI:
-    app = FastAPI(title="imgfarm", version=__version__,
+    # /docs and /openapi.json are served below, behind the same setting as /metrics
+    app = FastAPI(title="imgfarm", version=__version__, docs_url=None, redoc_url=None,
+                  openapi_url=None,
                   description="Capture, restore and convert disk images on PXE-booted nodes.")
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(meta_access)])
+    def openapi() -> dict[str, Any]:
+        return app.openapi()
+
+    @app.get("/docs", include_in_schema=False, dependencies=[Depends(meta_access)])
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="imgfarm API")
 
     @app.exception_handler(ImgfarmError)
     async def _farm_error(_req: Request, exc: ImgfarmError) -> JSONResponse:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -23,6 +23,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
+from imgfarm.api.auth import meta_access
 from imgfarm.models import states
 from imgfarm.models import windows as w
 from imgfarm.models.db import session_scope
@@ -112,7 +113,8 @@ registry.register(FarmCollector())
 router = APIRouter(tags=["meta"])
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, dependencies=[Depends(meta_access)])
 def metrics() -> Response:
-    """Prometheus text format; unauthenticated like /healthz (counts only, no names of jobs)."""
+    """Prometheus text format (counts, and window names); open or `read`, per
+    IMGFARM_API_META_ACCESS."""
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from pydantic import BaseModel
 
-from imgfarm.api.operator_routes import operator_auth
+from imgfarm.api.operator_routes import Operator, Reader
 from imgfarm.models.db import session_scope
 from imgfarm.models.states import ON_CLOSE_FINISH
 from imgfarm.models.windows import (
@@ -20,8 +20,7 @@ from imgfarm.models.windows import (
 )
 from imgfarm.tasks import window_runner
 
-router = APIRouter(prefix="/api/v1/windows", tags=["windows"],
-                   dependencies=[Depends(operator_auth)])
+router = APIRouter(prefix="/api/v1/windows", tags=["windows"])
 
 
 class WindowIn(BaseModel):
@@ -41,42 +40,42 @@ class WindowIn(BaseModel):
 
 
 @router.get("")
-def list_windows() -> list[dict[str, Any]]:
+def list_windows(_who: Reader) -> list[dict[str, Any]]:
     with session_scope() as s:
         return window_views(s)
 
 
 @router.post("", status_code=201)
-def create_window(body: WindowIn) -> dict[str, Any]:
+def create_window(body: WindowIn, _who: Operator) -> dict[str, Any]:
     with session_scope() as s:
         return window_view(add_window(s, **body.model_dump()))
 
 
 @router.get("/{name}")
-def read_window(name: str, runs: bool = False, limit: int = 10) -> dict[str, Any]:
+def read_window(name: str, _who: Reader, runs: bool = False, limit: int = 10) -> dict[str, Any]:
     with session_scope() as s:
         return window_detail(s, name, runs=runs, limit=limit)
 
 
 @router.post("/{name}/enable")
-def enable(name: str) -> dict[str, Any]:
+def enable(name: str, _who: Operator) -> dict[str, Any]:
     with session_scope() as s:
         return set_enabled(s, name, True)
 
 
 @router.post("/{name}/disable")
-def disable(name: str) -> dict[str, Any]:
+def disable(name: str, _who: Operator) -> dict[str, Any]:
     with session_scope() as s:
         return set_enabled(s, name, False)
 
 
 @router.delete("/{name}")
-def remove(name: str) -> dict[str, Any]:
+def remove(name: str, _who: Operator) -> dict[str, Any]:
     with session_scope() as s:
         remove_window(s, name)
     return {"removed": name}
 
 
 @router.post("/{name}/run-now", status_code=201)
-def run_now(name: str) -> dict[str, Any]:
+def run_now(name: str, _who: Operator) -> dict[str, Any]:
     return window_runner.run_now(name)

@@ -14,6 +14,7 @@ from typing import Any
 
 import typer
 
+from imgfarm.cli.credentials import operator_token
 from imgfarm.cli.output import (
     STATE_STYLE,
     console,
@@ -29,18 +30,41 @@ from imgfarm.cli.output import (
     styled_state,
     table,
 )
+from imgfarm.errors import Forbidden, Unauthorized
 from imgfarm.models import states
 from imgfarm.models.dbapi import reader
 from imgfarm.models.views import list_jobs, read_job, read_jobs
 from imgfarm.protocol import ImageFormat
 
 
-def who() -> str:
+def who(check_token: bool = True) -> str:
+    """Who submits: the operator token's name when the CLI has one (checked), and the local user.
+
+    Why check a token the CLI does not need to reach the database: so that a job
+    says which token's holder submitted it, and a revoked token stops working
+    here as it does on the API.
+    """
     try:
         user = getpass.getuser()
     except Exception:  # noqa: BLE001
         user = "unknown"
-    return f"cli:{user}@{socket.gethostname()}"
+    local = f"cli:{user}@{socket.gethostname()}"
+    token = operator_token() if check_token else ""
+    if not token:
+        return local
+    # lazy: SQLAlchemy loads only for the commands that submit
+    from imgfarm.models.db import session_scope
+    from imgfarm.models.tokens import verify_token
+
+    with session_scope() as s:
+        principal = verify_token(s, token)
+    if principal is None:
+        raise Unauthorized("the operator token (IMGFARM_TOKEN or the token file) is not valid",
+                           hint="it may have been revoked: see `imgfarm token list`")
+    if not principal.allows("operate"):
+        raise Forbidden(f"token {principal.name!r} has scope {principal.scope}; submitting "
+                           "needs operate", hint="use a token with scope operate or admin")
+    return f"token:{principal.name} ({local})"
 
 
 def _views(job_ids: list[int]) -> list[dict[str, Any]]:

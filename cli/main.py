@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import typer
 
-from imgfarm.cli import drivers, images, jobs, nodes, services, windows
+from imgfarm.cli import drivers, images, jobs, nodes, services, tokens, windows
 
 app = typer.Typer(
     name="imgfarm",
@@ -46,6 +46,7 @@ app.command("api")(services.api)
 app.command("flower")(services.flower)
 app.command("reconcile")(services.reconcile)
 app.add_typer(windows.app, name="window")
+app.add_typer(tokens.app, name="token")
 
 
 def main() -> None:

@@ -66,18 +66,38 @@ def beat(loglevel: str = typer.Option("INFO")) -> None:
                                f"--loglevel={loglevel}", "-s", str(schedule)])
 
 
+@handles_errors
 def api(host: str = typer.Option("", help="bind address (default: settings)"),
-        port: int = typer.Option(0, help="port (default: settings)")) -> None:
-    """Start the HTTP API (operators and agents)."""
+        port: int = typer.Option(0, help="port (default: settings)"),
+        certfile: str = typer.Option("", "--certfile", help="TLS: serve https with this PEM "
+                                     "certificate chain (default: IMGFARM_API_CERTFILE)"),
+        keyfile: str = typer.Option("", "--keyfile", help="TLS: the certificate's PEM key "
+                                    "(default: IMGFARM_API_KEYFILE)")) -> None:
+    """Start the HTTP API (operators and agents).
+
+    It refuses to listen beyond loopback while no operator token exists
+    (`imgfarm token create`), so a fresh farm is never open to its network.
+    """
+    # lazy: the settings (pydantic) load only for the commands that need them
+    from imgfarm.config.settings import get_settings
+    from imgfarm.errors import InvalidInput
+    from imgfarm.models.tokens import check_listen
+
+    settings = get_settings()
+    host = host or settings.api_host
+    certfile, keyfile = certfile or settings.api_certfile, keyfile or settings.api_keyfile
+    if bool(certfile) != bool(keyfile):
+        raise InvalidInput("TLS needs both --certfile and --keyfile",
+                           hint="give both (PEM files), or neither for plain http")
+    for what, path in (("--certfile", certfile), ("--keyfile", keyfile)):
+        if path and not os.access(path, os.R_OK):
+            raise InvalidInput(f"{what} {path}: not a readable file", hint="a PEM file readable by this user")
+    check_listen(host)
     # lazy: uvicorn loads only for `imgfarm api`
     import uvicorn
 
-    # lazy: the settings (pydantic) load only for the commands that need them
-    from imgfarm.config.settings import get_settings
-
-    settings = get_settings()
-    uvicorn.run("imgfarm.api.app:app", host=host or settings.api_host, port=port or settings.api_port,
-                log_level="info")
+    uvicorn.run("imgfarm.api.app:app", host=host, port=port or settings.api_port, log_level="info",
+                ssl_certfile=certfile or None, ssl_keyfile=keyfile or None)
 
 
 def flower(port: int = typer.Option(5555), address: str = typer.Option("127.0.0.1")) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import (
@@ -85,7 +85,10 @@ class Settings(BaseSettings):
     api_url: str = "http://127.0.0.1:8470"  # as agents and the CLI reach the API
     api_host: str = "127.0.0.1"
     api_port: int = 8470
-    api_token: str = ""  # if set, operator endpoints require "Authorization: Bearer <it>"
+    api_token: str = ""  # a bootstrap admin credential (prefer `imgfarm token create`)
+    api_meta_access: Literal["public", "read"] = "read"  # who may read /metrics, /docs, /openapi.json
+    api_certfile: str = ""  # TLS: the API serves https with this certificate chain ...
+    api_keyfile: str = ""  # ... and this key (uvicorn's ssl_certfile / ssl_keyfile)
 
     default_boot_driver: str = "sim"
     default_power_driver: str = "sim"

@@ -60,6 +60,12 @@ class Unauthorized(ImgfarmError):
     http_status = 401
 
 
+class Forbidden(Unauthorized):
+    """A valid credential whose scope does not cover the request."""
+
+    http_status = 403
+
+
 class ImageError(ImgfarmError):
     exit_code = 6
     http_status = 422

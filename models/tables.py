@@ -24,6 +24,7 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    UniqueConstraint,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -191,3 +192,39 @@ class Worker(Base):
     pid: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiToken(Base):
+    """An operator's API token: its scope, and the hash of its secret (never the secret).
+
+    The presented token is `imgf_<key_id>_<secret>`: the key id finds the row, the
+    secret's hash is compared in constant time, so a lookup never depends on how
+    much of a guess was right.
+    """
+
+    __tablename__ = "api_tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(16), unique=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    scope: Mapped[str] = mapped_column(String(16))
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(256), default="")
+    last_used_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
+class NodeSecret(Base):
+    """A driver setting marked secret (a BMC password), kept out of the node row.
+
+    Why a table of its own: every listing, view and export reads `nodes`; a
+    secret that is not in that row cannot come back through any of them, whatever
+    the key's spelling. Only the drivers read this table, when they act.
+    """
+
+    __tablename__ = "node_secrets"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"), index=True)
+    key: Mapped[str] = mapped_column(String(64))
+    value: Mapped[str] = mapped_column(Text)
+
+    __table_args__ = (UniqueConstraint("node_id", "key", name="uq_node_secret"),)

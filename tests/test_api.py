@@ -21,12 +21,15 @@ from imgfarm.tasks.nodes import add_node
 
 TOKEN = "t" * 43
 
+# a loopback peer: with no operator token in the database, only this machine may call
+LOCAL = ("127.0.0.1", 50000)
+
 
 @pytest.fixture
 def client(settings_env: str) -> Iterator[TestClient]:
     from imgfarm.api.app import create_app
 
-    with TestClient(create_app()) as c:
+    with TestClient(create_app(), client=LOCAL) as c:
         yield c
 
 

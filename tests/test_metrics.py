@@ -19,6 +19,9 @@ from imgfarm.models.images import register_image
 from imgfarm.models.tables import Job, utcnow
 from imgfarm.tasks.nodes import add_node
 
+# a loopback peer: with no operator token in the database, only this machine may call
+LOCAL = ("127.0.0.1", 50000)
+
 
 def _scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     resp = client.get("/metrics")
@@ -50,7 +53,7 @@ def test_metrics_count_jobs_bytes_durations_and_windows(settings_env: str, tmp_p
                   started_at=now))
         window = add_window(s, "w", "0 2 * * 6", 60, "base", groups=["g"], max_concurrent=1)
         open_run(s, window, now, now, "run-now")
-    client = TestClient(create_app())
+    client = TestClient(create_app(), client=LOCAL)
     m = _scrape(client)
     assert m[("imgfarm_jobs", (("kind", "restore"), ("state", "succeeded")))] == 1
     assert m[("imgfarm_jobs", (("kind", "restore"), ("state", "failed")))] == 1
@@ -79,7 +82,7 @@ def test_windows_http_api(settings_env: str, tmp_path: Path) -> None:
     with session_scope() as s:
         add_node(s, "h1", disk=str(tmp_path / "h1.img"), groups=["lab"])
         register_image(s, "base", "partimage-ng", "base", size_bytes=1, checksums={})
-    client = TestClient(create_app())
+    client = TestClient(create_app(), client=LOCAL)
     body = {"name": "hw", "cron": "0 2 * * 6", "duration_minutes": 30, "image": "base",
             "groups": ["lab"], "timezone": "Europe/Berlin"}
     r = client.post("/api/v1/windows", json=body)
