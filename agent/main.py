@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -46,24 +47,71 @@ def log(msg: str) -> None:
 
 
 class StoreMount:
-    """The image store: a local path, or an NFS export mounted for the job."""
+    """The image store: a local path, or an NFS export mounted for the job.
 
-    NFS_OPTIONS = "vers=3,hard,nolock"
+    NFS defaults to v4.1 over TCP, `soft` with a bounded retry: a server that
+    stops answering turns into an I/O error within about a minute, which the
+    agent reports naming the store, instead of a tool hung for ever in a hard
+    mount while the progress heartbeat goes on. The job spec's options are
+    applied over these (a later key wins; `hard` replaces `soft`), so a site
+    says `port=20490` or `vers=3,nolock` without repeating the rest.
+    """
+
+    NFS_OPTIONS = "vers=4.1,proto=tcp,soft,timeo=100,retrans=3"
+    _OPPOSITE = {"soft": "hard", "hard": "soft", "lock": "nolock", "nolock": "lock"}
 
     def __init__(self, store: Store, job_id: int) -> None:
         self.store = store
         self.mountpoint: Path | None = None
         self.job_id = job_id
 
+    @classmethod
+    def options(cls, extra: str) -> str:
+        """The agent's NFS options with `extra` applied over them."""
+        merged: dict[str, str | None] = {}
+        for word in [*cls.NFS_OPTIONS.split(","), *extra.split(",")]:
+            if not word:
+                continue
+            key, eq, value = word.partition("=")
+            merged.pop(cls._OPPOSITE.get(key, ""), None)
+            merged.pop(key, None)  # keep the order in which the last one was given
+            merged[key] = value if eq else None
+        return ",".join(k if v is None else f"{k}={v}" for k, v in merged.items())
+
+    def _nfs_server(self) -> tuple[str, int]:
+        assert isinstance(self.store, NfsStore)
+        host = self.store.export.rsplit(":", 1)[0].strip("[]")
+        port = 2049
+        for word in self.options(self.store.options).split(","):
+            if word.startswith("port=") and word[5:].isdigit() and int(word[5:]):
+                port = int(word[5:])
+        return host, port
+
+    def unreachable(self) -> str:
+        """Why the NFS server does not answer now ('' when it does, or the store is local)."""
+        if not isinstance(self.store, NfsStore):
+            return ""
+        host, port = self._nfs_server()
+        try:
+            with socket.create_connection((host, port), timeout=5):
+                return ""
+        except OSError as exc:
+            return f"NFS server {host} port {port}: {exc.strerror or exc}"
+
     def __enter__(self) -> Path:
         if isinstance(self.store, NfsStore):
             mnt = RUN_DIR / f"store-{self.job_id}"
             mnt.mkdir(parents=True, exist_ok=True)
-            opts = self.store.options or self.NFS_OPTIONS
-            out = subprocess.run(["mount", "-t", "nfs", "-o", opts, self.store.export, str(mnt)],
+            opts = self.options(self.store.options)
+            vers = next((w[5:] for w in reversed(opts.split(",")) if w.startswith("vers=")), "")
+            fstype = "nfs4" if vers.startswith("4") else "nfs"
+            out = subprocess.run(["mount", "-t", fstype, "-o", opts, self.store.export, str(mnt)],
                                  capture_output=True, text=True)
             if out.returncode != 0:
-                raise imaging.ToolError(f"cannot mount image store {self.store.export}", out.stderr)
+                why = self.unreachable()
+                raise imaging.ToolError(
+                    f"cannot mount image store {self.store.export}" + (f" ({why})" if why else ""),
+                    out.stderr)
             self.mountpoint = mnt
             return mnt
         if not isinstance(self.store, LocalStore):
@@ -74,8 +122,13 @@ class StoreMount:
         return path
 
     def __exit__(self, *exc: object) -> None:
-        if self.mountpoint is not None:
-            subprocess.run(["umount", str(self.mountpoint)], capture_output=True)
+        if self.mountpoint is None:
+            return
+        # A dead server can hang a plain umount: bound it, then detach lazily.
+        try:
+            subprocess.run(["umount", str(self.mountpoint)], capture_output=True, timeout=20)
+        except subprocess.TimeoutExpired:
+            subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True, timeout=20)
 
 
 def _failure(error: str, tail: str, started: float) -> ResultReport:
@@ -108,16 +161,22 @@ def run(orders: Orders) -> int:
     reporter = Reporter(client.progress, progress, spec.progress_interval)
     reporter.start()
     started = time.monotonic()
+    mount: StoreMount | None = None
     try:
         if orders.delay:
             time.sleep(orders.delay)
         disk = disks.find_disk(orders.disk or spec.disk_hint)
         log(f"job {orders.job_id}: {spec.kind} {spec.format} on {disk}")
-        with StoreMount(spec.store, orders.job_id) as root:
+        mount = StoreMount(spec.store, orders.job_id)
+        with mount as root:
             files, manifest = _do(spec, disk, root, progress)
     except Exception as exc:  # noqa: BLE001 - every failure is reported, never swallowed
         reporter.stop.set()
         tail = getattr(exc, "stderr_tail", "")
+        why = mount.unreachable() if mount is not None and mount.mountpoint is not None else ""
+        if why and isinstance(spec.store, NfsStore):  # EIO or a short read is the symptom
+            exc = imaging.ToolError(f"image store {spec.store.export} stopped answering during "
+                                    f"the {spec.kind} ({why}): {exc}", tail)
         if not isinstance(exc, imaging.ToolError | disks.DiskError | OSError):
             import traceback
 

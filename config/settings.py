@@ -81,6 +81,9 @@ class Settings(BaseSettings):
 
     image_store: Path | None = None  # default: data_dir/images
     image_store_nfs: str = ""  # "server:/export" that agents mount; empty: local path
+    # Mount options the agent adds to its own (vers=4.1,proto=tcp,soft,...); later wins,
+    # e.g. "port=20490" for a server on another port, or "vers=3,nolock" for NFSv3.
+    image_store_nfs_options: str = ""
 
     api_url: str = "http://127.0.0.1:8470"  # as agents and the CLI reach the API
     api_host: str = "127.0.0.1"

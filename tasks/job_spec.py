@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 def image_store(job: Job) -> Store:
     """Where the agent finds the store: the NFS export, or the farm's own directory."""
-    nfs = get_settings().image_store_nfs
+    settings = get_settings()
+    nfs = settings.image_store_nfs
     if not nfs and job.node is not None and job.node.boot_driver == "xcat":
         # An xCAT site names its image library in the site table
         # (IMAGELIBSERVER, IMAGELIBINSTALLDIR): no duplicate configuration.
@@ -41,7 +42,9 @@ def image_store(job: Job) -> Store:
         except DriverError as exc:  # tabdump failed: the local path is the best we know
             log.warning("cannot read xCAT's site table for the image store: %s", exc)
     try:
-        return NfsStore(export=nfs) if nfs else LocalStore(path=str(store_root()))
+        if nfs:
+            return NfsStore(export=nfs, options=settings.image_store_nfs_options)
+        return LocalStore(path=str(store_root()))
     except ProtocolError as exc:
         raise exc.within("store") from None
 

@@ -130,6 +130,20 @@ def test_spec_is_the_protocols_job_spec(client: TestClient) -> None:
     assert spec["store"]["type"] == "local" and spec["image"]["format"] == "partimage-ng"
 
 
+def test_spec_names_the_nfs_export_and_its_mount_options(client: TestClient,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from imgfarm.config.settings import get_settings
+    from imgfarm.protocol import JobSpec, NfsStore
+
+    job_id = _running_job(states.BOOTING)
+    monkeypatch.setenv("IMGFARM_IMAGE_STORE_NFS", "10.0.2.2:/images")
+    monkeypatch.setenv("IMGFARM_IMAGE_STORE_NFS_OPTIONS", "port=20490")
+    get_settings.cache_clear()
+    spec = client.get(f"/agent/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    store = JobSpec.from_json(spec).store
+    assert store == NfsStore(export="10.0.2.2:/images", options="port=20490")
+
+
 def test_a_spec_the_settings_make_invalid_fails_the_job_with_the_reason(
         client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     from imgfarm.config.settings import get_settings

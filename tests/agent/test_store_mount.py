@@ -1,4 +1,4 @@
-"""The agent mounts the NFS image store with `mount -t nfs` and always unmounts.
+"""The agent mounts the NFS image store (`mount -t nfs4`, v4.1 by default) and always unmounts.
 
 This kernel has no NFS client, so the test puts stand-in `mount`/`umount`
 executables first on PATH and checks the exact command contract (arguments,
@@ -40,17 +40,42 @@ def test_nfs_store_is_mounted_and_unmounted(fake_mount: Path, tmp_path: Path) ->
         assert root == tmp_path / "run" / "store-7" and root.is_dir()
     calls = fake_mount.read_text().splitlines()
     assert calls == [
-        f"mount -t nfs -o vers=3,hard,nolock imagesrv:/srv/images {tmp_path}/run/store-7",
+        f"mount -t nfs4 -o vers=4.1,proto=tcp,soft,timeo=100,retrans=3 imagesrv:/srv/images "
+        f"{tmp_path}/run/store-7",
         f"umount {tmp_path}/run/store-7",
     ]
 
 
 def test_failed_mount_is_a_clear_error(fake_mount: Path) -> None:
     with pytest.raises(ToolError, match="cannot mount image store badserver:/x") as err:
-        with StoreMount(NfsStore(export="badserver:/x", options="vers=4"), 8):
+        with StoreMount(NfsStore(export="badserver:/x", options="vers=3,nolock"), 8):
             pass
     assert "Connection refused" in err.value.stderr_tail
-    assert "-o vers=4 badserver:/x" in fake_mount.read_text()
+    assert ("mount -t nfs -o proto=tcp,soft,timeo=100,retrans=3,vers=3,nolock badserver:/x"
+            in fake_mount.read_text())
+
+
+def test_site_options_apply_over_the_agents() -> None:
+    assert StoreMount.options("port=20490") == "vers=4.1,proto=tcp,soft,timeo=100,retrans=3,port=20490"
+    assert StoreMount.options("hard,timeo=600") == "vers=4.1,proto=tcp,retrans=3,hard,timeo=600"
+    assert StoreMount.options("") == StoreMount.NFS_OPTIONS
+
+
+def test_a_silent_server_is_named_with_its_port() -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mount = StoreMount(NfsStore(export="127.0.0.1:/images", options=f"port={port}"), 9)
+    assert mount.unreachable().startswith(f"NFS server 127.0.0.1 port {port}: ")
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        alive = StoreMount(NfsStore(export="127.0.0.1:/images",
+                                    options=f"port={srv.getsockname()[1]}"), 9)
+        assert alive.unreachable() == ""
+    assert StoreMount(LocalStore(path="/"), 9).unreachable() == ""
 
 
 def test_local_store_must_exist(tmp_path: Path) -> None:

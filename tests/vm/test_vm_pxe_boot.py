@@ -1,0 +1,111 @@
+"""The pxe and ipmi drivers drive a QEMU machine: its firmware reads the files the driver wrote.
+
+The boot image here is a throwaway busybox initramfs made by the test (it
+prints the kernel command line, mounts the ganesha export over NFSv4.1 and
+writes a file there, then powers off), so this checks the harness itself:
+iPXE (the ROM, kernel and initrd over HTTP) or pxelinux (pxelinux.0 reading
+pxelinux.cfg/01-<mac>), power through ipmi_sim's chassis script, the NFS
+export as the guest sees it, and the local-boot file after the job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from imgfarm.config.settings import get_settings
+from imgfarm.drivers.base import AgentOrders, BootTarget, NodeInfo, PowerState
+from imgfarm.drivers.ipmi import IpmiPower
+from imgfarm.drivers.pxe import PxeBoot
+from tests.support import wait_for
+from tests.vm import vmlib
+
+INIT = r"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+echo "HARNESS cmdline: $(cat /proc/cmdline)"
+for m in /lib/modules/*.ko; do insmod $m 2>/dev/null; done
+ip link set eth0 up
+printf '#!/bin/sh\n[ "$1" = bound ] && ip addr add $ip/$mask dev $interface\nexit 0\n' > /tmp/dhcp
+chmod +x /tmp/dhcp
+udhcpc -i eth0 -s /tmp/dhcp -q -n -t 5 >/dev/null 2>&1
+for w in $(cat /proc/cmdline); do case "$w" in
+  imgfarm.job=*) JOB=${w#imgfarm.job=} ;;
+  harness.nfs=*) NFS=${w#harness.nfs=} ;;
+  harness.port=*) PORT=${w#harness.port=} ;;
+esac; done
+if mount -t nfs4 -o vers=4.1,port=$PORT,proto=tcp $NFS /mnt; then
+  echo "job $JOB disks: $(ls /sys/block | tr '\n' ' ')" > /mnt/booted-$JOB && sync
+  umount /mnt && echo "HARNESS nfs ok"
+fi
+poweroff -f
+"""
+
+
+@pytest.fixture(scope="module")
+def harness_initrd(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    version, kernel = vmlib.host_kernel()
+    mods = vmlib.module_paths(version, "virtio_pci", "virtio_net", "virtio_blk", "nvme", "nfsv4")
+    out = tmp_path_factory.mktemp("harness")
+    return kernel, vmlib.busybox_initrd(out / "initrd.img", INIT, mods)
+
+
+@pytest.fixture
+def site(tftp_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+         harness_initrd: tuple[Path, Path]) -> Iterator[int]:
+    kernel, initrd = harness_initrd
+    (tftp_root / "imgfarm").mkdir()
+    shutil.copy(kernel, tftp_root / "imgfarm" / "vmlinuz")
+    shutil.copy(initrd, tftp_root / "imgfarm" / "initrd.img")
+    with vmlib.http_server(tftp_root, tmp_path) as port:
+        for name, value in {
+            "IMGFARM_DATA_DIR": str(tmp_path / "data"),
+            "IMGFARM_PXE__TFTP_ROOT": str(tftp_root),
+            "IMGFARM_PXE__IPXE_BASE_URL": f"http://{vmlib.HOST_FROM_GUEST}:{port}/",
+            "IMGFARM_PXE__EXTRA_CMDLINE": "console=ttyS0",
+            "IMGFARM_IPMI__TIMEOUT": "10", "IMGFARM_IPMI__RETRIES": "1",
+            "IMGFARM_IPMI__BACKOFF": "0.2", "IMGFARM_IPMI__CIPHER_SUITE": "3",
+        }.items():
+            monkeypatch.setenv(name, value)
+        get_settings.cache_clear()
+        yield port
+    get_settings.cache_clear()
+
+
+@pytest.mark.parametrize("loader", ["ipxe", "pxelinux"])
+def test_firmware_boots_what_the_pxe_driver_wrote(loader: str, site: int, tftp_root: Path,
+                                                   tmp_path: Path, nfs_export: vmlib.Ganesha) -> None:
+    vm = vmlib.VmNode("h1", tmp_path / "h1", vmlib.blank_disk(tmp_path / "h1.img", 16),
+                      vmlib.mac_for(0x31), tftp_root,
+                      "boot.ipxe" if loader == "ipxe" else "pxelinux.0")
+    node = NodeInfo(name="h1", mac=vm.mac, boot_driver="pxe", power_driver="ipmi", driver_info={
+        "loader": loader, "bmc_address": "127.0.0.1", "bmc_username": "admin",
+        "bmc_password_file": str(vm.password_file),
+        "kcmdline": f"harness.nfs={nfs_export.spec} harness.port={nfs_export.port}"})
+    boot, power = PxeBoot(), IpmiPower()
+    with vmlib.machines(vm):
+        node = dataclasses.replace(node, driver_info={**node.driver_info,
+                                                      "bmc_port": str(vm.bmc_port)})
+        boot.boot_agent(node, AgentOrders(api_url="http://10.0.2.2:1", job_id=4242, token="t" * 32))
+        assert boot.get_boot_target(node) is BootTarget.AGENT
+        power.reboot(node)  # ipmi_sim -> chassis script -> QEMU starts
+        assert power.get_power_state(node) is PowerState.ON
+        wait_for(lambda: "HARNESS nfs ok" in vm.console_text(), 150, interval=0.5,
+                 what=f"the {loader} boot to mount the export (console: {vm.console_text()[-1500:]})")
+        console = vm.console_text()
+        assert "imgfarm.job=4242" in console and "console=ttyS0" in console
+        written = (nfs_export.export / "booted-4242").read_text()
+        assert written.startswith("job 4242 disks: ") and "vda" in written
+        wait_for(lambda: power.get_power_state(node) is PowerState.OFF, 60, interval=0.5,
+                 what="the guest to power off (QEMU exits, the BMC reads off)")
+        boot.boot_local(node)
+        assert boot.get_boot_target(node) is BootTarget.LOCAL
+    if loader == "ipxe":
+        assert "ipxe/52-54-00-1f-00-31.ipxe" in console and "/imgfarm/initrd.img" in console
+    else:
+        assert "pxelinux.0... ok" in console and "PXELINUX" in console
+    assert not vm.running()

@@ -1,0 +1,559 @@
+"""QEMU nodes for the test suite: every part between the farm and the disk is the real one.
+
+A node is a `qemu-system-x86_64 -accel tcg` machine whose NIC boots QEMU's
+iPXE ROM (Debian's ipxe-qemu) from the pxe driver's TFTP root through QEMU's
+user-mode network, so the firmware reads exactly the files the driver wrote.
+Its power is an `ipmi_sim` BMC whose chassis-control script starts, stops and
+resets that QEMU process (the idea of OpenStack's VirtualBMC), so the farm's
+real ipmi driver powers it. Its image store is an nfs-ganesha export on
+127.0.0.1 (QEMU maps the guest's 10.0.2.2 to the host's loopback), and its
+disk is a raw file with a real partition table, attached as virtio-blk or
+NVMe.
+
+Everything here is started by a context manager and always stopped in its
+`finally`: QEMU, ipmi_sim, ganesha, the boot-file HTTP server, loop devices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.support import wait_for
+
+HOST_FROM_GUEST = "10.0.2.2"  # QEMU user networking: the host's 127.0.0.1
+PXELINUX = Path("/usr/lib/PXELINUX/pxelinux.0")
+LDLINUX = Path("/usr/lib/syslinux/modules/bios/ldlinux.c32")
+IPXE_ROM = Path("/usr/lib/ipxe/qemu/efi-virtio.rom")  # virtio-net-pci's default ROM (BIOS + UEFI)
+BMC_PASSWORD = "vm-bmc-Pw1"
+
+# The tools a VM test needs, each with the Debian package that brings it.
+TOOLS = {
+    "qemu-system-x86_64": "qemu-system-x86", "ganesha.nfsd": "nfs-ganesha",
+    "ipmi_sim": "openipmi", "ipmitool": "ipmitool", "sfdisk": "fdisk", "mkfs.ext4": "e2fsprogs",
+    "mkfs.fat": "dosfstools", "mcopy": "mtools", "losetup": "mount",
+}
+FILES = {IPXE_ROM: "ipxe-qemu", PXELINUX: "pxelinux", LDLINUX: "syslinux-common",
+         Path("/usr/lib/x86_64-linux-gnu/ganesha/libfsalvfs.so"): "nfs-ganesha-vfs"}
+
+
+def missing_tools() -> str:
+    """Why the VM tests cannot run here ('' when they can)."""
+    why = [f"{exe} ({pkg})" for exe, pkg in TOOLS.items() if not shutil.which(exe)]
+    why += [f"{path} ({pkg})" for path, pkg in FILES.items() if not path.exists()]
+    if os.geteuid() != 0:
+        why.append("root (ganesha, loop devices)")
+    return ", ".join(why)
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def kill_pidfile(pidfile: Path, timeout: float = 10) -> None:
+    """Stop the process named in `pidfile` (TERM, then KILL); no error if it is gone."""
+    try:
+        pid = int(pidfile.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return
+    if pid <= 0:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------- NFS
+
+GANESHA_CONF = """NFS_CORE_PARAM {{
+    NFS_Port = {port};
+    Bind_addr = 127.0.0.1;
+    Protocols = 4;
+    Enable_NLM = false;
+    Enable_RQUOTA = false;
+}}
+NFSv4 {{
+    Graceless = true;
+    RecoveryBackend = fs;
+    RecoveryRoot = "{root}/recovery";
+}}
+NFS_KRB5 {{ Active_krb5 = false; }}
+EXPORT {{
+    Export_Id = 1;
+    Path = "{export}";
+    Pseudo = {pseudo};
+    Access_Type = RW;
+    Squash = No_Root_Squash;
+    SecType = sys;
+    Protocols = 4;
+    Transports = TCP;
+    FSAL {{ Name = VFS; }}
+}}
+LOG {{ Default_Log_Level = EVENT; }}
+"""
+
+
+class Ganesha:
+    """nfs-ganesha in the foreground, exporting one directory on 127.0.0.1:`port` (NFSv4 only)."""
+
+    def __init__(self, root: Path, export: Path, pseudo: str = "/images") -> None:
+        self.root = root
+        self.export = export
+        self.pseudo = pseudo
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        (root / "recovery").mkdir(parents=True, exist_ok=True)
+        self.conf = root / "ganesha.conf"
+        self.conf.write_text(GANESHA_CONF.format(port=self.port, root=root, export=export,
+                                                 pseudo=pseudo))
+
+    @property
+    def spec(self) -> str:
+        """The export as the guest names it."""
+        return f"{HOST_FROM_GUEST}:{self.pseudo}"
+
+    def start(self) -> None:
+        log = open(self.root / "ganesha.out", "ab")  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen(
+            ["nice", "ganesha.nfsd", "-F", "-f", str(self.conf), "-L", str(self.root / "ganesha.log"),
+             "-p", str(self.root / "ganesha.pid"), "-N", "NIV_EVENT"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        wait_for(lambda: self.proc is not None and self.proc.poll() is None and listening(self.port),
+                 30, interval=0.1, what=f"nfs-ganesha on 127.0.0.1:{self.port} ({self.log()[-800:]})")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+        self.proc = None
+
+    def log(self) -> str:
+        path = self.root / "ganesha.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+@contextlib.contextmanager
+def ganesha(root: Path, export: Path) -> Iterator[Ganesha]:
+    server = Ganesha(root, export)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+# --------------------------------------------------------------------------- HTTP
+
+@contextlib.contextmanager
+def http_server(directory: Path, root: Path) -> Iterator[int]:
+    """A static HTTP server for the TFTP root (iPXE fetches kernel and initrd over HTTP)."""
+    port = free_port()
+    log = open(root / "http.log", "ab")  # noqa: SIM115 - the child owns it
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(directory),
+         str(port)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        start_new_session=True)
+    log.close()
+    try:
+        wait_for(lambda: proc.poll() is None and listening(port), 20, what="the boot HTTP server")
+        yield port
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+# --------------------------------------------------------------------------- machines
+
+CHASSIS = r"""#!/bin/sh
+# ipmi_sim's chassis_control program for one QEMU machine (VirtualBMC's idea):
+# power on starts QEMU (-daemonize: it is up when this returns), off kills it,
+# reset is off then on; the boot device is remembered in a file.
+D="{dir}"
+echo "$*" >> "$D/chassis.log"
+running() {{ [ -s "$D/qemu.pid" ] && kill -0 "$(cat "$D/qemu.pid")" 2>/dev/null; }}
+stop() {{
+    if running; then
+        pid=$(cat "$D/qemu.pid"); kill "$pid"
+        i=0; while kill -0 "$pid" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+        kill -9 "$pid" 2>/dev/null
+    fi
+    rm -f "$D/qemu.pid"
+}}
+start() {{ running || "$D/start.sh" >> "$D/chassis.log" 2>&1; }}
+op=$1; shift
+case "$op" in
+get) for k in "$@"; do
+       case "$k" in
+       power) if running; then v=1; else v=0; fi ;;
+       boot) v=$(cat "$D/boot" 2>/dev/null); [ -n "$v" ] || v=none ;;
+       *) v=0 ;;
+       esac
+       printf '%s:%s\n' "$k" "$v"; done ;;
+set) while [ $# -gt 1 ]; do
+       case "$1" in
+       power) if [ "$2" = 1 ]; then start; else stop; fi ;;
+       reset) stop; start ;;
+       boot) echo "$2" > "$D/boot" ;;
+       esac
+       shift 2; done ;;
+esac
+"""
+
+LAN_CONF = """name "{name}-bmc"
+set_working_mc 0x20
+  startlan 1
+    addr 127.0.0.1 {port}
+    priv_limit admin
+    allowed_auths_callback none md2 md5 straight
+    allowed_auths_user none md2 md5 straight
+    allowed_auths_operator none md2 md5 straight
+    allowed_auths_admin none md2 md5 straight
+    guid a123456789abcdefa123456789abcdef
+  endlan
+  chassis_control "{chassis}"
+  user 2 true "admin" "{password}" admin 10 none md2 md5 straight
+"""
+
+EMU = """mc_setbmc 0x20
+mc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f 0x1291 0xf02 persist_sdr
+sel_enable 0x20 1000 0x0a
+mc_enable 0x20
+"""
+
+
+@dataclass
+class VmNode:
+    """One QEMU machine: its disk, NIC, console log, and the ipmi_sim BMC that powers it."""
+
+    name: str
+    dir: Path
+    disk: Path
+    mac: str
+    tftp_root: Path
+    bootfile: str  # what QEMU's DHCP tells the ROM to fetch: boot.ipxe or pxelinux.0
+    disk_bus: str = "virtio"  # virtio | nvme
+    memory_mib: int = 1024
+    bmc_port: int = 0
+    bmc_proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def console(self) -> Path:
+        return self.dir / "console.log"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.dir / "qemu.pid"
+
+    @property
+    def password_file(self) -> Path:
+        return self.dir / "bmc.pw"
+
+    def console_text(self) -> str:
+        return self.console.read_text(errors="replace") if self.console.exists() else ""
+
+    def qemu_argv(self) -> list[str]:
+        drive = f"file={self.disk},if=none,format=raw,id=d0,cache=unsafe"
+        dev = ("nvme,drive=d0,serial=imgfarm-" + self.name if self.disk_bus == "nvme"
+               else "virtio-blk-pci,drive=d0")
+        return [
+            "nice", "-n", "10", "qemu-system-x86_64", "-name", self.name, "-accel", "tcg",
+            "-m", str(self.memory_mib), "-smp", "1", "-nographic", "-monitor", "none",
+            "-chardev", f"file,id=con0,path={self.console},append=on", "-serial", "chardev:con0",
+            "-netdev", f"user,id=n0,tftp={self.tftp_root},bootfile={self.bootfile}",
+            "-device", f"virtio-net-pci,netdev=n0,mac={self.mac}",
+            "-boot", "order=n", "-drive", drive, "-device", dev,
+            "-pidfile", str(self.pidfile),
+        ]
+
+    def write_scripts(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        start = self.dir / "start.sh"
+        # -nographic (SeaBIOS and iPXE print on the serial console too) cannot be
+        # combined with -daemonize: start it in its own session, wait for the pid file.
+        start.write_text(
+            "#!/bin/sh\nrm -f " + _sh(str(self.pidfile)) + "\n"
+            "setsid " + " ".join(_sh(a) for a in self.qemu_argv())
+            + " </dev/null >>" + _sh(str(self.dir / "qemu.out")) + " 2>&1 &\n"
+            "i=0; while [ ! -s " + _sh(str(self.pidfile)) + " ] && [ $i -lt 100 ]; do "
+            "sleep 0.1; i=$((i+1)); done\n"
+            "[ -s " + _sh(str(self.pidfile)) + " ]\n")
+        chassis = self.dir / "chassis.sh"
+        chassis.write_text(CHASSIS.format(dir=self.dir))
+        for p in (start, chassis):
+            p.chmod(0o755)
+        self.bmc_port = self.bmc_port or free_port(socket.SOCK_DGRAM)
+        (self.dir / "lan.conf").write_text(LAN_CONF.format(
+            name=self.name, port=self.bmc_port, chassis=chassis, password=BMC_PASSWORD))
+        (self.dir / "bmc.emu").write_text(EMU)
+        self.password_file.write_text(BMC_PASSWORD + "\n")
+        self.password_file.chmod(0o600)
+        (self.dir / "state").mkdir(exist_ok=True)
+
+    # ---------------------------------------------------------------- the BMC
+    def start_bmc(self) -> None:
+        self.write_scripts()
+        self.bmc_proc = subprocess.Popen(
+            ["ipmi_sim", "-c", str(self.dir / "lan.conf"), "-f", str(self.dir / "bmc.emu"),
+             "-s", str(self.dir / "state"), "-n"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+        port = self.bmc_port
+        wait_for(lambda: self.bmc_proc is not None and self.bmc_proc.poll() is None
+                 and f"0100007F:{port:04X}" in Path("/proc/net/udp").read_text(),
+                 15, interval=0.05, what=f"ipmi_sim of {self.name} on udp port {port}")
+
+    def stop_bmc(self) -> None:
+        if self.bmc_proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.bmc_proc.pid, signal.SIGKILL)
+            self.bmc_proc.wait(10)
+            self.bmc_proc = None
+
+    # ---------------------------------------------------------------- the machine
+    def power_on(self) -> None:
+        """Start QEMU directly (for harness tests that need no BMC)."""
+        self.write_scripts()
+        subprocess.run([str(self.dir / "start.sh")], check=True, capture_output=True, timeout=60)
+
+    def running(self) -> bool:
+        try:
+            pid = int(self.pidfile.read_text().strip())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def kill(self) -> None:
+        kill_pidfile(self.pidfile)
+
+    def add_args(self, bmc: bool = True) -> list[str]:
+        """`imgfarm node add` arguments for a pxe + ipmi node."""
+        args = ["--mac", self.mac, "--boot", "pxe"]
+        if bmc:
+            args += ["--power", "ipmi", "--set", "bmc_address=127.0.0.1",
+                     "--set", f"bmc_port={self.bmc_port}", "--set", "bmc_username=admin",
+                     "--set", f"bmc_password_file={self.password_file}"]
+        return args
+
+
+def _sh(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
+
+
+@contextlib.contextmanager
+def machines(*nodes: VmNode) -> Iterator[tuple[VmNode, ...]]:
+    """Start each node's BMC; afterwards kill every QEMU and BMC, even on failure."""
+    try:
+        for node in nodes:
+            node.start_bmc()
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop_bmc()
+            node.kill()
+
+
+def mac_for(index: int) -> str:
+    return f"52:54:00:1f:00:{index:02x}"
+
+
+def write_boot_scripts(tftp_root: Path) -> None:
+    """The site's DHCP-level loaders under the TFTP root: iPXE's chain script, pxelinux."""
+    tftp_root.mkdir(parents=True, exist_ok=True)
+    # iPXE asks for its node's own file, as a site's DHCP-served boot.ipxe does.
+    (tftp_root / "boot.ipxe").write_text("#!ipxe\nchain ipxe/${mac:hexhyp}.ipxe\n")
+    shutil.copy(PXELINUX, tftp_root / "pxelinux.0")
+    shutil.copy(LDLINUX, tftp_root / "ldlinux.c32")
+
+
+# --------------------------------------------------------------------------- disks
+
+@dataclass(frozen=True)
+class Part:
+    number: int
+    start: int  # bytes
+    size: int  # bytes
+    type: str
+
+
+def partitions(disk: Path) -> list[Part]:
+    out = subprocess.run(["sfdisk", "--json", str(disk)], capture_output=True, text=True, check=True)
+    table = json.loads(out.stdout)["partitiontable"]
+    sector = int(table.get("sectorsize", 512))
+    parts = []
+    for i, p in enumerate(table["partitions"], start=1):
+        parts.append(Part(i, int(p["start"]) * sector, int(p["size"]) * sector, str(p.get("type", ""))))
+    return parts
+
+
+def partition_bytes(disk: Path, part: Part) -> bytes:
+    with open(disk, "rb") as fh:
+        fh.seek(part.start)
+        return fh.read(part.size)
+
+
+def partition_sha256(disk: Path, part: Part) -> str:
+    h = hashlib.sha256()
+    with open(disk, "rb") as fh:
+        fh.seek(part.start)
+        left = part.size
+        while left:
+            chunk = fh.read(min(left, 4 << 20))
+            if not chunk:
+                break
+            h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
+
+
+def blank_disk(path: Path, size_mib: int) -> Path:
+    with open(path, "wb") as fh:
+        fh.truncate(size_mib << 20)
+    return path
+
+
+def _content(dir: Path, label: str, random_kib: int) -> Path:
+    """A directory of files: text, a nested tree, and incompressible bytes."""
+    (dir / "etc").mkdir(parents=True, exist_ok=True)
+    (dir / "etc" / "hostname").write_text(f"{label}\n")
+    (dir / "README.TXT").write_text(f"imgfarm VM test disk {label}\n" * 400)
+    for i in range(20):
+        sub = dir / "data" / f"d{i:02d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"f{i:02d}.txt").write_text(f"{label} file {i}\n" * (50 * (i + 1)))
+    (dir / "random.bin").write_bytes(os.urandom(random_kib << 10))
+    return dir
+
+
+def make_disk(path: Path, label: str, *, table: str = "dos", size_mib: int = 160,
+              ext4_mib: int = 96, fat_mib: int = 48, random_kib: int = 4096) -> list[Part]:
+    """A disk file with a real partition table: ext4 (loop device) then FAT32 (mtools), both full of files."""
+    blank_disk(path, size_mib)
+    fat_type = "c" if table == "dos" else "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"
+    ext_type = "83" if table == "dos" else "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
+    script = (f"label: {table}\n"
+              f"start=2048, size={ext4_mib * 2048}, type={ext_type}\n"
+              f"size={fat_mib * 2048}, type={fat_type}\n")
+    subprocess.run(["sfdisk", "-q", str(path)], input=script, text=True, check=True,
+                   capture_output=True)
+    parts = partitions(path)
+    work = path.parent / f"{path.stem}-content"
+    ext_src = _content(work / "ext4", f"{label}-ext4", random_kib)
+    loop = subprocess.run(["losetup", "-f", "--show", "--offset", str(parts[0].start),
+                           "--sizelimit", str(parts[0].size), str(path)],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-L", label[:16], "-E",
+                        "lazy_itable_init=0,lazy_journal_init=0", "-d", str(ext_src), loop],
+                       check=True, capture_output=True)
+    finally:
+        for _ in range(50):
+            if subprocess.run(["losetup", "-d", loop], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+    fat = parts[1]
+    sector_off = fat.start // 512
+    subprocess.run(["mkfs.fat", "-F", "32", "-s", "1", "-n", "IMGFARM", "--offset", str(sector_off),
+                    str(path), str(fat.size // 1024)], check=True, capture_output=True)
+    fat_src = _content(work / "fat", f"{label}-fat", random_kib // 4)
+    img = f"{path}@@{fat.start}"
+    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+    for item in sorted(fat_src.iterdir()):
+        subprocess.run(["mcopy", "-s", "-i", img, str(item), "::/"], check=True, capture_output=True,
+                       env=env)
+    shutil.rmtree(work)
+    return parts
+
+
+# --------------------------------------------------------------------------- a throwaway initramfs
+
+def _cpio_newc(entries: list[tuple[str, int, bytes, int]]) -> bytes:
+    """A newc cpio archive of (name, mode, data, rdev) entries, deterministic (mtime 0)."""
+    out = io.BytesIO()
+    ino = 1
+    for name, mode, data, rdev in [*entries, ("TRAILER!!!", 0, b"", 0)]:
+        namez = name.encode() + b"\0"
+        hdr = "070701" + "".join(f"{v:08x}" for v in (
+            ino, mode, 0, 0, 1, 0, len(data), 0, 0, os.major(rdev), os.minor(rdev),
+            len(namez), 0))
+        out.write(hdr.encode() + namez)
+        out.write(b"\0" * (-(110 + len(namez)) % 4))
+        out.write(data)
+        out.write(b"\0" * (-len(data) % 4))
+        ino += 1
+    return out.getvalue()
+
+
+def busybox_initrd(out: Path, init: str, modules: list[str] | None = None) -> Path:
+    """An initramfs of static busybox, `init` as /init, /dev/console, and the given kernel modules."""
+    entries: list[tuple[str, int, bytes, int]] = []
+    for d in ("bin", "dev", "proc", "sys", "mnt", "tmp", "lib", "lib/modules"):
+        entries.append((d, stat.S_IFDIR | 0o755, b"", 0))
+    entries.append(("dev/console", stat.S_IFCHR | 0o600, b"", os.makedev(5, 1)))
+    entries.append(("bin/busybox", stat.S_IFREG | 0o755, Path("/bin/busybox").read_bytes(), 0))
+    entries.append(("init", stat.S_IFREG | 0o755, init.encode(), 0))
+    for i, mod in enumerate(modules or []):
+        entries.append((f"lib/modules/{i:02d}-{Path(mod).name}", stat.S_IFREG | 0o644,
+                        Path(mod).read_bytes(), 0))
+    out.write_bytes(gzip.compress(_cpio_newc(entries), 6, mtime=0))
+    return out
+
+
+def module_paths(kernel_version: str, *names: str) -> list[str]:
+    """The .ko files of `names` with their dependencies, in load order, each once."""
+    seen: list[str] = []
+    for name in names:
+        out = subprocess.run(["modprobe", "-S", kernel_version, "--show-depends", name],
+                             capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("insmod "):
+                path = line.split()[1]
+                if path not in seen:
+                    seen.append(path)
+    return seen
+
+
+def host_kernel() -> tuple[str, Path]:
+    """The newest Debian kernel under /boot: (version, vmlinuz)."""
+    kernels = sorted(Path("/boot").glob("vmlinuz-*"))
+    if not kernels:
+        raise FileNotFoundError("no /boot/vmlinuz-*: install linux-image-amd64")
+    k = kernels[-1]
+    return k.name.removeprefix("vmlinuz-"), k
