@@ -7,6 +7,7 @@ the status code of the farm's error class (imgfarm/errors.py).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -70,9 +71,12 @@ def create_app() -> FastAPI:
             raise exc
         return await _farm_error(req, farm_error)
 
+    started = time.monotonic()
+
     @app.get("/healthz", tags=["meta"])
-    def healthz() -> dict[str, str]:
-        return {"status": "ok", "version": __version__}
+    def healthz() -> dict[str, str | float]:
+        """`uptime`: a worker counts an agent's silence only from when the API was back."""
+        return {"status": "ok", "version": __version__, "uptime": round(time.monotonic() - started, 1)}
 
     app.include_router(operator_routes.router)
     app.include_router(agent_routes.router)

@@ -15,7 +15,7 @@ from imgfarm.config.settings import get_settings
 from imgfarm.drivers.xcat import xcat_image_store
 from imgfarm.errors import DriverError
 from imgfarm.models.images import incoming_location, store_root
-from imgfarm.models.tables import Image, Job
+from imgfarm.models.tables import Image, Job, utcnow
 from imgfarm.protocol import (
     ImageFormat,
     ImageRef,
@@ -65,4 +65,15 @@ def job_spec(job: Job, image: Image | None = None) -> JobSpec:
         progress_interval=get_settings().progress_interval,
         image=ref,
         output_dir=incoming_location(job.id) if job.kind == JobKind.CAPTURE else "",
+        deadline_in=_deadline_in(job),
     )
+
+
+def _deadline_in(job: Job) -> float:
+    """Seconds to the job's overall deadline (0: not set yet), never past it.
+
+    Sent as a duration, not a date: a node's clock is whatever its firmware says.
+    """
+    if job.deadline_at is None:
+        return 0.0
+    return round(max(1.0, (job.deadline_at - utcnow()).total_seconds()), 1)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import httpx
 from sqlalchemy import select, update
 
 from imgfarm.config.settings import get_settings
@@ -31,7 +32,7 @@ from imgfarm.drivers.base import NodeInfo
 from imgfarm.errors import ImgfarmError
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
-from imgfarm.models.jobs import begin_finalizing, get_job, hash_token, transition
+from imgfarm.models.jobs import add_event, begin_finalizing, get_job, hash_token, transition
 from imgfarm.models.tables import Job, Node, utcnow
 from imgfarm.protocol import BootTarget, Orders, PowerState, ProtocolError
 from imgfarm.tasks.finalize import finalize_job
@@ -130,12 +131,56 @@ def _start(job_id: int) -> float | None:
     return None
 
 
+OVERALL_DEADLINE = "the job's overall deadline passed"
+
+
+def _api_uptime() -> float | None:
+    """How long the API the agents report to has been up; None if it does not answer."""
+    try:
+        r = httpx.get(f"{get_settings().api_url}/healthz", timeout=5)
+        return float(r.json()["uptime"]) if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _api_was_away(s: Any, job: Any) -> bool:
+    """A silent agent is not late if the API it reports to was away: count again.
+
+    An agent keeps its result and retries it for as long as the job may run, so
+    while the API is down (or since it came back, for less than the allowed
+    silence) the silence is measured from the API's return, not the last report.
+    """
+    uptime = _api_uptime()
+    now = utcnow()
+    if uptime is None:
+        since = now
+        add_event(s, job.id, "note", f"no word from the agent, but the API it reports to "
+                  f"({get_settings().api_url}) does not answer: waiting for it")
+    else:
+        since = now - timedelta(seconds=uptime)
+        last = job.last_report_at or job.started_at
+        if last is not None and since <= last:
+            return False  # the API was up all along: the agent is late
+        limit = _silence_limit(job)
+        if uptime >= limit:
+            return False
+    s.execute(update(Job).where(Job.id == job.id, Job.state == job.state).values(last_report_at=since))
+    return True
+
+
+def _silence_limit(job: Any) -> float:
+    settings = get_settings()
+    if job.state == states.BOOTING:
+        return float(job.options.get("boot_timeout") or settings.boot_timeout)
+    return float(job.options.get("heartbeat_timeout") or settings.heartbeat_timeout)
+
+
 def _check_deadlines(job: Any) -> tuple[str, str] | None:
     """(outcome, reason) if a deadline has passed, else None."""
     settings = get_settings()
     now = utcnow()
     if job.deadline_at and now >= job.deadline_at:
-        return states.TIMED_OUT, "the job's overall deadline passed"
+        return states.TIMED_OUT, OVERALL_DEADLINE
     last = job.last_report_at or job.started_at
     if last is None:
         return None
@@ -224,6 +269,8 @@ def wait_and_finish(
                         continue
                     elif mine:
                         expired = _check_deadlines(job)
+                        if expired and expired[1] != OVERALL_DEADLINE and _api_was_away(s, job):
+                            continue
                         if expired:
                             begin_finalizing(s, job_id, expired[0], expired[1])
                             continue

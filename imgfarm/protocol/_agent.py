@@ -139,6 +139,8 @@ class JobSpec(Message):
     progress_interval: Annotated[float, Rule(lo=0.01, hi=3600)] = 5.0
     image: ImageRef
     output_dir: Annotated[str, Rule(pattern=STORE_PATH, means="a path inside the store", omit=True)] = ""
+    # seconds from now to the job's overall deadline: until then the agent retries its result
+    deadline_in: Annotated[float, Rule(lo=0, hi=366 * 86400, omit=True)] = 0.0
 
     def check(self) -> None:
         if self.kind not in (JobKind.CAPTURE, JobKind.RESTORE):
