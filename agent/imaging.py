@@ -10,6 +10,7 @@ partimage 0.6.9 in batch mode.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -293,6 +294,73 @@ def restore_partimage(disk: str, imgdir: Path, spec: JobSpec, progress: Progress
         if files.get(name) != digest:
             raise ToolError(f"{name}: sha256 differs from the registry; the image is damaged")
     with disks.LoopAttach(disk) as dev:
-        _run_with_rchar(["partimage", "-b", "restore", dev, str(first)], progress,
-                        f"partimage restore of {first.name}")
+        if first.name.endswith(".000"):
+            _run_with_rchar(["partimage", "-b", "restore", dev, str(first)], progress,
+                            f"partimage restore of {first.name}")
+        else:
+            _restore_partimage_stdin(vols, dev, progress)
     return files
+
+
+# The outer layer of a legacy archive kept the way Clonezilla writes it (partimage -z0 to
+# stdout | compressor | split): partimage reads neither a split set nor lzop/xz/zstd
+# files, and from stdin only uncompressed data, so anything but NAME.000 goes through
+# stdin with its one layer removed here.  First bytes -> how
+# to undo it (docs/formats.md A1).
+_MAGICS = ((1, b"LZO", "lzo"), (0, b"BZh", "bzip2"), (0, b"\x1f\x8b", "gzip"),
+           (0, b"\xfd7zXZ\x00", "xz"), (0, b"\x28\xb5\x2f\xfd", "zstd"), (0, b"\x5d\x00\x00", "lzma"))
+_UNDO = {"lzo": ["lzop", "-dc"], "bzip2": ["bzip2", "-dc"], "gzip": ["gzip", "-dc"],
+         "xz": ["xz", "-dc"], "zstd": ["zstd", "-dcq"], "lzma": ["xz", "-dc", "--format=lzma"]}
+
+
+def _outer_layer(path: Path) -> str:
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    for off, magic, kind in _MAGICS:
+        if head[off:off + len(magic)] == magic:
+            return kind
+    return "none"
+
+
+def _restore_partimage_stdin(vols: list[Path], dev: str, progress: Progress) -> None:
+    """`cat PIECES | DECOMPRESS | partimage restore DEV stdin`, as Clonezilla restores them.
+
+    The pieces are fed from here (in suffix order, which sorted() gives for
+    split's fixed-width names), so progress counts the bytes read."""
+    undo = _UNDO.get(_outer_layer(vols[0]))
+    pi = subprocess.Popen(["partimage", "-b", "restore", dev, "stdin"],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert pi.stdin and pi.stdout
+    dec = None
+    sink = pi.stdin
+    if undo is not None:
+        dec = subprocess.Popen(undo, stdin=subprocess.PIPE, stdout=pi.stdin, stderr=subprocess.PIPE)
+        pi.stdin.close()
+        assert dec.stdin
+        sink = dec.stdin
+    tail: deque[bytes] = deque(maxlen=40)
+    watcher = threading.Thread(target=watch_stderr, args=(pi.stdout, lambda _p: None, tail), daemon=True)
+    watcher.start()
+    done = 0
+    try:
+        for v in vols:
+            with open(v, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    sink.write(chunk)
+                    done += len(chunk)
+                    progress.update(bytes_done=done)
+    except BrokenPipeError:
+        pass  # the tool stopped early; its exit status says why
+    finally:
+        with contextlib.suppress(OSError):
+            sink.close()
+    dec_rc = dec.wait() if dec is not None else 0
+    rc = pi.wait()
+    watcher.join(5)
+    if dec is not None and dec_rc != 0:
+        assert dec.stderr
+        raise ToolError(f"{undo[0] if undo else ''} exited {dec_rc} (decompressing {vols[0].name})",
+                        dec.stderr.read(2000).decode("utf-8", "replace"))
+    if rc != 0:
+        raise ToolError(f"partimage exited {rc} (partimage restore of {vols[0].name} from stdin)",
+                        _strip_ansi(_tail(tail)))

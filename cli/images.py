@@ -73,7 +73,9 @@ def import_legacy(
 
     Every header sum, CHK CRC and the tail are checked before anything is
     copied; a damaged image is refused and nothing is registered.  Example:
-    `imgfarm image import /old/images/win7.000` registers `win7`.
+    `imgfarm image import /old/images/win7.000` registers `win7`.  A Clonezilla
+    image directory (it has a `parts` file) is converted into one partimage-ng
+    image of the whole disk instead, and registered under the directory's name.
     """
     # lazy: the image formats, SQLAlchemy and Celery load only for the commands that need them
     from imgfarm.imageformats.convert import default_name
@@ -85,6 +87,9 @@ def import_legacy(
     if path is None:
         raise NotFound(f"{source}: no such file or directory",
                        hint="give the path of NAME.000 or of the directory holding it")
+    if _is_clonezilla(path):
+        _convert_clonezilla(path, name or path.resolve().name, out=None, json_out=json_out)
+        return
     if path.is_dir():
         raise InvalidInput(f"{source} is a {ImageFormat.NG} image; import takes legacy partimage "
                            "images", hint=f"{ImageFormat.NG} images are registered by capture and "
@@ -156,8 +161,8 @@ def _resolve_path(source: str) -> Path | None:
 
     path = Path(source)
     if path.is_dir():
-        if (path / "manifest.json").is_file():
-            return path
+        if (path / "manifest.json").is_file() or (path / "parts").is_file():
+            return path  # a partimage-ng image, or a Clonezilla image directory
         firsts = sorted(p.name for p in path.glob("*.000"))
         if len(firsts) > 1:
             raise InvalidInput(f"{source} holds {len(firsts)} legacy images "
@@ -172,8 +177,10 @@ def _resolve_path(source: str) -> Path | None:
                                hint="name the one you mean: DIR/NAME.aa")
         if sets:
             return path / sets[0]
-        raise NotFound(f"{source} holds no image (no manifest.json, no NAME.000)",
-                       hint="give the image directory, or the path of NAME.000")
+        raise NotFound(f"{source} holds no image (no manifest.json, no parts file, no NAME.000, "
+                       "no NAME.aa)",
+                       hint="give an image directory (partimage-ng or Clonezilla's), or the path "
+                            "of NAME.000 or NAME.aa")
     first = volume_paths(path)[0]  # NAME, NAME.001 -> NAME.000
     return first if first.is_file() else None
 
@@ -208,8 +215,19 @@ def inspect(
 ) -> None:
     """Print an image's headers or manifest without converting anything."""
     path = _resolve_source(source)
-    if path.is_dir():
-        info: dict[str, Any] = json.loads((path / "manifest.json").read_text())
+    if _is_clonezilla(path):
+        # lazy: the image formats (zstandard, ISA-L) load only for the commands that read images
+        from imgfarm.imageformats.clonezilla import read_dir
+
+        cz = read_dir(path)
+        info: dict[str, Any] = {
+            "clonezilla": str(path), "disk": cz.disk, "partition_table": cz.table_type,
+            "size_bytes": cz.size_bytes, "boot_area_bytes": len(cz.head),
+            "partitions": [{"dev": p.dev, "mode": p.mode, "start_bytes": p.start_bytes,
+                            "size_bytes": p.size_bytes, "type": p.type, "fs": p.fs,
+                            "files": [f.name for f in p.files]} for p in cz.parts]}
+    elif path.is_dir():
+        info = json.loads((path / "manifest.json").read_text())
     else:
         # lazy: the image formats (zstandard, ISA-L) load only for the commands that read images
         from imgfarm.imageformats.partimage import inspect as pi_inspect
@@ -275,7 +293,8 @@ def verify(
 @handles_errors
 def convert(
     source: str = typer.Argument(..., help="legacy image name, or path to NAME.000, to an "
-                                 "unsplit image, or to a split set (NAME.aa, ...)"),
+                                 "unsplit image, to a split set (NAME.aa, ...), or to a "
+                                 "Clonezilla image directory"),
     out: Path | None = typer.Option(None, "--out", help="write the image under DIR, do not register it"),
     name: str = typer.Option("", "--name", help="name of the new image (registered in the store)"),
     json_out: bool = json_option(),
@@ -292,6 +311,10 @@ def convert(
     from imgfarm.imageformats.convert import convert_legacy
 
     path = _resolve_source(source)
+    if _is_clonezilla(path):
+        _convert_clonezilla(path, name or converted_name(path.resolve().name), out=out,
+                            json_out=json_out)
+        return
     if path.is_dir():
         raise InvalidInput(f"{source} is a {ImageFormat.NG} image already; there is nothing to "
                            "convert", hint="`imgfarm image convert` takes a legacy partimage "
@@ -338,3 +361,55 @@ def convert(
              f"{human_bytes(part.used_bytes)} used -> {human_bytes(part.stream_bytes)} "
              f"zstd, {time.monotonic() - started:.1f} s; every CRC checked"
              f"{'' if out is not None else f', registered as {target}'})")
+
+
+def _is_clonezilla(path: Path) -> bool:
+    return path.is_dir() and (path / "parts").is_file() and not (path / "manifest.json").exists()
+
+
+def _convert_clonezilla(path: Path, target: str, *, out: Path | None, json_out: bool) -> None:
+    """A Clonezilla disk directory -> one partimage-ng image, under --out or registered.
+
+    Every partition listed in `parts` is converted and checked before the image
+    is renamed into place, and it is registered only then: a partition saved by
+    ntfsclone or dd, or one with no image, refuses the whole directory."""
+    # lazy: the image formats (zstandard, ISA-L) load only for the commands that read images
+    from imgfarm.imageformats.clonezilla import convert_dir, read_dir
+
+    check_image_name(target)
+    read_dir(path)  # the refusals that need no data, before the database is touched
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        dest_dir = out
+    else:
+        # lazy: SQLAlchemy loads only for the commands that use the job database
+        from imgfarm.models.db import session_scope
+        from imgfarm.models.images import find_image, register_converted, store_root
+
+        with session_scope() as s:
+            if find_image(s, target) is not None:
+                raise Conflict(f"image {target!r} exists already", hint="choose another --name")
+        dest_dir = store_root()
+    started = time.monotonic()
+    with console.status(line(f"converting {path.name} ...")) as status:
+        def progress(done: int, total: int) -> None:
+            status.update(line(f"converting {path.name}: {100.0 * done / max(total, 1):.0f}%"))
+
+        manifest = convert_dir(path, dest_dir, name=target, progress=progress)
+    if out is None:
+        try:
+            with session_scope() as s:
+                register_converted(s, target, manifest,
+                                   origin={"kind": JobKind.CONVERT, "source": str(path)})
+        except BaseException:  # e.g. the name was taken meanwhile: no unregistered leftovers
+            shutil.rmtree(dest_dir / target, ignore_errors=True)
+            raise
+    if json_out:
+        print_json(manifest.to_json())
+        return
+    echo(f"converted Clonezilla image {path.name} -> {dest_dir / target}: "
+         f"{len(manifest.partitions)} partition(s), partition table and boot area kept, "
+         f"{human_bytes(manifest.stream_bytes)} zstd, {time.monotonic() - started:.1f} s; "
+         f"every CRC checked{'' if out is not None else f', registered as {target}'}")
+    for p in manifest.partitions:
+        echo(f"  {p.name}: {p.filesystem}, {human_bytes(p.used_bytes)} used")

@@ -452,3 +452,48 @@ def _write_stream(reader: partimage.PartimageReader, sink: _HashingFile, pc_fs: 
             with contextlib.suppress(BaseException):
                 out.stop()
     return writer.stream_bytes
+
+
+def compress_into(path: Path, fill: Callable[[Any], int], *, roundtrip: bool = True,
+                  zstd_threads: int = 1, level: int = ZSTD_LEVEL) -> tuple[str, int]:
+    """Write the stream `fill(out)` produces (through ``out.write``) to `path` as zstd.
+
+    The same checks as a legacy conversion's output (see :func:`convert_legacy`,
+    ``verify="stream"``): sha256 of every byte handed to the file, the zstd round
+    trip with every frame checksum and the frame structure, the round trip's
+    length equal to what `fill` returns (its stream length), fsync, and the size
+    on disk.  Returns (sha256, compressed bytes).
+    """
+    params = zstandard.ZstdCompressionParameters.from_level(
+        level, threads=zstd_threads if zstd_threads >= 2 else 0, write_checksum=True)
+    cctx = zstandard.ZstdCompressor(compression_params=params)
+    with open(path, "wb") as fh:
+        sink = _HashingFile(fh, roundtrip=roundtrip)
+        try:
+            out: Any = (_CompressThread(cctx, sink) if zstd_threads == 1
+                        else cctx.stream_writer(_as_file(sink), closefd=False, write_size=1 << 20))
+            try:
+                length = fill(out)
+                if isinstance(out, _CompressThread):
+                    out.close()
+                else:
+                    out.flush(zstandard.FLUSH_FRAME)
+            finally:
+                if isinstance(out, _CompressThread):
+                    with contextlib.suppress(BaseException):
+                        out.stop()
+        except BaseException:
+            sink.abort()  # the first error is the one to report
+            raise
+        sink.close()
+        fh.flush()
+        os.fsync(fh.fileno())
+        on_disk = os.fstat(fh.fileno()).st_size
+    if on_disk != sink.count:
+        raise ImageError(f"{path.name}: {on_disk} bytes on disk, {sink.count} written")
+    if roundtrip and sink.restored != length:
+        raise ImageError(f"zstd round trip of {path.name} gave {sink.restored} bytes, "
+                         f"expected {length}", hint="nothing was stored; report this")
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o644)
+    return sink.sha.hexdigest(), sink.count

@@ -49,7 +49,7 @@ def test_paths_that_are_not_an_image_are_named(settings_env: str, images: Path,
     empty = tmp_path / "empty"
     empty.mkdir()
     code, out = _cli("inspect", str(empty))
-    assert code == 3 and "holds no image (no manifest.json, no NAME.000)" in out
+    assert code == 3 and "holds no image (no manifest.json, no parts file, no NAME.000" in out
     shutil.copy(SAMPLE, images / "other.000")
     code, out = _cli("convert", str(images), "--out", str(tmp_path / "out"))
     assert code == 2 and "holds 2 legacy images (lab.000, other.000)" in out
