@@ -12,6 +12,7 @@ tool's stderr tail). Exit 0 when the job succeeded.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import socket
 import subprocess
@@ -177,6 +178,9 @@ def run(orders: Orders) -> int:
         if why and isinstance(spec.store, NfsStore):  # EIO or a short read is the symptom
             exc = imaging.ToolError(f"image store {spec.store.export} stopped answering during "
                                     f"the {spec.kind} ({why}): {exc}", tail)
+        elif isinstance(exc, OSError) and exc.errno == errno.ENOSPC and spec.kind == JobKind.CAPTURE:
+            exc = imaging.ToolError(f"no space left in the image store for the capture ({exc.strerror}); "
+                                    "free space in the store or grow it, then capture again", tail)
         if not isinstance(exc, imaging.ToolError | disks.DiskError | OSError):
             import traceback
 

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from tests.farm import Farm
-from tests.support import wait_for
+from tests.support import run, wait_for
 
 pytestmark = [
     pytest.mark.slow,
@@ -70,3 +70,33 @@ def test_api_down_while_the_agent_finishes_a_capture(farm: Farm) -> None:
     assert image["checksums"] == final["result"]["files"]
     assert boot_target(farm, "n1") == "local"
     assert f"job {job_id} done" in agent_log.read_text()
+
+
+def test_store_fills_up_during_a_capture(farm: Farm) -> None:
+    """The store is a 4 MiB tmpfs; the disk holds 12 MiB of random data, which no
+    compressor shrinks: the capture fails saying so, its partial files are gone
+    and no image is registered."""
+    store = farm.root / "store"
+    store.mkdir()
+    run("mount", "-t", "tmpfs", "-o", "size=4m", "imgfarm-test-store", store)
+    try:
+        farm.env["IMGFARM_IMAGE_STORE"] = str(store)
+        farm.start_api()
+        farm.start_worker()
+        content = farm.root / "disks" / "full-content"
+        content.mkdir(parents=True)
+        (content / "noise.bin").write_bytes(os.urandom(12 << 20))
+        disk = farm.make_disk("full", size_mib=32, fill=True)
+        farm.cli("node", "add", "full", "--disk", str(disk))
+        out = farm.cli("capture", "full", "--image", "toobig", "--wait", check=False)
+        assert out.returncode == 1, out.stdout + out.stderr
+        final = farm.cli_json("jobs", "--node", "full")[0]
+        assert final["state"] == "failed"
+        assert "no space left in the image store" in final["error"], final["error"]
+        assert farm.cli_json("image", "list") == []
+        leftovers = [p for p in store.rglob("*") if p.is_file()]
+        assert leftovers == [], leftovers
+        assert boot_target(farm, "full") == "local"
+    finally:
+        farm.stop()
+        run("umount", "-l", store, check=False)
