@@ -277,51 +277,88 @@ class _Tee:
         return b
 
 
+class _Reader:
+    """read(n) over an iterator of byte pieces (partclone's readers take a file-like)."""
+
+    def __init__(self, pieces: Any) -> None:
+        self._it = iter(pieces)
+        self._buf = b""
+
+    def read(self, n: int = -1) -> bytes:
+        while not self._buf:
+            try:
+                self._buf = next(self._it)
+            except StopIteration:
+                return b""
+        if n < 0 or n >= len(self._buf):
+            b, self._buf = self._buf, b""
+        else:
+            b, self._buf = self._buf[:n], self._buf[n:]
+        return b
+
+
+def _rewrite_v1(src: _Reader, out: Any, where: str, seen: dict[str, Any]) -> int:
+    """A format 0001 stream (partclone < 0.3) written out as 0002, every 0001 checksum
+    checked; stock partclone.restore reads the result like any 0002 image."""
+    v1 = partclone.V1Stream(src, where)
+    h = v1.header
+    writer = partclone.PartcloneWriter(
+        out, fs_type=h.fs_type, device_size=h.device_size, total_blocks=h.total_blocks,
+        block_size=h.block_size, bitmap=v1.bitmap)
+    for piece in v1.data():
+        writer.write(piece)
+    writer.close()
+    seen.update(fs_type=h.fs_type, device_size=h.device_size, block_size=h.block_size,
+                total_blocks=h.total_blocks, used_blocks=v1.used, version="before 0.3",
+                image_format="0001, rewritten as 0002")
+    return writer.stream_bytes
+
+
 def _partclone_part(part: CzPart, out_path: Path, level: int,
                     progress: Callable[[int], None] | None) -> tuple[Partition, dict[str, Any]]:
     src = layers.Pieces(part.files)
     where = src.name
     head = src.head(16)
     kind = layers.detect(head)
-    report: list[partclone.PartcloneReport] = []
+    seen: dict[str, Any] = {}
 
     def fill(out: Any) -> int:
         with src:
             decoded = layers.decode(src, kind)
             first = next(decoded, b"")
-            if first[30:34] == b"0001":
-                raise ImageError(
-                    f"{where}: partclone image format 0001 (partclone before 0.3) is not "
-                    "converted by this version", hint="restore it with Clonezilla and save it "
-                    "again; nothing was registered")
-            if first[:16] != partclone.MAGIC:
+            if first[:15] != partclone.MAGIC[:15]:
                 raise ImageError(f"{where}: {kind} data, but not a partclone image inside")
 
             def pieces() -> Any:
                 yield first
                 yield from decoded
 
+            if first[30:34] == partclone.V1_VERSION_TXT:
+                return _rewrite_v1(_Reader(pieces()), out, where, seen)
             tee = _Tee(pieces(), out)
-            report.append(partclone.verify_stream(
-                tee, where, None if progress is None else (lambda d, _t: progress(d))))
+            r = partclone.verify_stream(
+                tee, where, None if progress is None else (lambda d, _t: progress(d)))
+            h = r.header
+            seen.update(fs_type=h.fs_type, device_size=h.device_size, block_size=h.block_size,
+                        total_blocks=h.total_blocks, used_blocks=h.used_blocks,
+                        version=h.partclone_version, image_format="0002")
             return tee.count
 
     sha, count = compress_into(out_path, fill, level=level)
-    r = report[0]
-    h = r.header
-    if h.device_size > part.size_bytes:
-        raise ImageError(f"{where}: the file system ({h.device_size} bytes) is larger than "
-                         f"partition {part.dev} ({part.size_bytes} bytes)")
-    bs = h.block_size
+    if seen["device_size"] > part.size_bytes:
+        raise ImageError(f"{where}: the file system ({seen['device_size']} bytes) is larger "
+                         f"than partition {part.dev} ({part.size_bytes} bytes)")
+    bs = seen["block_size"]
     p = Partition(
         index=part.number, name=part_name(part.number), file=out_path.name, filesystem=part.fs,
-        partclone_fs=h.fs_type, tool=part.fs, type=part.type, block_size=bs,
-        total_blocks=h.total_blocks, used_blocks=h.used_blocks, total_bytes=h.total_blocks * bs,
-        used_bytes=h.used_blocks * bs, start_bytes=part.start_bytes, size_bytes=part.size_bytes,
-        sha256=sha, stream_bytes=count, compression="zstd")
+        partclone_fs=seen["fs_type"], tool=part.fs, type=part.type, block_size=bs,
+        total_blocks=seen["total_blocks"], used_blocks=seen["used_blocks"],
+        total_bytes=seen["total_blocks"] * bs, used_bytes=seen["used_blocks"] * bs,
+        start_bytes=part.start_bytes, size_bytes=part.size_bytes, sha256=sha,
+        stream_bytes=count, compression="zstd")
     origin = {"dev": part.dev, "mode": "partclone", "files": [f.name for f in part.files],
-              "compression": kind, "partclone_version": h.partclone_version,
-              "image_format": "0002"}
+              "compression": kind, "partclone_version": seen["version"],
+              "image_format": seen["image_format"]}
     return p, origin
 
 

@@ -372,3 +372,100 @@ def restore_to_file(src: _Source, target: str, where: str = "image") -> Partclon
     if header is None:
         raise ImageError(f"{where}: partclone image with no used blocks")
     return header
+
+
+# --- partclone image format 0001 (partclone before 0.3; docs/formats.md B5) ------------
+V1_VERSION_TXT = b"0001"
+V1_HEADER_SIZE = 4160  # image_head_v1: magic 15, fs 15, version 4, 2 padding, 3 x u64, 4096
+V1_BITMAP_MAGIC = b"BiTmAgIc"
+_V1 = struct.Struct("<15s15s4s2xiQQQ")
+
+
+def _byte_bitmap_table() -> bytes:
+    """translate() table: byte 1 -> "1", every other value -> "0" (partclone: == 1 is used)."""
+    return bytes(0x31 if i == 1 else 0x30 for i in range(256))
+
+
+_BYTE_TO_DIGIT = _byte_bitmap_table()
+
+
+@dataclass
+class PartcloneV1Header:
+    fs_type: str
+    block_size: int
+    device_size: int
+    total_blocks: int
+    used_blocks: int  # what the header says (the file system's count)
+
+
+class V1Stream:
+    """Reads and checks a format 0001 stream; use :attr:`bitmap` then :meth:`data` once.
+
+    0001 differs from 0002 in three ways (partclone's partclone.c, IMAGE_FORMATS.md):
+    a 4160-byte header without a CRC; a bitmap of one *byte* per block (1 = used,
+    anything else free) followed by ``BiTmAgIc``; and a 4-byte checksum after
+    *every* block, computed by ``crc32_0001`` -- the old CRC routine whose pointer
+    never advanced, so it hashes the block's first byte block-size times -- with
+    the state carried from block to block (no reseed), starting at 0xFFFFFFFF.
+    The bitmap is packed into 0002's bits as it is read, 1 MiB at a time.
+    """
+
+    def __init__(self, src: _Source, where: str) -> None:
+        self._rd = _Reader(src, where)
+        self.where = where
+        raw = self._rd.exact(V1_HEADER_SIZE, "header")
+        magic, fs, version, bs, dev_size, total, used = _V1.unpack_from(raw)
+        if magic != MAGIC[:15] or version != V1_VERSION_TXT:
+            raise ImageError(f"{where} is not a partclone 0001 image")
+        if not 0 < bs <= 1 << 24 or total == 0 or used > total or total * bs > dev_size + bs:
+            raise ImageError(f"{where}: implausible partclone 0001 header (block size {bs}, "
+                             f"{total} blocks, {used} used, device {dev_size} bytes)")
+        self.header = PartcloneV1Header(
+            fs_type=fs.split(b"\0", 1)[0].decode("ascii", "replace"), block_size=bs,
+            device_size=dev_size, total_blocks=total, used_blocks=used)
+        bits = bytearray()
+        left = total
+        while left:
+            n = min(left, 1 << 20)
+            digits = self._rd.exact(n, "bitmap").translate(_BYTE_TO_DIGIT)
+            bits += int(digits[::-1], 2).to_bytes((n + 7) // 8, "little")
+            left -= n
+        if self._rd.exact(8, "bitmap magic") != V1_BITMAP_MAGIC:
+            raise ImageError(f"{where}: partclone 0001 bitmap does not end in BiTmAgIc",
+                             hint="the image is damaged")
+        self.bitmap = bytes(bits)
+        self.used = _count_bits(self.bitmap)
+        self._src = src
+        self._reps: dict[int, bytes] = {}
+
+    def _crc(self, state: int, first_byte: int) -> int:
+        rep = self._reps.get(first_byte)
+        if rep is None:
+            rep = self._reps[first_byte] = bytes([first_byte]) * self.header.block_size
+        return zlib.crc32(rep, state ^ 0xFFFFFFFF) ^ 0xFFFFFFFF
+
+    def data(self, chunk: int = 1 << 20) -> Iterator[bytes]:
+        """The used blocks' bytes in block order, each block's checksum checked."""
+        bs = self.header.block_size
+        per = max(1, chunk // bs)
+        state = 0xFFFFFFFF
+        done = 0
+        while done < self.used:
+            n = min(per, self.used - done)
+            raw = self._rd.exact(n * (bs + 4), "block data")
+            mv = memoryview(raw)
+            out = bytearray()
+            for i in range(n):
+                off = i * (bs + 4)
+                state = self._crc(state, raw[off])
+                (stored,) = struct.unpack_from("<I", raw, off + bs)
+                if stored != state:
+                    raise ImageError(
+                        f"{self.where}: partclone 0001 checksum mismatch at used block "
+                        f"{done + i}", hint="the block data is damaged (or the image has the "
+                        "8-byte checksums of an old 64-bit partclone, which is not supported)")
+                out += mv[off : off + bs]
+            done += n
+            yield bytes(out)
+        if self._src.read(1):
+            raise ImageError(f"{self.where}: unexpected data after the last block")
