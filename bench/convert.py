@@ -134,7 +134,7 @@ def make_clonezilla(img: Path, size_mib: int) -> list[Path]:
     return sorted(d.glob("sda1.a?"))
 
 
-def cli_convert(source: Path, repeat: int) -> float:
+def cli_convert(source: Path, repeat: int, *extra: str) -> float:
     """Best wall time of `imgfarm image convert SOURCE --out DIR`, process start to exit."""
     exe = Path(sys.executable).parent / "imgfarm"
     best = None
@@ -142,7 +142,7 @@ def cli_convert(source: Path, repeat: int) -> float:
         dest = Path(tempfile.mkdtemp(prefix="cli-", dir=CACHE))
         try:
             t = time.perf_counter()
-            subprocess.run([str(exe), "image", "convert", str(source), "--out", str(dest)],
+            subprocess.run([str(exe), "image", "convert", str(source), "--out", str(dest), *extra],
                            check=True, capture_output=True, stdin=subprocess.DEVNULL)
             dt = time.perf_counter() - t
         finally:
@@ -340,11 +340,13 @@ def main() -> None:
         assert vs is not None
         f = decode_floor(vs)[0]
         t_cli = cli_convert(src, args.repeat)
+        t_written = cli_convert(src, args.repeat, "--verify", "written")
         f = min(f, decode_floor(vs)[0])
         q = t_cli / f
         print(f"(d) `imgfarm image convert {src.name} --out DIR` ({what}, "
               f"{sum(v.stat().st_size for v in vs) / MiB:.0f} MiB gzip): {t_cli:5.2f} s "
-              f"start-up included = {q:4.2f}x its floor {f:.2f} s", flush=True)
+              f"start-up included = {q:4.2f}x its floor {f:.2f} s; with --verify written "
+              f"{t_written:5.2f} s = {t_written / f:4.2f}x", flush=True)
         print(f"goal (d) <= 1.5x the decode floor, {what}: "
               f"{'met' if q <= 1.5 else 'NOT met'} ({q:.2f}x)")
     print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

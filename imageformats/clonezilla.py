@@ -315,7 +315,8 @@ def _rewrite_v1(src: _Reader, out: Any, where: str, seen: dict[str, Any]) -> int
 
 
 def _partclone_part(part: CzPart, out_path: Path, level: int,
-                    progress: Callable[[int], None] | None) -> tuple[Partition, dict[str, Any]]:
+                    progress: Callable[[int], None] | None, roundtrip: bool = True
+                    ) -> tuple[Partition, dict[str, Any]]:
     src = layers.Pieces(part.files)
     where = src.name
     head = src.head(16)
@@ -344,7 +345,7 @@ def _partclone_part(part: CzPart, out_path: Path, level: int,
                         version=h.partclone_version, image_format="0002")
             return tee.count
 
-    sha, count = compress_into(out_path, fill, level=level)
+    sha, count = compress_into(out_path, fill, level=level, roundtrip=roundtrip)
     if seen["device_size"] > part.size_bytes:
         raise ImageError(f"{where}: the file system ({seen['device_size']} bytes) is larger "
                          f"than partition {part.dev} ({part.size_bytes} bytes)")
@@ -363,7 +364,7 @@ def _partclone_part(part: CzPart, out_path: Path, level: int,
 
 
 def _partimage_part(part: CzPart, out_path: Path, level: int,
-                    progress: Callable[[int], None] | None
+                    progress: Callable[[int], None] | None, roundtrip: bool = True
                     ) -> tuple[Partition, dict[str, Any], partimage.LegacyInfo]:
     reader = partimage.PartimageReader(part.files[0], exact_sum=False)
     info = reader.info
@@ -390,7 +391,7 @@ def _partimage_part(part: CzPart, out_path: Path, level: int,
             return writer.stream_bytes
 
     try:
-        sha, count = compress_into(out_path, fill, level=level)
+        sha, count = compress_into(out_path, fill, level=level, roundtrip=roundtrip)
     finally:
         reader.close()
     p = Partition(
@@ -406,13 +407,17 @@ def _partimage_part(part: CzPart, out_path: Path, level: int,
 
 def convert_dir(directory: str | os.PathLike[str], dest_dir: Path, *, name: str,
                 progress: Callable[[int, int], None] | None = None,
-                level: int = ZSTD_LEVEL, verify_full: bool = False) -> Manifest:
+                level: int = ZSTD_LEVEL, verify: str = "stream") -> Manifest:
     """Convert the Clonezilla disk directory `directory` into ``dest_dir/NAME``.
 
     Every partition in ``parts`` is converted and checked before the new image is
     renamed into place; on any failure nothing is left in `dest_dir`.
     `progress(done, total)` counts compressed input bytes over all partitions.
+    `verify`: as :func:`convert.convert_legacy`'s ("stream", "written", "full").
     """
+    if verify not in convert.VERIFY_MODES:
+        raise ValueError(f"verify must be one of {convert.VERIFY_MODES}, not {verify!r}")
+    roundtrip = verify != "written"
     src_dir = Path(directory)
     if not IMAGE_NAME.match(name):
         raise ImageError(f"invalid image name {name!r}", hint=IMAGE_NAME_HINT)
@@ -437,11 +442,11 @@ def convert_dir(directory: str | os.PathLike[str], dest_dir: Path, *, name: str,
 
             out_path = tmp / part_file(part.number)
             if part.mode == "partimage":
-                p, origin, info = _partimage_part(part, out_path, level, None)
+                p, origin, info = _partimage_part(part, out_path, level, None, roundtrip)
                 mbrs += [LegacyMbr(device=m.device, sector0_b64=base64.b64encode(m.sector0)
                                    .decode(), size_kib=m.size_kib) for m in info.mbrs]
             else:
-                p, origin = _partclone_part(part, out_path, level, None)
+                p, origin = _partclone_part(part, out_path, level, None, roundtrip)
             report(size)
             parts.append(p)
             origins.append(origin)
@@ -463,7 +468,7 @@ def convert_dir(directory: str | os.PathLike[str], dest_dir: Path, *, name: str,
                       legacy_mbr=tuple(mbrs)),
             partitions=tuple(parts))
         ng.write_manifest(tmp, manifest)
-        if verify_full:
+        if verify == "full":
             ng.verify_image(tmp)
         if final.exists():
             raise ImageError(f"{final} already exists", hint="choose another name")
