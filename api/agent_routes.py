@@ -20,7 +20,7 @@ from imgfarm.errors import Conflict
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
 from imgfarm.models.images import get_image
-from imgfarm.models.jobs import add_event, begin_finalizing, transition
+from imgfarm.models.jobs import add_progress_event, begin_finalizing, transition
 from imgfarm.models.tables import Job, utcnow
 from imgfarm.protocol import JobKind, ProgressReport, ProtocolError, ResultReport
 from imgfarm.tasks.job_spec import job_spec
@@ -66,7 +66,6 @@ def post_progress(job_id: int, report: ProgressBody, authorization: str | None =
         _open_job(job)
         if job.state == states.BOOTING:
             transition(s, job_id, states.BOOTING, states.RUNNING, "agent reported: running")
-        before = job.progress or 0.0
         s.execute(
             update(Job)
             .where(Job.id == job_id, Job.state == states.RUNNING)
@@ -79,9 +78,8 @@ def post_progress(job_id: int, report: ProgressBody, authorization: str | None =
                 updated_at=now,
             )
         )
-        if int(report.percent // 25) > int(before // 25) or (report.message and report.message != "agent started"):
-            add_event(s, job_id, "progress", report.message or f"{report.percent:.0f}%",
-                      state=states.RUNNING, data=report.to_json())
+        add_progress_event(s, job_id, report.message or f"{report.percent:.0f}%", report.to_json(),
+                           get_settings().progress_event_every)
     notify(get_settings().redis_url, job_id, {"kind": "progress", **report.to_json()})
     return {"status": "recorded"}
 

@@ -19,6 +19,7 @@ from sqlalchemy.exc import DBAPIError
 from imgfarm import __version__
 from imgfarm.api import agent_routes, metrics, operator_routes, windows_routes
 from imgfarm.api.auth import meta_access
+from imgfarm.api.limits import BodyLimit
 from imgfarm.errors import ImgfarmError
 from imgfarm.models.dbapi import explain_db_error
 from imgfarm.protocol import ProtocolError
@@ -46,6 +47,7 @@ def create_app() -> FastAPI:
     app = FastAPI(title="imgfarm", version=__version__, docs_url=None, redoc_url=None,
                   openapi_url=None,
                   description="Capture, restore and convert disk images on PXE-booted nodes.")
+    app.add_middleware(BodyLimit)
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(meta_access)])
     def openapi() -> dict[str, Any]:

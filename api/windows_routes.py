@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
 from imgfarm.api.operator_routes import Operator, Reader
 from imgfarm.models.db import session_scope
 from imgfarm.models.states import ON_CLOSE_FINISH
 from imgfarm.models.windows import (
+    MAX_RUNS_SHOWN,
     add_window,
     remove_window,
     set_enabled,
@@ -52,7 +53,8 @@ def create_window(body: WindowIn, _who: Operator) -> dict[str, Any]:
 
 
 @router.get("/{name}")
-def read_window(name: str, _who: Reader, runs: bool = False, limit: int = 10) -> dict[str, Any]:
+def read_window(name: str, _who: Reader, runs: bool = False,
+                limit: int = Query(10, ge=1, le=MAX_RUNS_SHOWN)) -> dict[str, Any]:
     with session_scope() as s:
         return window_detail(s, name, runs=runs, limit=limit)
 

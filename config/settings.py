@@ -112,6 +112,11 @@ class Settings(BaseSettings):
     job_concurrency: int = 600  # threads in the job worker: one per waiting job
     window_tick_interval: float = 30.0  # seconds between bulk-window ticks (beat)
 
+    # Bounds on what one request may make the farm do or store.
+    max_range_nodes: int = Field(10_000, ge=1)  # nodes one range may name, counted before expanding
+    max_request_bytes: int = Field(1 << 20, ge=1024)  # an operator request's body (agents: 64 KiB)
+    progress_event_every: float = Field(60.0, gt=0)  # seconds between the progress events kept
+
     xcat: XcatSettings = XcatSettings()
     pxe: PxeSettings = PxeSettings()
     ipmi: IpmiSettings = IpmiSettings()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from sqlalchemy import insert, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from imgfarm.models import states
@@ -41,6 +41,26 @@ def add_event(
     # and the ORM's unit of work costs several times more for no benefit here
     session.execute(insert(JobEvent).values(job_id=job_id, at=utcnow(), kind=kind, state=state,
                                             message=message, data=data or {}))
+
+
+def add_progress_event(session: Session, job_id: int, message: str, data: dict[str, Any],
+                       every: float) -> None:
+    """Record a progress report as an event, coalesced: the first, one every `every` s, the last.
+
+    An agent reports every few seconds for hours; keeping each report would grow a job's
+    history without bound. The newest event stands for every report since the one kept
+    before it, and is overwritten until it is `every` seconds younger than that one.
+    """
+    now = utcnow()
+    latest = list(session.execute(
+        select(JobEvent.id, JobEvent.at).where(JobEvent.job_id == job_id, JobEvent.kind == "progress")
+        .order_by(JobEvent.id.desc()).limit(2)))
+    if len(latest) == 2 and (latest[0].at - latest[1].at).total_seconds() < every:
+        session.execute(update(JobEvent).where(JobEvent.id == latest[0].id)
+                        .values(at=now, message=message, data=data))
+        return
+    session.execute(insert(JobEvent).values(job_id=job_id, at=now, kind="progress",
+                                            state=states.RUNNING, message=message, data=data))
 
 
 def transition(

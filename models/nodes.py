@@ -13,12 +13,13 @@ from typing import Any
 
 from ClusterShell.NodeSet import NodeSet, NodeSetParseError
 from ClusterShell.NodeUtils import GroupResolver, GroupSource
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from imgfarm.config.settings import get_settings
 from imgfarm.errors import Conflict, InvalidInput, NodeRangeError, NotFound
 from imgfarm.models import states
-from imgfarm.models.tables import Group, Job, Node
+from imgfarm.models.tables import Group, Job, Node, node_groups
 from imgfarm.models.views import node_view, unknown_node
 from imgfarm.protocol import normalize_mac
 
@@ -52,12 +53,88 @@ def _resolver(session: Session) -> GroupResolver:
     return GroupResolver(GroupSource("imgfarm", groups))
 
 
+_OPERATOR = re.compile(r"[,!&^]")
+_BRACKET = re.compile(r"\[([^\[\]]*)\]")
+_STEP = re.compile(r"^(\d+)(?:-(\d+)(?:/(\d+))?)?$")
+
+
+def _bracket_size(text: str) -> int:
+    """How many values a bracket's range set (`1-10/2,15`) holds, from its text alone."""
+    total = 0
+    for item in text.split(","):
+        m = _STEP.fullmatch(item.strip())
+        if m is None:
+            total += 1  # not a range at all: ClusterShell refuses it with its own words
+            continue
+        lo, hi, step = int(m[1]), int(m[2] or m[1]), int(m[3] or 1)
+        total += (hi - lo) // step + 1 if hi >= lo and step > 0 else 0
+    return total
+
+
+def range_size(expr: str, group_sizes: dict[str, int]) -> int:
+    """An upper bound of the names a range makes, read from its text: nothing is expanded.
+
+    ClusterShell keeps a range as the set of its values, so `n[1-99999999]` is 10^8
+    strings before anything can look at them. Every operand of `,`, `!`, `&` and `^`
+    is expanded on its own before the operators apply, so the bound is their sum.
+    """
+    total = 0
+    depth, start = 0, 0
+    parts: list[str] = []
+    for i, ch in enumerate(expr):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        elif depth == 0 and _OPERATOR.match(ch):
+            parts.append(expr[start:i])
+            start = i + 1
+    parts.append(expr[start:])
+    for part in (p.strip() for p in parts):
+        if part.startswith("@"):
+            name = part[1:].split(":")[-1]
+            total += sum(group_sizes.values()) if name == "*" else group_sizes.get(name, 0)
+            continue
+        size = 1
+        for inner in _BRACKET.findall(part):
+            size *= _bracket_size(inner)
+        total += size
+    return total
+
+
+def check_range_size(expr: str, group_sizes: dict[str, int], cap: int) -> None:
+    """Refuse a range that would name more than `cap` nodes, before it is expanded."""
+    count = range_size(expr, group_sizes)
+    if count > cap:
+        shown = expr if len(expr) <= 80 else expr[:77] + "..."
+        raise NodeRangeError(
+            f"node range {shown!r} names {count:,} nodes, more than the cap of {cap:,}",
+            hint="split it into ranges of at most that many nodes, or raise "
+            "IMGFARM_MAX_RANGE_NODES",
+        )
+
+
+def _group_sizes(session: Session) -> dict[str, int]:
+    rows = session.execute(
+        select(Group.name, func.count(node_groups.c.node_id))
+        .select_from(Group).outerjoin(node_groups, node_groups.c.group_id == Group.id)
+        .group_by(Group.name)
+    )
+    return {name: int(n) for name, n in rows}
+
+
 def expand_range(session: Session, expr: str) -> list[str]:
-    """Node names of a range expression, in order; errors name the bad part."""
+    """Node names of a range expression, in order; errors name the bad part.
+
+    A range that would name more nodes than the max_range_nodes setting is refused
+    before ClusterShell expands anything (see `range_size`).
+    """
     expr = expr.strip()
     if not expr:
         raise NodeRangeError("empty node range", hint="give nodes like lab[001-120], n1,n3 or @group")
-    known_groups = set(session.scalars(select(Group.name)))
+    group_sizes = _group_sizes(session)
+    check_range_size(expr, group_sizes, get_settings().max_range_nodes)
+    known_groups = set(group_sizes)
     for ref in re.findall(r"@([A-Za-z0-9_.:-]+)", expr):
         if ref not in known_groups:
             raise NodeRangeError(

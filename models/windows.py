@@ -19,6 +19,7 @@ from croniter import croniter
 from sqlalchemy import Boolean, ForeignKey, Integer, String, Text, UniqueConstraint, select
 from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
 
+from imgfarm.config.settings import get_settings
 from imgfarm.errors import Conflict, InvalidInput, NotFound
 from imgfarm.models.images import get_image
 from imgfarm.models.nodes import check_node_name, resolve_nodes
@@ -44,6 +45,12 @@ NODE_STATUSES = (NODE_PENDING, NODE_QUEUED, NODE_RUNNING, NODE_SUCCEEDED, NODE_F
                  NODE_SKIPPED, NODE_NOT_REACHED)
 NODE_IN_FLIGHT = (NODE_QUEUED, NODE_RUNNING)
 NODE_FINAL = (NODE_SUCCEEDED, NODE_FAILED, NODE_NOT_REACHED)
+
+# How large a window may be: its nodes are capped by max_range_nodes like any range.
+MAX_DURATION_MINUTES = 31 * 24 * 60
+MAX_STORE_CAP = 100_000  # active jobs farm-wide
+MAX_RETRIES = 100
+MAX_RUNS_SHOWN = 1000
 
 
 class Window(Base):
@@ -125,8 +132,8 @@ class WindowRunNode(Base):
 
 def check_cron(expr: str) -> str:
     """A 5-field cron expression, or InvalidInput naming it with an example."""
-    expr = " ".join(expr.split())
-    if len(expr.split()) != 5 or not croniter.is_valid(expr):
+    expr = " ".join(expr[:1024].split())
+    if len(expr) > 128 or len(expr.split()) != 5 or not croniter.is_valid(expr):
         raise InvalidInput(
             f"bad cron expression {expr!r}",
             hint="e.g. '0 2 * * 6' (Saturdays 02:00): minute hour day-of-month month weekday",
@@ -136,6 +143,8 @@ def check_cron(expr: str) -> str:
 
 def check_timezone(tz: str) -> str:
     try:
+        if len(tz) > 64 or "\x00" in tz:
+            raise ValueError(tz)
         ZoneInfo(tz)
     except (ZoneInfoNotFoundError, ValueError):
         raise InvalidInput(
@@ -163,14 +172,18 @@ def add_window(session: Session, name: str, cron: str, duration_minutes: int, im
                        hint=f"remove it first with `imgfarm window remove {name}`")
     cron = check_cron(cron)
     check_timezone(timezone)
-    if duration_minutes < 1:
-        raise InvalidInput(f"bad duration {duration_minutes}", hint="minutes, at least 1")
-    if max_concurrent < 1:
-        raise InvalidInput(f"bad max_concurrent {max_concurrent}", hint="at least 1")
-    if store_cap is not None and store_cap < 1:
-        raise InvalidInput(f"bad store_cap {store_cap}", hint="at least 1, or leave it unset")
-    if max_retries < 0:
-        raise InvalidInput(f"bad max_retries {max_retries}", hint="0 or more")
+    cap = get_settings().max_range_nodes
+    if not 1 <= duration_minutes <= MAX_DURATION_MINUTES:
+        raise InvalidInput(f"bad duration {duration_minutes}",
+                           hint=f"minutes, from 1 to {MAX_DURATION_MINUTES} (31 days)")
+    if not 1 <= max_concurrent <= cap:
+        raise InvalidInput(f"bad max_concurrent {max_concurrent}",
+                           hint=f"from 1 to {cap} (IMGFARM_MAX_RANGE_NODES)")
+    if store_cap is not None and not 1 <= store_cap <= MAX_STORE_CAP:
+        raise InvalidInput(f"bad store_cap {store_cap}",
+                           hint=f"from 1 to {MAX_STORE_CAP}, or leave it unset")
+    if not 0 <= max_retries <= MAX_RETRIES:
+        raise InvalidInput(f"bad max_retries {max_retries}", hint=f"from 0 to {MAX_RETRIES}")
     if on_close not in ON_CLOSE:
         raise InvalidInput(f"bad on_close {on_close!r}", hint=f"one of {', '.join(ON_CLOSE)}")
     img = get_image(session, image)
@@ -250,6 +263,7 @@ def window_detail(session: Any, name: str, runs: bool = False, limit: int = 10) 
     """A window's view; with runs, its `limit` latest runs node by node (newest first)."""
     window = get_window(session, name)
     view = window_view(window)
+    limit = max(1, min(limit, MAX_RUNS_SHOWN))
     if runs:
         q = (select(WindowRun).where(WindowRun.window_id == window.id)
              .order_by(WindowRun.id.desc()).limit(limit))

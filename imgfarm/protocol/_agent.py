@@ -24,6 +24,7 @@ from imgfarm.protocol._vocabulary import (
     API_URL,
     DEVICE_PATH,
     MAX_ERROR,
+    MAX_MESSAGE,
     MAX_TAIL,
     MOUNT_OPTIONS,
     NFS_EXPORT,
@@ -160,7 +161,7 @@ class ProgressReport(Message):
     bytes_done: Count = 0
     bytes_total: Count = 0
     rate: Annotated[float, Rule(lo=0)] = 0.0  # bytes per second
-    message: str = ""  # what the agent is doing ("capturing partition 2")
+    message: Annotated[str, Rule(max_len=MAX_MESSAGE, cut="head")] = ""  # "capturing partition 2"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -168,8 +169,8 @@ class ResultReport(Message):
     """The agent's last word: ok with the sha256 of every file, or the error and the tool's tail."""
 
     ok: bool
-    error: Annotated[str, Rule(max_len=MAX_ERROR, raw=True)] = ""
-    stderr_tail: Annotated[str, Rule(max_len=MAX_TAIL, raw=True)] = ""
+    error: Annotated[str, Rule(max_len=MAX_ERROR, raw=True, cut="head")] = ""
+    stderr_tail: Annotated[str, Rule(max_len=MAX_TAIL, raw=True, cut="tail")] = ""
     files: FileSums = dataclasses.field(default_factory=dict)  # written (capture) or read (restore)
     manifest: Annotated[Manifest | None, _OMIT] = None  # a partimage-ng capture's
     bytes: Count = 0

@@ -28,6 +28,7 @@ from imgfarm.protocol._vocabulary import (
     PLAIN_FILE,
     SAFE_FILE,
     SHA256,
+    cut_text,
 )
 
 _INT = 2**63 - 1  # integers the farm stores are 64-bit (PostgreSQL BIGINT)
@@ -58,6 +59,7 @@ class Rule:
     means: str = ""  # what `pattern` accepts, in words, for the error
     raw: bool = False  # a string may hold any character (a tool's output)
     omit: bool = False  # to_json leaves the field out while it holds its default
+    cut: str = ""  # "head"/"tail": a longer string is shortened (keeping that end), not refused
 
 
 _PLAIN = Rule()
@@ -100,11 +102,14 @@ def _number(v: Any, tp: type, rule: Rule) -> Any:
     return float(v) if tp is float else v
 
 
-def _text(v: Any, rule: Rule) -> str:
-    if not isinstance(v, str):
-        raise ProtocolError("", f"must be a string, not {_what(v)}")
+def _text(value: Any, rule: Rule) -> str:
+    if not isinstance(value, str):
+        raise ProtocolError("", f"must be a string, not {_what(value)}")
+    v: str = value
     if len(v) > rule.max_len:
-        raise ProtocolError("", f"is {len(v)} characters long, at most {rule.max_len} allowed")
+        if not rule.cut:
+            raise ProtocolError("", f"is {len(v)} characters long, at most {rule.max_len} allowed")
+        v = cut_text(v, rule.max_len, rule.cut)
     if not rule.raw and any(ord(c) < 32 or ord(c) == 127 for c in v):
         raise ProtocolError("", "holds a control character")
     if rule.pattern is not None and not rule.pattern.match(v):

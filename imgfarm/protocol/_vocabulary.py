@@ -64,12 +64,35 @@ NFS_EXPORT = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9._-]*):/\S
 MOUNT_OPTIONS = re.compile(r"^[A-Za-z0-9_=,.:/]*\Z")
 
 MAX_TEXT = 1024  # characters of a text field without a bound of its own
+MAX_MESSAGE = 512  # ProgressReport.message: one line of what the agent does
 MAX_ERROR = 8192  # ResultReport.error
 MAX_TAIL = 16384  # ResultReport.stderr_tail
 MAX_FILES = 10000  # files in one report or image
 MAX_PARTITIONS = 256
 MAX_SFDISK = 256 << 10
 MAX_JSON = 64 << 10  # a free-form JSON object (a legacy image's header record)
+MAX_REPORT = 64 << 10  # bytes of one agent request's body (a progress or result report)
+
+
+
+def cut_text(text: str, limit: int, keep: str = "head") -> str:
+    """`text` in at most `limit` characters, with a mark saying how much was cut.
+
+    `keep` is "head" (an error's first words say what failed) or "tail" (a tool's
+    last lines do). Text from outside is shortened on the way in, not refused: a
+    failing tool's output is the one thing an operator needs from a failed job.
+    """
+    if len(text) <= limit:
+        return text
+    cut = len(text) - limit
+    while True:
+        mark = f" [... {cut} characters cut ...] "
+        room = max(limit - len(mark), 0)
+        if len(text) - room == cut:
+            break
+        cut = len(text) - room
+    return text[:room] + mark if keep == "head" else mark + text[len(text) - room:]
+
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 1
