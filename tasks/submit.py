@@ -139,7 +139,9 @@ def submit_restore(
         img = get_image(s, image)
         targets = resolve_nodes(s, nodes)
         if convert and img.format != ImageFormat.PARTIMAGE:
-            raise InvalidInput(f"image {image!r} is {img.format} already; --convert is for legacy partimage images")
+            # already partimage-ng (e.g. a Clonezilla directory, converted when imported):
+            # nothing to convert, restore it as it is -- what a window with convert does too
+            convert = False
         busy = _busy(s, [n.id for n in targets])
         skipped: dict[str, str] = {}
         for n in targets:

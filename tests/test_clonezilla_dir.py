@@ -110,6 +110,11 @@ def test_clonezilla_disk_restores_through_the_farm(farm: Farm, saved: tuple[Path
     dst = farm.add_node("cz1", size_mib=(P2[0] + P2[1]) // 2048)
     farm.cli("restore", "cz1", "--image", "cz", "--wait")
     assert filecmp.cmp(src, dst, shallow=False), "restored disk differs from the source"
+    # --convert on it (as a window with convert would): nothing to convert, restored as it is
+    dst2 = farm.add_node("cz2", size_mib=(P2[0] + P2[1]) // 2048)
+    farm.cli("restore", "cz2", "--image", "cz", "--convert", "--wait")
+    assert filecmp.cmp(src, dst2, shallow=False), "restored disk differs from the source"
+    assert [j["kind"] for j in farm.cli_json("jobs")] == ["restore", "restore"]
 
 
 def test_refusals_register_nothing(farm: Farm, saved: tuple[Path, Path]) -> None:
