@@ -17,13 +17,15 @@ import re
 import subprocess
 import threading
 from collections import deque
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from imgfarm.agent import disks
 from imgfarm.agent.progress import Progress, rchar, watch_stderr
 from imgfarm.protocol import (
     HEAD_FILE,
+    MANIFEST_FILE,
     CaptureOrigin,
     Disk,
     DiskHead,
@@ -207,8 +209,12 @@ def _strip_ansi(text: str) -> str:
 
 # ---------------------------------------------------------------- restore
 
-def _restore_partition(src: Path, target: str, part: Partition, progress: Progress, base: int) -> str:
-    """Stream src through zstd into partclone.restore (or raw for dd images)."""
+def _restore_partition(chunks: Iterator[bytes], name: str, target: str, part: Partition,
+                       progress: Progress, base: int) -> tuple[str, int]:
+    """Stream a partition's compressed bytes through zstd into partclone.restore (or dd).
+
+    Returns the sha256 of the bytes that went in, and how many.
+    """
     if part.raw:
         sink = ["dd", f"of={target}", "bs=4M", "conv=notrunc", "status=none"]
     else:
@@ -216,7 +222,7 @@ def _restore_partition(src: Path, target: str, part: Partition, progress: Progre
     zs = subprocess.Popen(["zstd", "-q", "-dc"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE)
     pc = subprocess.Popen(sink, stdin=zs.stdout, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    assert zs.stdin and zs.stdout and pc.stderr
+    assert zs.stdin and zs.stdout and pc.stderr and zs.stderr
     zs.stdout.close()
     tail: deque[bytes] = deque(maxlen=40)
     watcher = threading.Thread(target=watch_stderr, args=(pc.stderr, lambda _p: None, tail), daemon=True)
@@ -224,33 +230,62 @@ def _restore_partition(src: Path, target: str, part: Partition, progress: Progre
     h = hashlib.sha256()
     done = 0
     try:
-        with open(src, "rb") as fh:
-            while chunk := fh.read(CHUNK):
-                h.update(chunk)
-                zs.stdin.write(chunk)
-                done += len(chunk)
-                progress.update(bytes_done=base + done)
+        for chunk in chunks:
+            h.update(chunk)
+            zs.stdin.write(chunk)
+            done += len(chunk)
+            progress.update(bytes_done=base + done)
     except BrokenPipeError:
         pass
+    except BaseException:
+        zs.kill()
+        pc.kill()
+        zs.wait()
+        pc.wait()
+        raise
     finally:
         try:
             zs.stdin.close()
         except BrokenPipeError:
             pass
+    zs_err = zs.stderr.read()[-2000:].decode(errors="replace")
     rc_zs, rc_pc = zs.wait(), pc.wait()
     watcher.join(5)
     if rc_zs != 0 or rc_pc != 0:
-        raise ToolError(f"zstd exited {rc_zs}, {sink[0]} exited {rc_pc} restoring {src.name}", _tail(tail))
-    return h.hexdigest()
+        raise ToolError(f"zstd exited {rc_zs}, {sink[0]} exited {rc_pc} restoring {name} "
+                        f"after {done} bytes of its stream", (zs_err + "\n" + _tail(tail)).strip())
+    return h.hexdigest(), done
 
 
-def restore_ng(disk: str, imgdir: Path, spec: JobSpec, progress: Progress) -> dict[str, str]:
+class StreamSource(Protocol):
+    """Where the files of an image come from (agent/transport.py)."""
+
+    def describe(self, name: str) -> str: ...
+    def read(self, name: str, limit: int = ...) -> bytes: ...
+    def chunks(self, name: str, on_resume: Callable[[int, str], None] | None = None) -> Iterator[bytes]: ...
+
+
+class PartitionFeed(Protocol):
+    """Another way to get a partition's stream (multicast); None: use the store."""
+
+    def stream(self, part: Partition) -> Iterator[bytes] | None: ...
+    def failed(self, part: Partition, why: str) -> None: ...
+
+
+def _mismatch(part: Partition, got: str, size: int, where: str) -> str:
+    return (f"{part.file}: sha256 of the {size} bytes read from {where} is {got[:16]}..., the manifest "
+            f"says {part.sha256[:16]}... ({part.stream_bytes} bytes); the image or the transfer is damaged")
+
+
+def restore_ng(disk: str, source: StreamSource, spec: JobSpec, progress: Progress,
+               feed: PartitionFeed | None = None,
+               note: Callable[[str], None] | None = None) -> dict[str, str]:
     try:
-        manifest = Manifest.load(imgdir)
+        manifest = Manifest.from_text(source.read(MANIFEST_FILE).decode("utf-8", errors="replace"))
     except ProtocolError as exc:
-        raise ToolError(f"{imgdir.name}/manifest.json: {exc}") from None
+        raise ToolError(f"{source.describe(MANIFEST_FILE)}: {exc}") from None
     parts = manifest.partitions
-    progress.bytes_total = sum(p.stream_bytes or (imgdir / p.file).stat().st_size for p in parts)
+    progress.bytes_total = sum(p.stream_bytes for p in parts)
     table = manifest.disk.partition_table
     need = max(p.start_bytes + p.size_bytes for p in parts)
     have = disks.size_of(disk)
@@ -258,15 +293,42 @@ def restore_ng(disk: str, imgdir: Path, spec: JobSpec, progress: Progress) -> di
         raise ToolError(f"target disk {disk} has {have} bytes; the image needs {need}")
     files: dict[str, str] = {}
     done = 0
+
+    def resumed(name: str) -> Callable[[int, str], None]:
+        def on_resume(offset: int, why: str) -> None:
+            if note is not None:
+                note(f"{name}: transfer broke at byte {offset} ({why}); resuming from there")
+        return on_resume
+
+    def one(p: Partition, target: str) -> str:
+        if feed is not None:
+            stream = feed.stream(p)
+            if stream is not None:
+                try:
+                    got, size = _restore_partition(stream, p.file, target, p, progress, done)
+                except Exception as exc:  # noqa: BLE001 - the store is the fallback
+                    feed.failed(p, str(exc))
+                else:
+                    if got == p.sha256:
+                        return got
+                    feed.failed(p, _mismatch(p, got, size, "the multicast session"))
+        got, size = _restore_partition(source.chunks(p.file, resumed(p.file)), p.file, target, p,
+                                       progress, done)
+        if got != p.sha256:
+            raise ToolError(_mismatch(p, got, size, source.describe(p.file)))
+        return got
+
     if table is None:
         p = parts[0]
         progress.stage = "restoring whole-disk filesystem"
-        files[p.file] = _restore_partition(imgdir / p.file, disk, p, progress, 0)
+        files[p.file] = one(p, disk)
     else:
         head = manifest.disk.head
         if head:
-            data = (imgdir / head.file).read_bytes()
+            data = source.read(head.file)
             files[head.file] = hashlib.sha256(data).hexdigest()
+            if files[head.file] != head.sha256:
+                raise ToolError(f"{head.file}: sha256 differs from the manifest; the image is damaged")
             with open(disk, "r+b") as fh:
                 fh.write(data)
         _run_checked(["sfdisk", "-q", "--no-reread", "--no-tell-kernel", disk], stdin=table.sfdisk)
@@ -274,12 +336,8 @@ def restore_ng(disk: str, imgdir: Path, spec: JobSpec, progress: Progress) -> di
         with disks.PartitionDevices(disk, spans) as devs:
             for p in parts:
                 progress.stage = f"restoring partition {p.index}"
-                files[p.file] = _restore_partition(imgdir / p.file, devs[p.index], p, progress, done)
+                files[p.file] = one(p, devs[p.index])
                 done += p.stream_bytes
-    for p in parts:
-        if files.get(p.file) != p.sha256:
-            raise ToolError(f"{p.file}: sha256 of the stream read differs from the manifest; "
-                            "the image is damaged")
     return files
 
 

@@ -18,15 +18,17 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from imgfarm.agent import disks, imaging
+from imgfarm.agent import disks, imaging, transport
 from imgfarm.agent.client import ApiError, FarmClient
 from imgfarm.agent.progress import Progress, Reporter
 from imgfarm.protocol import (
     MANIFEST_FILE,
     MAX_ERROR,
     MAX_TAIL,
+    HttpStore,
     ImageFormat,
     JobKind,
     JobSpec,
@@ -99,7 +101,9 @@ class StoreMount:
         except OSError as exc:
             return f"NFS server {host} port {port}: {exc.strerror or exc}"
 
-    def __enter__(self) -> Path:
+    def __enter__(self) -> Path | None:
+        if isinstance(self.store, HttpStore):
+            return None  # nothing to mount: files stream from the URL
         if isinstance(self.store, NfsStore):
             mnt = RUN_DIR / f"store-{self.job_id}"
             mnt.mkdir(parents=True, exist_ok=True)
@@ -170,7 +174,7 @@ def run(orders: Orders) -> int:
         log(f"job {orders.job_id}: {spec.kind} {spec.format} on {disk}")
         mount = StoreMount(spec.store, orders.job_id)
         with mount as root:
-            files, manifest = _do(spec, disk, root, progress)
+            files, manifest = _do(spec, disk, root, progress, orders, _noter(client, progress))
     except Exception as exc:  # noqa: BLE001 - every failure is reported, never swallowed
         reporter.stop.set()
         tail = getattr(exc, "stderr_tail", "")
@@ -202,8 +206,24 @@ def run(orders: Orders) -> int:
     return 0
 
 
-def _do(spec: JobSpec, disk: str, root: Path, progress: Progress) -> tuple[dict[str, str], Manifest | None]:
+def _noter(client: FarmClient, progress: Progress) -> Callable[[str], None]:
+    """Something the job's events should say now (a resumed transfer, a multicast fallback)."""
+    def note(message: str) -> None:
+        log(message)
+        progress.stage = message[:500]
+        try:
+            client.progress(progress.snapshot())
+        except ApiError as exc:
+            log(f"could not report: {exc}")
+    return note
+
+
+def _do(spec: JobSpec, disk: str, root: Path | None, progress: Progress, orders: Orders,
+        note: Callable[[str], None]) -> tuple[dict[str, str], Manifest | None]:
     """Run the job's tool; the sha256 of every file written or read, and a capture's manifest."""
+    if root is None:
+        assert isinstance(spec.store, HttpStore)
+        return _do_http(spec, disk, spec.store, progress, orders, note)
     if spec.kind == JobKind.CAPTURE:
         outdir = root / spec.output_dir
         manifest: Manifest | None = None
@@ -216,9 +236,32 @@ def _do(spec: JobSpec, disk: str, root: Path, progress: Progress) -> tuple[dict[
         return files, manifest
     imgdir = root / spec.image.location
     if spec.format == ImageFormat.NG:
-        files = imaging.restore_ng(disk, imgdir, spec, progress)
+        files = imaging.restore_ng(disk, transport.DirSource(imgdir), spec, progress,
+                                   feed=_feed(spec, orders, note), note=note)
     else:
         files = imaging.restore_partimage(disk, imgdir, spec, progress)
+    os.sync()
+    return files, None
+
+
+def _feed(spec: JobSpec, orders: Orders, note: Callable[[str], None]) -> imaging.PartitionFeed | None:
+    if spec.multicast is None:
+        return None
+    from imgfarm.agent import multicast  # lazy: only a multicast restore runs udp-receiver
+
+    return multicast.ReceiverFeed(spec.multicast, orders.api_url, note)
+
+
+def _do_http(spec: JobSpec, disk: str, store: HttpStore, progress: Progress, orders: Orders,
+             note: Callable[[str], None]) -> tuple[dict[str, str], Manifest | None]:
+    if spec.kind == JobKind.CAPTURE:
+        raise imaging.ToolError("this agent captures to NFS or a local store only; "
+                                "set the job's transport to nfs")
+    if spec.format != ImageFormat.NG:
+        raise imaging.ToolError(f"a {spec.format} image restores from NFS or a local store only; "
+                                "convert it to partimage-ng for HTTP")
+    source = transport.HttpSource(f"{store.url}/{spec.image.location}", orders.token)
+    files = imaging.restore_ng(disk, source, spec, progress, feed=_feed(spec, orders, note), note=note)
     os.sync()
     return files, None
 

@@ -228,14 +228,22 @@ def restore(
     convert: bool = typer.Option(False, "--convert", help="convert a legacy partimage image once, then restore that"),
     timeout: float = typer.Option(0, "--timeout", help="seconds for each node's whole job (default: settings)"),
     disk: str = typer.Option("", "--disk", help=DISK_HELP),
+    transport: str = typer.Option("", "--transport", help="how agents read the store: nfs or http "
+                                  "(default: IMGFARM_IMAGE_TRANSPORT)"),
+    multicast: bool = typer.Option(False, "--multicast", help="one udpcast stream for the whole "
+                                   "range; nodes that miss it restore by unicast"),
+    max_wait: float = typer.Option(0, "--max-wait", help="multicast: start this many seconds after "
+                                   "the first node joined, even if not all did (default: settings)"),
+    max_bitrate: str = typer.Option("", "--max-bitrate", help="multicast: cap the stream, e.g. 600m"),
     json_out: bool = json_option(),
 ) -> None:
     """Restore an image onto many nodes at once."""
     # lazy: Celery loads only for the commands that talk to the broker
     from imgfarm.tasks import submit
 
+    opts = submit.job_options(timeout, disk, transport, multicast, max_wait, max_bitrate)
     sub = submit.submit_restore(nodes, image, submitted_by=who(), skip_busy=skip_busy, convert=convert,
-                                options=submit.job_options(timeout, disk))
+                                options=opts)
     extra = [sub.convert_job_id] if sub.convert_job_id else None
     _after_submit(sub.job_ids, sub.skipped, wait, json_out, extra)
 

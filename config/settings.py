@@ -67,6 +67,17 @@ class IpmiSettings(BaseModel):
     sync_interval: float = 300.0
 
 
+class MulticastSettings(BaseModel):
+    """udpcast sessions: where udp-sender runs and how it treats receivers."""
+
+    interface: str = "eth0"  # udp-sender --interface: the store host's interface towards the nodes
+    portbase: int = 9000  # first session's port; each partition of a session uses two ports
+    max_wait: float = 60.0  # s after the first receiver joined: start with whoever is there
+    retries_until_drop: int = 8  # REQACKs before a silent receiver is dropped (~1 s each)
+    max_bitrate: str = ""  # udp-sender --max-bitrate (e.g. 600m); empty: no cap
+    start_timeout: float = 300.0  # s a session waits for its first receiver before giving up
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="IMGFARM_", env_nested_delimiter="__", extra="ignore"
@@ -84,6 +95,9 @@ class Settings(BaseSettings):
     # Mount options the agent adds to its own (vers=4.1,proto=tcp,soft,...); later wins,
     # e.g. "port=20490" for a server on another port, or "vers=3,nolock" for NFSv3.
     image_store_nfs_options: str = ""
+    # How agents reach the store: "nfs" (the export above, or the local path of sim nodes),
+    # or "http" (the API serves it, with Range, behind the job's token).
+    image_transport: Literal["nfs", "http"] = "nfs"
 
     api_url: str = "http://127.0.0.1:8470"  # as agents and the CLI reach the API
     api_host: str = "127.0.0.1"
@@ -120,6 +134,7 @@ class Settings(BaseSettings):
     xcat: XcatSettings = XcatSettings()
     pxe: PxeSettings = PxeSettings()
     ipmi: IpmiSettings = IpmiSettings()
+    multicast: MulticastSettings = MulticastSettings()
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:

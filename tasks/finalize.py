@@ -24,6 +24,7 @@ from imgfarm.models.images import find_image, image_dir, incoming_dir, register_
 from imgfarm.models.jobs import add_event, get_job, transition
 from imgfarm.models.tables import Node
 from imgfarm.protocol import ImageFormat, JobKind, sha256_file
+from imgfarm.tasks import multicast
 from imgfarm.tasks.nodes import node_info, reset_node
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ def finalize_job(job_id: int) -> None:
         node = s.get(Node, job.node_id) if job.node_id else None
         info = node_info(node) if node else None
         kind, name, fmt, result = job.kind, job.image_name, job.format, dict(job.result or {})
+        options = dict(job.options or {})
         # A job that never left `queued` made no driver call: its node is as it was (maybe
         # running someone's work), so ending the job must not reboot it.
         touched = job.boot_calls > 0
@@ -135,3 +137,5 @@ def finalize_job(job_id: int) -> None:
         )
     if kind == JobKind.CAPTURE and final != states.SUCCEEDED and ok:
         shutil.rmtree(incoming_dir(job_id), ignore_errors=True)
+    if ok and multicast.session_of(options):
+        multicast.end_if_done(job_id, options)

@@ -17,11 +17,13 @@ from imgfarm.errors import DriverError
 from imgfarm.models.images import incoming_location, store_root
 from imgfarm.models.tables import Image, Job, utcnow
 from imgfarm.protocol import (
+    HttpStore,
     ImageFormat,
     ImageRef,
     JobKind,
     JobSpec,
     LocalStore,
+    Multicast,
     NfsStore,
     ProtocolError,
     Store,
@@ -30,9 +32,19 @@ from imgfarm.protocol import (
 log = logging.getLogger(__name__)
 
 
+def transport(job: Job) -> str:
+    """"http" or "nfs": this job's own choice (restore --transport), else the farm's setting."""
+    return str((job.options or {}).get("transport") or get_settings().image_transport)
+
+
 def image_store(job: Job) -> Store:
-    """Where the agent finds the store: the NFS export, or the farm's own directory."""
+    """Where the agent finds the store: over HTTP from the API, the NFS export, or the farm's directory."""
     settings = get_settings()
+    if transport(job) == "http":
+        try:
+            return HttpStore(url=f"{settings.api_url.rstrip('/')}/agent/v1/jobs/{job.id}/store")
+        except ProtocolError as exc:
+            raise exc.within("store") from None
     nfs = settings.image_store_nfs
     if not nfs and job.node is not None and job.node.boot_driver == "xcat":
         # An xCAT site names its image library in the site table
@@ -55,6 +67,14 @@ def job_spec(job: Job, image: Image | None = None) -> JobSpec:
     if image is not None:
         ref = ImageRef(name=image.name, location=image.location, format=ImageFormat(image.format),
                        checksums=image.checksums)
+    mc = (job.options or {}).get("multicast") if job.kind == JobKind.RESTORE else None
+    multicast = None
+    if mc:
+        try:
+            multicast = Multicast(session=mc["session"], portbase=int(mc["portbase"]),
+                                  start_timeout=float(mc.get("start_timeout") or 120.0))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError("multicast", f"the job's multicast option is incomplete ({exc})") from None
     return JobSpec(
         job_id=job.id,
         kind=JobKind(job.kind),
@@ -66,6 +86,7 @@ def job_spec(job: Job, image: Image | None = None) -> JobSpec:
         image=ref,
         output_dir=incoming_location(job.id) if job.kind == JobKind.CAPTURE else "",
         deadline_in=_deadline_in(job),
+        multicast=multicast,
     )
 
 

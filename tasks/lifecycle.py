@@ -35,6 +35,7 @@ from imgfarm.models.db import session_scope
 from imgfarm.models.jobs import add_event, begin_finalizing, get_job, hash_token, transition
 from imgfarm.models.tables import Job, Node, utcnow
 from imgfarm.protocol import BootTarget, Orders, PowerState, ProtocolError
+from imgfarm.tasks import multicast
 from imgfarm.tasks.finalize import finalize_job
 from imgfarm.tasks.nodes import boot_agent
 from imgfarm.worker.liveness import worker_id
@@ -217,6 +218,10 @@ def run_job(job_id: int, on_progress: ProgressFn | None = None) -> Summary:
     slot = waker.register(job_id)  # before booting: the agent's first report must not be missed
     try:
         first_deadline = _start(job_id)
+        try:
+            multicast.join(job_id)
+        except Exception:  # noqa: BLE001 - without a sender its agent restores by unicast
+            log.exception("job %s: cannot start its multicast session", job_id)
         return wait_and_finish(job_id, on_progress, slot=slot, just_booted=first_deadline)
     finally:
         waker.unregister(job_id, slot)

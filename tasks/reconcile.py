@@ -30,6 +30,7 @@ from imgfarm.models.db import session_scope
 from imgfarm.models.jobs import add_event, begin_finalizing
 from imgfarm.models.tables import Job, utcnow
 from imgfarm.protocol import JobKind
+from imgfarm.tasks import multicast
 from imgfarm.tasks.convert import enqueue_convert, release_dependents
 from imgfarm.tasks.finalize import finalize_job
 from imgfarm.tasks.jobs import JOB_TASKS
@@ -92,9 +93,10 @@ def reconcile_once() -> dict[str, Any]:
     for conv_id in conv_done:
         release_dependents(conv_id)
     forget(dead)
+    strays = multicast.kill_strays()
     if resumed or ended:
         log.info("reconcile: resumed %s, ended %s", resumed, ended)
-    return {"resumed": resumed, "ended": ended, "dead_workers": sorted(dead)}
+    return {"resumed": resumed, "ended": ended, "dead_workers": sorted(dead), "udp_senders_killed": strays}
 
 
 @app.task(name="imgfarm.reconcile", ignore_result=True)

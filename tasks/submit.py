@@ -8,6 +8,7 @@ unique index), not by a check that could race.
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from imgfarm.protocol import DEVICE_PATH, ImageFormat, JobKind
 from imgfarm.tasks.convert import create_convert_job, enqueue_convert
 from imgfarm.tasks.enqueue import enqueue_jobs
 from imgfarm.tasks.finalize import finalize_job
+from imgfarm.tasks.multicast import SESSION_PORTS
 from imgfarm.worker.app import check_broker
 from imgfarm.worker.wakeup import notify
 
@@ -48,8 +50,19 @@ def _busy(session: Session, node_ids: list[int]) -> dict[int, int]:
     return {n: j for n, j in rows if n is not None}
 
 
-def job_options(timeout: float = 0, disk: str = "") -> dict[str, Any]:
-    """Per-job options from the CLI/API, checked: a timeout, and a target device.
+TRANSPORTS = ("nfs", "http")
+BITRATE = re.compile(r"^[0-9]{1,6}(?:\.[0-9]{1,3})?[kmg]?\Z")
+
+
+def job_options(timeout: float = 0, disk: str = "", transport: str = "", multicast: bool = False,
+                max_wait: float = 0, max_bitrate: str = "") -> dict[str, Any]:
+    """Per-job options from the CLI/API, checked: a timeout, a target device, the transport.
+
+    `transport` overrides IMGFARM_IMAGE_TRANSPORT for these jobs (http for nodes whose boot
+    image has no NFS). `multicast` asks for one udpcast session for the whole range (the
+    session itself is made when the jobs are), starting when every node joined or
+    `max_wait` seconds after the first did, sending at most `max_bitrate` (udp-sender's
+    syntax: 600m, 1g).
 
     `disk` overrides the node's disk for this job only -- e.g. /dev/sda1 to
     restore a partition image (a legacy partimage image, or one converted from
@@ -66,7 +79,40 @@ def job_options(timeout: float = 0, disk: str = "") -> dict[str, Any]:
             raise InvalidInput(f"bad --disk {disk!r}: give an absolute device path without "
                                "spaces or quotes", hint="e.g. /dev/sda1 or /dev/disk/by-id/...")
         opts["disk"] = disk
+    if transport:
+        if transport not in TRANSPORTS:
+            raise InvalidInput(f"unknown --transport {transport!r}", hint="nfs or http")
+        opts["transport"] = transport
+    if max_wait < 0 or max_wait > 86400:
+        raise InvalidInput(f"--max-wait {max_wait:g} is out of range", hint="0 to 86400 seconds")
+    if max_bitrate and not BITRATE.match(max_bitrate.lower()):
+        raise InvalidInput(f"bad --max-bitrate {max_bitrate!r}", hint="bits per second, e.g. 600m or 1g")
+    if (max_wait or max_bitrate) and not multicast:
+        raise InvalidInput("--max-wait and --max-bitrate are for --multicast restores")
+    if multicast:
+        opts["multicast"] = {"max_wait": max_wait or get_settings().multicast.max_wait,
+                             "max_bitrate": max_bitrate.lower() or get_settings().multicast.max_bitrate}
     return opts
+
+
+def _multicast_session(s: Session, request: dict[str, Any], nodes: int) -> dict[str, Any]:
+    """One udpcast session for these jobs: an id, its own ports, how many receivers to await."""
+    settings = get_settings().multicast
+    used = set()
+    for (opts,) in s.execute(select(Job.options).where(Job.state.in_(states.ACTIVE))):
+        mc = (opts or {}).get("multicast") or {}
+        if mc.get("portbase"):
+            used.add(int(mc["portbase"]))
+    slots = [settings.portbase + SESSION_PORTS * k for k in range(1000)
+             if settings.portbase + SESSION_PORTS * (k + 1) < 65000]
+    portbase = next((p for p in slots if p not in used), None)
+    if portbase is None:
+        raise Conflict("every multicast port range is in use by an active session",
+                       hint="wait for a session to end")
+    # an agent waits for its stream as long as the session may wait for the others, and more
+    start = float(request.get("max_wait") or settings.max_wait) + 15.0
+    return {**request, "session": uuid.uuid4().hex[:12], "portbase": portbase, "nodes": nodes,
+            "start_timeout": start}
 
 
 def new_task_id() -> str:
@@ -166,6 +212,11 @@ def submit_restore(
                 convert_job_id = create_convert_job(s, image, target_image, submitted_by=submitted_by)
                 opts["after_job"] = convert_job_id
         todo = [n for n in targets if n.name not in skipped]
+        if opts.get("multicast"):
+            if target_format != ImageFormat.NG:
+                raise InvalidInput(f"image {image!r} is {target_format}; multicast sends partimage-ng "
+                                   "streams", hint="restore with --convert, or without --multicast")
+            opts["multicast"] = _multicast_session(s, opts["multicast"], len(todo))
         job_ids = _insert_restores(s, todo, target_image, target_format, submitted_by, opts,
                                    window_run_id, with_task_ids=not convert_job_id)
     if enqueue:

@@ -142,7 +142,7 @@ BAD: list[tuple[type[Message], Message, str, Any, str]] = [
     (JobSpec, _spec(), "progress_interval", "5", "a number, not a string"),
     (JobSpec, _spec(), "node", "lab\x1b[31m001", "control character"),
     (JobSpec, _spec(), "node", "n" * 2000, "at most 1024"),
-    (JobSpec, _spec(), "store.type", "http", "one of local, nfs"),
+    (JobSpec, _spec(), "store.type", "ftp", "one of local, nfs, http"),
     (JobSpec, _spec(), "store.export", "-oremount:/x", "server:/export"),
     (JobSpec, _spec(), "store.options", "vers=4 ro", "mount options"),
     (JobSpec, _spec(), "image.name", "../etc", "image name"),

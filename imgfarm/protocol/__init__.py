@@ -47,6 +47,7 @@ from imgfarm.protocol._vocabulary import (
     MAX_REPORT,
     MAX_TAIL,
     SHA256,
+    STORE_PATH,
     BootTarget,
     FileDigest,
     ImageFormat,
@@ -63,9 +64,11 @@ from imgfarm.protocol._vocabulary import (
 if TYPE_CHECKING:
     from imgfarm.protocol._agent import (
         CMDLINE_PREFIX,
+        HttpStore,
         ImageRef,
         JobSpec,
         LocalStore,
+        Multicast,
         NfsStore,
         Orders,
         ProgressReport,
@@ -89,8 +92,8 @@ if TYPE_CHECKING:
 # machine), which every `imgfarm` command would pay at start-up although the CLI needs only
 # the enums and the name rules above.
 _MESSAGES = {
-    **dict.fromkeys(("CMDLINE_PREFIX", "ImageRef", "JobSpec", "LocalStore", "NfsStore", "Orders",
-                     "ProgressReport", "ResultReport", "Store"), "_agent"),
+    **dict.fromkeys(("CMDLINE_PREFIX", "HttpStore", "ImageRef", "JobSpec", "LocalStore",
+                     "Multicast", "NfsStore", "Orders", "ProgressReport", "ResultReport", "Store"), "_agent"),
     **dict.fromkeys(("CaptureOrigin", "ConvertOrigin", "Disk", "DiskHead", "LegacyMbr", "Manifest",
                      "Origin", "Partition", "PartitionTable"), "_manifest"),
     **dict.fromkeys(("Message", "ProtocolError", "Rule"), "_message"),
@@ -124,12 +127,14 @@ __all__ = [
     "MAX_REPORT",
     "MAX_TAIL",
     "SHA256",
+    "STORE_PATH",
     "BootTarget",
     "CaptureOrigin",
     "ConvertOrigin",
     "Disk",
     "DiskHead",
     "FileDigest",
+    "HttpStore",
     "ImageFormat",
     "ImageRef",
     "JobKind",
@@ -138,6 +143,7 @@ __all__ = [
     "LocalStore",
     "Manifest",
     "Message",
+    "Multicast",
     "NfsStore",
     "Orders",
     "Origin",

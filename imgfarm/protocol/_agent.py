@@ -114,7 +114,36 @@ class NfsStore(Message):
     options: Annotated[str, Rule(pattern=MOUNT_OPTIONS, means="mount options", omit=True)] = ""
 
 
-Store = LocalStore | NfsStore  # an HTTP or multicast store is one more class here
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HttpStore(Message):
+    """The store is served over HTTP: the agent streams files with Range and uploads resumably.
+
+    `url` is the job's view of the store (the API's ``/agent/v1/jobs/N/store``, which checks
+    the job's token like every agent endpoint); paths inside the store are appended to it.
+    """
+
+    TAG: ClassVar[str] = "type"
+    type: str = "http"
+    url: Annotated[str, Rule(pattern=API_URL, max_len=2048, means="an http(s):// URL")]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Multicast(Message):
+    """A restore whose partition streams also come by udpcast; the store stays the fallback.
+
+    The agent runs ``udp-receiver --portbase PORTBASE+2*i`` for partition i (in manifest
+    order), hashing the compressed stream; a receiver that never starts (the session began
+    without it), drops out, or delivers a stream whose sha256 differs from the manifest makes
+    the agent restore that partition, and the rest, from the store by unicast.
+    """
+
+    session: Annotated[str, Rule(pattern=re.compile(r"^[A-Za-z0-9_-]{1,64}\Z"), means="a session id")]
+    portbase: Annotated[int, Rule(lo=1024, hi=65000)]
+    start_timeout: Annotated[float, Rule(lo=1, hi=86400)] = 120.0
+    receive_timeout: Annotated[float, Rule(lo=1, hi=3600)] = 20.0
+
+
+Store = LocalStore | NfsStore | HttpStore
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -142,6 +171,7 @@ class JobSpec(Message):
     output_dir: Annotated[str, Rule(pattern=STORE_PATH, means="a path inside the store", omit=True)] = ""
     # seconds from now to the job's overall deadline: until then the agent retries its result
     deadline_in: Annotated[float, Rule(lo=0, hi=366 * 86400, omit=True)] = 0.0
+    multicast: Annotated[Multicast | None, _OMIT] = None
 
     def check(self) -> None:
         if self.kind not in (JobKind.CAPTURE, JobKind.RESTORE):

@@ -1,0 +1,86 @@
+"""A partition's stream by udpcast: `udp-receiver` into the hash and the restore pipe.
+
+Partition i of the manifest (counting from 0) comes on ports PORTBASE+2i and +2i+1,
+so a receiver can never take another partition's stream for its own. The receiver
+listens on the interface that routes to the farm's API (where the farm's udp-sender
+is). Whatever goes wrong -- the session started without this node (start timeout),
+the receiver dies or is dropped, the stream's sha256 differs from the manifest -- the
+caller restores that partition, and every later one, from the store by unicast,
+and the job's events say why (`failed`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import urllib.parse
+from collections.abc import Callable, Iterator
+
+from imgfarm.protocol import Multicast, Partition
+
+CHUNK = 1 << 20
+
+
+class MulticastError(Exception):
+    pass
+
+
+def route_interface(url: str) -> str:
+    """The interface this node reaches `url`'s host through (`ip route get`)."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    out = subprocess.run(["ip", "-o", "route", "get", host], capture_output=True, text=True)
+    words = out.stdout.split()
+    if out.returncode == 0 and "dev" in words:
+        return words[words.index("dev") + 1]
+    return ""
+
+
+class ReceiverFeed:
+    def __init__(self, session: Multicast, api_url: str, note: Callable[[str], None]) -> None:
+        self.session = session
+        self.note = note
+        self.interface = route_interface(api_url)
+        self.left = ""  # why this node left the session; then every partition is unicast
+        self.index = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def stream(self, part: Partition) -> Iterator[bytes] | None:
+        index, self.index = self.index, self.index + 1
+        if self.left:
+            return None
+        return self._receive(index, part)
+
+    def _receive(self, index: int, part: Partition) -> Iterator[bytes]:
+        args = ["udp-receiver", "--nokbd", "--portbase", str(self.session.portbase + 2 * index),
+                "--start-timeout", str(int(self.session.start_timeout)),
+                "--receive-timeout", str(int(self.session.receive_timeout))]
+        if self.interface:
+            args += ["--interface", self.interface]
+        self.note(f"multicast: joining session {self.session.session} for {part.file}")
+        proc = self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE)
+        assert proc.stdout and proc.stderr
+        got = 0
+        try:
+            while chunk := os.read(proc.stdout.fileno(), CHUNK):
+                got += len(chunk)
+                yield chunk
+        finally:
+            if proc.poll() is None and got < part.stream_bytes:
+                proc.kill()
+            rc = proc.wait()
+            err = proc.stderr.read()[-1500:].decode(errors="replace")
+            proc.stdout.close()
+            proc.stderr.close()
+        if rc != 0 or got != part.stream_bytes:
+            tail = " ".join(err.split()[-30:])
+            if got == 0:
+                raise MulticastError(f"udp-receiver got nothing (exit {rc}): the session did not take "
+                                     f"this node (joined late, or it never started): {tail}")
+            raise MulticastError(f"udp-receiver stopped at byte {got} of {part.stream_bytes} "
+                                 f"(exit {rc}): {tail}")
+
+    def failed(self, part: Partition, why: str) -> None:
+        self.left = why
+        self.note(f"multicast: {part.file} did not arrive intact ({why[:300]}); restoring it and the "
+                  "rest by unicast from the store")
