@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -44,6 +45,8 @@ POWER_PROPERTIES = (
              "agent that never reports); external, nothing (another program plays the agent "
              "from the node's cmdline file)", default="process", choices=AGENT_MODES,
              example="silent"),
+    Property("netns", "network namespace the agent runs in (`ip netns exec`), for sim nodes on a "
+             "simulated network; empty: the worker's own", example="lab-n01"),
 )
 
 _locks: dict[str, threading.Lock] = {}
@@ -183,9 +186,17 @@ class SimPower(PowerInterface):
         pid = 0
         if boot.get("target") == BootTarget.AGENT and self.value(node, "agent").lower() == "process":
             log = open(d / "agent.log", "ab")  # noqa: SIM115 - handed to the child
+            agent = [sys.executable, "-m", "imgfarm.agent", "--cmdline-file", str(d / "cmdline")]
+            netns = self.value(node, "netns")
+            if netns:
+                if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", netns):
+                    log.close()
+                    raise DriverSettingsError(f"node {node.name}: bad netns {netns!r}",
+                                              hint="a namespace name as `ip netns list` shows it")
+                agent = ["ip", "netns", "exec", netns, *agent]
             try:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "imgfarm.agent", "--cmdline-file", str(d / "cmdline")],
+                    agent,
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,

@@ -53,6 +53,7 @@ class Farm:
             **extra_env,
         }
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.prefix: list[str] = []  # e.g. `ip netns exec NS`: the farm runs in a namespace
         self.redis_db = redis_db
         (root / "data").mkdir(parents=True, exist_ok=True)
         (root / "disks").mkdir(exist_ok=True)
@@ -61,7 +62,7 @@ class Farm:
     def _start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - closed by the child
         proc = subprocess.Popen(
-            [str(VENV_BIN / "imgfarm"), *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            [*self.prefix, str(VENV_BIN / "imgfarm"), *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         log.close()
@@ -70,8 +71,14 @@ class Farm:
 
     def start_api(self) -> None:
         self._start("api", "api")
-        wait_for(lambda: httpx.get(f"{self.env['IMGFARM_API_URL']}/healthz", timeout=1).status_code == 200,
-                 30, what="the API to answer")
+        url = f"{self.env['IMGFARM_API_URL']}/healthz"
+        if self.prefix:  # ask from inside the farm's namespace
+            probe = [*self.prefix, sys.executable, "-c",
+                     f"import urllib.request; urllib.request.urlopen({url!r}, timeout=1)"]
+            wait_for(lambda: subprocess.run(probe, capture_output=True).returncode == 0, 30,
+                     what="the API to answer")
+            return
+        wait_for(lambda: httpx.get(url, timeout=1).status_code == 200, 30, what="the API to answer")
 
     def start_worker(self, name: str = "worker", concurrency: int = 20, cpu: bool = False) -> None:
         args = ["worker", "--concurrency", str(concurrency), "--hostname", f"{name}-{os.getpid()}@%h"]
@@ -121,7 +128,7 @@ class Farm:
 
     # ------------------------------------------------------------ CLI
     def cli(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        out = subprocess.run([str(VENV_BIN / "imgfarm"), *args], env={**self.env, "COLUMNS": "200"},
+        out = subprocess.run([*self.prefix, str(VENV_BIN / "imgfarm"), *args], env={**self.env, "COLUMNS": "200"},
                              capture_output=True, text=True, timeout=timeout)
         if check and out.returncode != 0:
             raise AssertionError(f"imgfarm {' '.join(args)} exited {out.returncode}:\n{out.stdout}\n{out.stderr}")
