@@ -54,7 +54,7 @@ def netfarm(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Fa
         farm = Farm(tmp_path, f"sqlite:///{tmp_path / 'data' / 'imgfarm.db'}", 0,
                     IMGFARM_BROKER_URL="redis://127.0.0.1:6379/0", IMGFARM_API_HOST="0.0.0.0",
                     IMGFARM_MULTICAST__INTERFACE="e0", IMGFARM_MULTICAST__MAX_WAIT="20",
-                    IMGFARM_API_TOKEN="netfarm-operator-token", IMGFARM_TOKEN="netfarm-operator-token")
+                    IMGFARM_API_TOKEN="netfarm-operator-token")
         farm.env["IMGFARM_API_URL"] = f"http://{STORE_ADDR}:{farm.port}"
         farm.prefix = net.wrap(net.store, [])
         try:
