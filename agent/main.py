@@ -1,6 +1,7 @@
 """imgfarm-agent: do one job's imaging on this node and report to the farm.
 
     imgfarm-agent [--cmdline-file /proc/cmdline]
+    imgfarm-agent --self-check
 
 Steps: read orders (imgfarm.api, imgfarm.job, imgfarm.token, imgfarm.disk
 on the kernel command line) -> fetch the job spec -> find the disk -> mount
@@ -24,6 +25,7 @@ from pathlib import Path
 from imgfarm.agent import disks, imaging, transport
 from imgfarm.agent.client import ApiError, FarmClient
 from imgfarm.agent.progress import Progress, Reporter
+from imgfarm.agent.selfcheck import self_check
 from imgfarm.protocol import (
     MANIFEST_FILE,
     MAX_ERROR,
@@ -271,7 +273,11 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cmdline-file", default="/proc/cmdline",
                         help="where the orders are (default: /proc/cmdline)")
+    parser.add_argument("--self-check", action="store_true",
+                        help="print the tools the agent runs, with their versions; exit 1 if one is missing")
     args = parser.parse_args(argv)
+    if args.self_check:
+        return self_check()
     try:
         orders = Orders.from_cmdline(Path(args.cmdline_file).read_text())
     except (OSError, ProtocolError) as exc:

@@ -17,7 +17,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from sqlalchemy.exc import DBAPIError
 
 from imgfarm import __version__
-from imgfarm.api import agent_routes, metrics, operator_routes, store_routes, windows_routes
+from imgfarm.api import agent_routes, boot_routes, metrics, operator_routes, store_routes, windows_routes
 from imgfarm.api.auth import meta_access
 from imgfarm.api.limits import BodyLimit
 from imgfarm.errors import ImgfarmError
@@ -85,6 +85,7 @@ def create_app() -> FastAPI:
     app.include_router(store_routes.router)
     app.include_router(metrics.router)
     app.include_router(windows_routes.router)
+    app.include_router(boot_routes.router)
     return app
 
 

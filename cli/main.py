@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import typer
 
-from imgfarm.cli import drivers, images, jobs, nodes, services, tokens, windows
+from imgfarm.cli import bootimage, drivers, images, jobs, nodes, services, tokens, windows
 
 app = typer.Typer(
     name="imgfarm",
@@ -47,6 +47,7 @@ app.command("flower")(services.flower)
 app.command("reconcile")(services.reconcile)
 app.add_typer(windows.app, name="window")
 app.add_typer(tokens.app, name="token")
+app.add_typer(bootimage.app, name="bootimage")
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ HEAVY = ("sqlalchemy", "alembic", "celery", "kombu", "fastapi", "starlette", "uv
          "imgfarm.imageformats", "imgfarm.tasks", "imgfarm.worker", "imgfarm.api",
          "imgfarm.models.db", "imgfarm.models.tables", "imgfarm.config.settings")
 
-GROUPS = ("db", "node", "image", "window")
+GROUPS = ("db", "node", "image", "window", "bootimage")
 COMMANDS = ("capture", "restore", "convert", "jobs", "job", "cancel", "worker", "beat", "api",
             "flower", "reconcile")
 

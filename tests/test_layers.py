@@ -1,7 +1,7 @@
 """The import rule, kept by a test: every part of the farm imports downward only.
 
     layer 0  imgfarm (the package itself), errors, units, protocol, config
-    layer 1  models, drivers, imageformats
+    layer 1  models, drivers, imageformats, bootimage
     layer 2  worker: the Celery app, job wake-ups, worker heartbeats
     layer 3  tasks: the orchestration (submit, take node, boot, wait, finalize)
     layer 4  api, cli, demo: the faces
@@ -52,6 +52,7 @@ LAYERS: dict[str, int] = {
     "imgfarm.models": 1,
     "imgfarm.drivers": 1,
     "imgfarm.imageformats": 1,
+    "imgfarm.bootimage": 1,  # builds the agent's boot image from the host's packages
     "imgfarm.worker": 2,
     "imgfarm.tasks": 3,
     "imgfarm.api": 4,

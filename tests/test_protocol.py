@@ -93,6 +93,9 @@ def test_orders_on_the_kernel_command_line() -> None:
     assert plain.kernel_params() == "imgfarm.api=http://h:1 imgfarm.job=1 imgfarm.token=x"
     # a site's extra parameters come after the farm's: the last one wins, as in the kernel
     assert Orders.from_cmdline(plain.kernel_params() + " imgfarm.delay=3").delay == 3.0
+    # the boot image's own parameters are known, and left to its /init
+    boot = " BOOTIF=01-52-54-00-12-34-56 imgfarm.nic=eth1 imgfarm.debug=1 imgfarm.after=poweroff"
+    assert Orders.from_cmdline(plain.kernel_params() + boot) == plain
 
 
 @pytest.mark.parametrize("line,field,words", [

@@ -48,6 +48,8 @@ class Orders(Message):
 
     PARAMS: ClassVar[dict[str, str]] = {
         "api": "api_url", "job": "job_id", "token": "token", "disk": "disk", "delay": "delay"}
+    # Read by the boot image's /init, not by the agent (docs/bootimage.md): known, so not an error.
+    BOOT_PARAMS: ClassVar[tuple[str, ...]] = ("nic", "debug", "selfcheck", "after", "linkwait")
 
     api_url: Annotated[str, Rule(pattern=API_URL, max_len=2048, means="an http(s):// URL")]
     job_id: JobId
@@ -71,7 +73,8 @@ class Orders(Message):
         for word in words:
             if word.startswith(CMDLINE_PREFIX) and "=" in word:
                 key, _, value = word.partition("=")
-                params[key[len(CMDLINE_PREFIX):]] = value
+                if key[len(CMDLINE_PREFIX):] not in cls.BOOT_PARAMS:
+                    params[key[len(CMDLINE_PREFIX):]] = value
         for key in params:
             if key not in cls.PARAMS:
                 raise ProtocolError(f"{CMDLINE_PREFIX}{key}", "unknown parameter (known: " + ", ".join(

@@ -39,3 +39,20 @@ def nfs_export(tmp_path: Path) -> Iterator[vmlib.Ganesha]:
     export.mkdir()
     with vmlib.ganesha(tmp_path / "ganesha", export) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def boot_image() -> object:
+    """The farm's boot image (imgfarm.bootimage.build.Image), built once from this host's
+    packages, or taken from the build cache (~/.cache/imgfarm/bootimage) when its inputs
+    have not changed since an earlier session."""
+    if WHY_NOT:
+        pytest.skip(f"VM tests need: {WHY_NOT}")
+    try:
+        vmlib.host_kernel()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    # lazy: the builder loads only for the tests that boot the farm's image
+    from imgfarm.bootimage.build import build
+
+    return build()

@@ -19,19 +19,23 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import http.server
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tests.support import wait_for
 
@@ -557,3 +561,174 @@ def host_kernel() -> tuple[str, Path]:
         raise FileNotFoundError("no /boot/vmlinuz-*: install linux-image-amd64")
     k = kernels[-1]
     return k.name.removeprefix("vmlinuz-"), k
+
+
+# --- direct boots of the farm's boot image (-kernel/-initrd, no firmware) ------------
+#
+# The boot image's own tests boot it straight from -kernel/-initrd under `nice`:
+# its serial console goes to a log file, tests wait on a line there with a
+# deadline (`Console.wait_for`) and fail with the console's tail, and `Qemu`
+# kills the machine on exit whatever happened.
+
+QEMU = "qemu-system-x86_64"
+
+
+class Console:
+    """A machine's serial console, as the log file QEMU writes it to."""
+
+    def __init__(self, path: Path, proc: subprocess.Popen[bytes] | None = None) -> None:
+        self.path = path
+        self.proc = proc
+
+    def text(self) -> str:
+        try:
+            return self.path.read_bytes().decode(errors="replace").replace("\r\n", "\n")
+        except FileNotFoundError:
+            return ""
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.text().splitlines()[-lines:])
+
+    def wait_for(self, pattern: str, timeout: float, what: str = "") -> re.Match[str]:
+        """The first match of `pattern` (a regex, multiline) on the console; fail at the
+        deadline, or as soon as the machine is gone, with the console's tail."""
+        rx = re.compile(pattern, re.M)
+        deadline = time.monotonic() + timeout
+        while True:
+            m = rx.search(self.text())
+            if m:
+                return m
+            if self.proc is not None and self.proc.poll() is not None:
+                m = rx.search(self.text())
+                if m:
+                    return m
+                raise AssertionError(f"the machine exited ({self.proc.returncode}) before "
+                                     f"{what or pattern!r} appeared; console:\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {what or pattern!r} on the console after {timeout:.0f} s; "
+                                     f"console:\n{self.tail()}")
+            time.sleep(0.2)
+
+
+def direct_boot_args(kernel: Path, initrd: Path, append: str, *, memory: int = 1024,
+                     nic: str = "virtio-net-pci", mac: str = "52:54:00:12:34:56",
+                     netdev: str = "user,id=n0") -> list[str]:
+    """QEMU arguments that boot `kernel` + `initrd` directly (no firmware PXE), one NIC on
+    user-mode networking (the guest's 10.0.2.2 is the host's 127.0.0.1)."""
+    args = ["-kernel", str(kernel), "-initrd", str(initrd), "-append", f"console=ttyS0 {append}",
+            "-m", str(memory)]
+    if nic:
+        args += ["-netdev", netdev, "-device", f"{nic},netdev=n0,mac={mac}"]
+    else:
+        args += ["-nic", "none"]
+    return args
+
+
+@dataclass
+class Qemu:
+    """One QEMU machine: started on enter, killed (and reaped) on exit."""
+
+    args: Sequence[str]
+    log: Path
+    started: float = 0.0
+    proc: subprocess.Popen[bytes] | None = None
+    console: Console = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.console = Console(self.log)
+
+    def command(self) -> list[str]:
+        return ["nice", "-n", "10", QEMU, "-accel", "tcg", "-nographic", "-no-reboot",
+                "-serial", f"file:{self.log}", "-monitor", "none", *self.args]
+
+    def __enter__(self) -> Qemu:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.log.write_bytes(b"")
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        self.console.proc = self.proc
+        return self
+
+    def wait_exit(self, timeout: float) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the machine did not power off within {timeout:.0f} s; "
+                                 f"console:\n{self.console.tail()}") from None
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        if self.proc is not None and self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+@dataclass
+class Call:
+    at: float  # time.monotonic() when it arrived
+    method: str
+    path: str
+    headers: dict[str, str]
+
+
+class FirstCallListener:
+    """A tiny HTTP server on 127.0.0.1 that records every request and answers 404.
+
+    Booting the image with `imgfarm.api=http://10.0.2.2:PORT` makes the agent's
+    first call land here: the time from power-on to that call is the boot
+    image's boot time as the farm sees it.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+        listener = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _any(self) -> None:
+                listener.calls.append(Call(time.monotonic(), self.command, self.path, dict(self.headers)))
+                body = b'{"error": "no such job here", "hint": "a test listener"}'
+                self.send_response(404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_PUT = _any
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> FirstCallListener:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def wait_first(self, timeout: float, vm: Qemu | None = None) -> Call:
+        deadline = time.monotonic() + timeout
+        while not self.calls:
+            if vm is not None and vm.proc is not None and vm.proc.poll() is not None:
+                raise AssertionError(f"the machine exited before calling the API; console:\n{vm.console.tail()}")
+            if time.monotonic() > deadline:
+                tail = vm.console.tail() if vm is not None else ""
+                raise AssertionError(f"no call to the API within {timeout:.0f} s; console:\n{tail}")
+            time.sleep(0.1)
+        return self.calls[0]
+

@@ -1,0 +1,138 @@
+"""The boot image builder without a VM: same inputs give the same bytes, and /init's
+choice of the boot NIC (run by the host's busybox sh over a made-up /sys)."""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import re
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from imgfarm.bootimage import cpio
+from imgfarm.bootimage.build import FILES, build, image_path
+
+BUSYBOX = shutil.which("busybox")
+
+
+def _archive(entries: list[cpio.Entry]) -> bytes:
+    buf = io.BytesIO()
+    cpio.write(buf, entries)
+    return buf.getvalue()
+
+
+def test_cpio_is_sorted_and_the_same_whatever_the_order(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"hello")
+    entries = [cpio.Entry("usr/bin/x", stat.S_IFREG | 0o755, source=tmp_path / "f"),
+               cpio.directory("usr"), cpio.directory("usr/bin"), cpio.chardev("dev/console", 5, 1),
+               cpio.directory("dev"), cpio.symlink("bin", "usr/bin")]
+    one, two = _archive(entries), _archive(list(reversed(entries)))
+    assert one == two
+    if shutil.which("cpio") is None:
+        pytest.skip("no cpio to read the archive back")
+    listing = subprocess.run(["cpio", "-itv", "--quiet"], input=one, capture_output=True, check=True).stdout
+    lines = listing.decode().splitlines()
+    names = [line.split()[-1] if "->" not in line else line.split()[-3] for line in lines]
+    assert names == ["bin", "dev", "dev/console", "usr", "usr/bin", "usr/bin/x"]
+    console = next(line for line in lines if line.endswith("dev/console"))
+    assert console.startswith("crw-------") and re.search(r" 5, +1 ", console), console
+    assert all(" root " in line and "1970" in line for line in lines)  # uid/gid 0, mtime 0
+
+
+def test_host_paths_map_into_merged_usr() -> None:
+    assert image_path("/lib64/ld-linux-x86-64.so.2") == "usr/lib64/ld-linux-x86-64.so.2"
+    assert image_path("/lib/x86_64-linux-gnu/libc.so.6") == "usr/lib/x86_64-linux-gnu/libc.so.6"
+    assert image_path("/usr/sbin/partimage") == "usr/sbin/partimage"
+    assert image_path("/sbin") == "usr/sbin"
+
+
+@pytest.mark.skipif(not glob.glob("/boot/vmlinuz-*") or BUSYBOX is None,
+                    reason="no kernel under /boot or no busybox: nothing to build the image from")
+def test_two_builds_of_the_same_inputs_are_the_same_bytes(tmp_path: Path) -> None:
+    one = build(tmp_path / "out1", cache_dir=tmp_path / "c1", compression="gzip", level=1, use_cache=False)
+    two = build(tmp_path / "out2", cache_dir=tmp_path / "c2", compression="gzip", level=1, use_cache=False)
+    assert one.key == two.key and not one.cached
+    assert (tmp_path / "out1" / "initrd.img").read_bytes() == (tmp_path / "out2" / "initrd.img").read_bytes()
+    again = build(tmp_path / "out3", cache_dir=tmp_path / "c1", compression="gzip", level=1)
+    assert again.cached and again.key == one.key
+    # what went in, as the manifest says
+    inputs = {i["path"]: i for i in one.manifest["inputs"]}
+    assert inputs["/dev/console"]["rdev"] == [5, 1]
+    assert "/usr/bin/python3.11" in inputs and "/usr/sbin/partimage" in inputs
+    assert "/usr/lib/imgfarm/imgfarm/agent/main.py" in inputs
+    assert inputs["/usr/sbin/partclone.ext4"] == {"path": "/usr/sbin/partclone.ext4", "kind": "symlink",
+                                                  "mode": "0o777", "target": "partclone.extfs"}
+    assert not any(p.startswith("/usr/lib/python3.11/unittest/") for p in inputs)
+    assert one.manifest["initrd"]["bytes"] <= one.manifest["budget_bytes"]
+    archive = gzip.decompress((tmp_path / "out1" / "initrd.img").read_bytes())
+    ver = one.manifest["kernel"]["version"]
+    assert f"usr/lib/modules/{ver}/modules.dep".encode() in archive
+    assert b"kernel/drivers/net/virtio_net.ko" in archive
+
+
+# --- /init's choice of the boot NIC -----------------------------------------------
+
+def _sys(tmp_path: Path, nics: dict[str, tuple[str, int | None, int]]) -> Path:
+    """A /sys/class/net: name -> (MAC, carrier or None when down, ARP type)."""
+    root = tmp_path / "sys"
+    for name, (mac, carrier, kind) in nics.items():
+        d = root / "class" / "net" / name
+        d.mkdir(parents=True)
+        (d / "address").write_text(mac + "\n")
+        (d / "type").write_text(f"{kind}\n")
+        if carrier is not None:
+            (d / "carrier").write_text(f"{carrier}\n")
+    return root
+
+
+def _choose(sys_root: Path, bootif: str = "", nic: str = "") -> tuple[int, str, str]:
+    assert BUSYBOX is not None
+    script = f'. {FILES / "init-functions.sh"}; choose_nic "$1" "$2"'
+    out = subprocess.run([BUSYBOX, "sh", "-c", script, "sh", bootif, nic], capture_output=True, text=True,
+                         env={"SYS": str(sys_root), "PATH": "/usr/bin:/bin"})
+    return out.returncode, out.stdout.strip(), out.stderr.strip()
+
+
+NICS = {"lo": ("00:00:00:00:00:00", 1, 772), "eth0": ("52:54:00:00:00:01", 0, 1),
+        "eth1": ("52:54:00:00:00:02", 1, 1), "eth2": ("52:54:00:00:00:03", 1, 1),
+        "ib0": ("80:00:00:00:00:00:00:00", 1, 32)}
+
+
+@pytest.mark.skipif(BUSYBOX is None, reason="busybox is not installed (apt-get install busybox-static)")
+@pytest.mark.parametrize(("bootif", "nic", "expect"), [
+    ("01-52-54-00-00-00-03", "", "eth2"),  # BOOTIF= names the NIC by MAC
+    ("01-52-54-00-00-00-03", "eth1", "eth2"),  # ... ahead of imgfarm.nic=
+    ("01-52-54-00-00-00-01", "", "eth0"),  # ... even one without a link yet
+    ("01-52-54-00-00-00-0A".lower(), "", ""),
+    ("", "eth0", "eth0"),  # imgfarm.nic= by name
+    ("", "52:54:00:00:00:02", "eth1"),  # ... or by MAC
+    ("", "", "eth1"),  # else the first with a link (eth0 has none, lo and ib0 are not Ethernet)
+])
+def test_boot_nic_choice(tmp_path: Path, bootif: str, nic: str, expect: str) -> None:
+    rc, got, err = _choose(_sys(tmp_path, NICS), bootif, nic)
+    if expect:
+        assert (rc, got) == (0, expect), err
+    else:
+        assert rc == 1 and got == "" and "no network interface has the BOOTIF address 52:54:00:00:00:0a" in err
+
+
+@pytest.mark.skipif(BUSYBOX is None, reason="busybox is not installed (apt-get install busybox-static)")
+@pytest.mark.parametrize(("nics", "bootif", "nic", "why"), [
+    ({"eth0": ("52:54:00:00:00:01", 0, 1)}, "", "", "no network interface has a link (found: eth0 )"),
+    ({"eth0": ("52:54:00:00:00:01", None, 1)}, "", "", "no network interface has a link"),
+    ({}, "", "", "no Ethernet interface found (no driver for this NIC in the boot image?)"),
+    ({"eth0": ("52:54:00:00:00:01", 1, 1)}, "", "eth7", "imgfarm.nic=eth7 names no network interface"),
+    ({"eth0": ("52:54:00:00:00:01", 1, 1)}, "52-54-00", "", "is not a MAC in the 01-aa-bb-cc-dd-ee-ff form"),
+])
+def test_no_boot_nic_says_why_in_one_line(tmp_path: Path, nics: dict[str, tuple[str, int | None, int]],
+                                          bootif: str, nic: str, why: str) -> None:
+    root = _sys(tmp_path, nics)
+    (root / "class" / "net").mkdir(parents=True, exist_ok=True)
+    rc, got, err = _choose(root, bootif, nic)
+    assert rc == 1 and got == ""
+    assert why in err and len(err.splitlines()) == 1, err
