@@ -1,4 +1,5 @@
-"""The agent's side of the farm API: every call carries the job's token.
+"""The agent's side of the farm API: the first call takes the job's token, every later one
+carries it.
 
 Retries with jittered backoff: the API may restart, and hundreds of nodes
 booting at once must not hammer it in lock step. Most calls give up after a
@@ -36,6 +37,7 @@ class FarmClient:
         self.attempts = attempts
         self.base = f"{orders.api_url}/agent/v1/jobs/{orders.job_id}"
         self.deadline: float | None = None  # time.monotonic() of the job's deadline, once known
+        self.token = orders.token  # empty until claim(): the boot files hold none
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None,
               until: float | None = None) -> Any:
@@ -50,7 +52,7 @@ class FarmClient:
                 data=data,
                 method=method,
                 headers={
-                    "Authorization": f"Bearer {self.orders.token}",
+                    "Authorization": f"Bearer {self.token}",
                     "Content-Type": "application/json",
                 },
             )
@@ -80,6 +82,14 @@ class FarmClient:
                           f"{left:.0f}s more, until the job's deadline", file=sys.stderr, flush=True)
             time.sleep(pause)
             delay = min(delay * 2, self.MAX_DELAY)
+
+    def claim(self, macs: list[str]) -> None:
+        """The job's token, from the farm's answer to this first call (given once per job)."""
+        answer = self._call("POST", "/token", {"macs": macs[:64]})
+        token = answer.get("token") if isinstance(answer, dict) else None
+        if not isinstance(token, str) or not token:
+            raise ApiError("POST /token: the farm's answer holds no token")
+        self.token = token
 
     def spec(self) -> JobSpec:
         """The job spec; ProtocolError (naming the field) if it is not one this agent reads.

@@ -3,8 +3,9 @@
     imgfarm-agent [--cmdline-file /proc/cmdline]
     imgfarm-agent --self-check
 
-Steps: read orders (imgfarm.api, imgfarm.job, imgfarm.token, imgfarm.disk
-on the kernel command line) -> fetch the job spec -> find the disk -> mount
+Steps: read orders (imgfarm.api, imgfarm.job, imgfarm.disk on the kernel
+command line) -> take the job's token from the farm (first call: job id and
+this machine's MACs; the boot files carry no credential) -> fetch the job spec -> find the disk -> mount
 the image store -> run the tool, posting progress every few seconds -> post
 the result (sha256 of every file written or read, or the error and the
 tool's stderr tail). Exit 0 when the job succeeded.
@@ -45,6 +46,7 @@ from imgfarm.protocol import (
 )
 
 RUN_DIR = Path("/run/imgfarm")
+SYS_NET = Path("/sys/class/net")
 
 
 def log(msg: str) -> None:
@@ -143,9 +145,31 @@ def _failure(error: str, tail: str, started: float) -> ResultReport:
                         duration=round(time.monotonic() - started, 2))
 
 
-def run(orders: Orders) -> int:
+def machine_macs(cmdline: str = "", sys_net: Path = SYS_NET) -> list[str]:
+    """This machine's MACs, the one it booted from first (pxelinux's BOOTIF=01-aa-bb-...)."""
+    macs: list[str] = []
+    for word in cmdline.split():
+        if word.startswith("BOOTIF=") and len(word) == len("BOOTIF=01-") + 17:
+            macs.append(word[len("BOOTIF=01-"):].replace("-", ":").lower())
+    try:
+        for dev in sorted(sys_net.iterdir()):
+            addr = (dev / "address").read_text().strip().lower()
+            if addr and addr != "00:00:00:00:00:00" and addr not in macs:
+                macs.append(addr)
+    except OSError:
+        pass
+    return macs[:64]
+
+
+def run(orders: Orders, cmdline: str = "") -> int:
     client = FarmClient(orders)
     started = time.monotonic()
+    try:
+        if not client.token:
+            client.claim(machine_macs(cmdline))
+    except ApiError as exc:
+        log(f"cannot take job {orders.job_id}'s token: {exc}")
+        return 2
     try:
         spec = client.spec()
     except ApiError as exc:
@@ -279,11 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.self_check:
         return self_check()
     try:
-        orders = Orders.from_cmdline(Path(args.cmdline_file).read_text())
+        cmdline = Path(args.cmdline_file).read_text()
+        orders = Orders.from_cmdline(cmdline)
     except (OSError, ProtocolError) as exc:
         log(str(exc))
         return 2
-    return run(orders)
+    return run(orders, cmdline)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,10 @@
-"""The agent's endpoints: job spec, progress, result — each needs that job's token.
+"""The agent's endpoints: its token (once), job spec, progress, result.
+
+The boot files carry no credential: the agent's first call, POST .../token with
+the job id and the node's MACs, receives the job's token exactly once; every
+other call must present it. A second first call is refused and recorded on
+the job, and the job fails, because someone other than the agent may now hold
+its token (see docs/protocol.md).
 
 A call without the right token is refused with 401 and records nothing; a
 report for a job that has already ended (or is finalizing) is refused with
@@ -8,21 +14,22 @@ tells a stranger nothing about which jobs exist.
 
 from __future__ import annotations
 
+import secrets
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header
-from pydantic import PlainValidator
+from fastapi import APIRouter, Header, Request
+from pydantic import BaseModel, Field, PlainValidator
 from sqlalchemy import update
 
 from imgfarm.api.auth import authorized_job
 from imgfarm.config.settings import get_settings
-from imgfarm.errors import Conflict
+from imgfarm.errors import Conflict, Unauthorized
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
 from imgfarm.models.images import get_image
-from imgfarm.models.jobs import add_progress_event, begin_finalizing, transition
+from imgfarm.models.jobs import add_event, add_progress_event, begin_finalizing, hash_token, transition
 from imgfarm.models.tables import Job, utcnow
-from imgfarm.protocol import JobKind, ProgressReport, ProtocolError, ResultReport
+from imgfarm.protocol import JobKind, ProgressReport, ProtocolError, ResultReport, normalize_mac
 from imgfarm.tasks.job_spec import job_spec
 from imgfarm.worker.wakeup import notify
 
@@ -36,6 +43,44 @@ ProgressBody = Annotated[ProgressReport, PlainValidator(ProgressReport.from_json
                                                         json_schema_input_type=ProgressReport)]
 ResultBody = Annotated[ResultReport, PlainValidator(ResultReport.from_json,
                                                     json_schema_input_type=ResultReport)]
+
+
+class TokenClaim(BaseModel):
+    macs: list[str] = Field(default=[], max_length=64,
+                            description="this machine's MAC addresses (BOOTIF first)")
+
+
+def _macs(claimed: list[str]) -> set[str]:
+    return {m for m in (normalize_mac(mac[:64]) for mac in claimed) if m}
+
+
+@router.post("/jobs/{job_id}/token")
+def claim_token(job_id: int, body: TokenClaim, request: Request) -> dict[str, str]:
+    """The job's token, to the first caller that names the job and its node's MAC; never again."""
+    peer = request.client.host if request.client else "?"
+    refused = Unauthorized("no job waits for its agent's first call here",
+                           hint="the job id, or this machine's MAC, is not the job's")
+    token = secrets.token_urlsafe(32)
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        if job is None or job.state not in (states.BOOTING, states.RUNNING):
+            raise refused
+        node_mac = job.node.mac if job.node else ""
+        if node_mac and node_mac not in _macs(body.macs):
+            raise refused
+        res = s.execute(update(Job).where(Job.id == job_id, Job.token_hash == "",
+                                          Job.state.in_((states.BOOTING, states.RUNNING)))
+                        .values(token_hash=hash_token(token)))
+        if res.rowcount == 1:  # type: ignore[attr-defined]
+            add_event(s, job_id, "note", f"the agent took the job's token (from {peer})")
+            return {"token": token}
+        reason = (f"a second first call for the job's token came from {peer} and was refused: "
+                  "someone may have raced the agent, so the job is not trusted")
+        add_event(s, job_id, "security", reason, data={"peer": peer})
+        begin_finalizing(s, job_id, states.FAILED, reason)
+    notify(get_settings().redis_url, job_id, {"kind": "result", "ok": False})
+    raise Conflict(f"job {job_id}: its token was handed out already",
+                   hint="each job's token is given once; the job has failed, submit it again")
 
 
 def _open_job(job: Job) -> None:

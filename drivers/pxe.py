@@ -17,8 +17,8 @@ how it names the kernel; the file itself is a template under `templates/`
 
 Files are written atomically (temp file, fsync, rename) so a node booting
 mid-write reads the old file or the new one, never half; they are 0644 and
-their directories 0755 because tftpd reads them as an unprivileged user. The
-only secret on the command line is the one-job token, dead with the job.
+their directories 0755 because tftpd reads them as an unprivileged user, so
+they hold no secret: the agent takes its job's token from the API, once.
 The first line of every file says what it does (`# imgfarm: agent ...` /
 `# imgfarm: local`), which is how `get_boot_target` reads it back.
 """

@@ -17,7 +17,6 @@ waiting if the previous waiter died). Finalizing is guarded the same way.
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from imgfarm.drivers.base import NodeInfo
 from imgfarm.errors import ImgfarmError
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
-from imgfarm.models.jobs import add_event, begin_finalizing, get_job, hash_token, transition
+from imgfarm.models.jobs import add_event, begin_finalizing, get_job, transition
 from imgfarm.models.tables import Job, Node, utcnow
 from imgfarm.protocol import BootTarget, Orders, PowerState, ProtocolError
 from imgfarm.tasks import multicast
@@ -65,7 +64,10 @@ _NODE_INFO = (Node.name, Node.mac, Node.ip, Node.boot_driver, Node.power_driver,
 
 
 def _start(job_id: int) -> float | None:
-    """queued -> booting, once: mint the token, boot the agent, power-cycle.
+    """queued -> booting, once: boot the agent, power-cycle.
+
+    No token goes to the node: the boot files are world-readable, so the agent
+    takes its token from the API on its first call (api/agent_routes.py).
 
     Returns the seconds to the job's first deadline when this call booted the
     node, so the wait can skip its first read of the row; None otherwise (the
@@ -73,7 +75,6 @@ def _start(job_id: int) -> float | None:
     worker has claimed it for waiting; or it ended before or during the boot).
     """
     settings = get_settings()
-    token = secrets.token_urlsafe(32)
     now = utcnow()
     with session_scope() as s:
         # Core, not the ORM: this runs for every job at its start, 500 at once
@@ -102,7 +103,7 @@ def _start(job_id: int) -> float | None:
             states.QUEUED,
             states.BOOTING,
             f"booting {node.name} into the agent ({node.boot_driver}/{node.power_driver})",
-            token_hash=hash_token(token),
+            token_hash="",
             started_at=now,
             last_report_at=now,
             deadline_at=now + timedelta(seconds=timeout),
@@ -118,8 +119,7 @@ def _start(job_id: int) -> float | None:
     if not won:
         return None
     try:
-        orders = Orders(api_url=settings.api_url, job_id=job_id, token=token,
-                        disk=str(options.get("disk") or ""))
+        orders = Orders(api_url=settings.api_url, job_id=job_id, disk=str(options.get("disk") or ""))
         boot_agent(info, orders)
         return first_deadline
     except (ImgfarmError, ProtocolError) as exc:  # ProtocolError: e.g. IMGFARM_API_URL is no URL

@@ -99,8 +99,8 @@ def test_orders_on_the_kernel_command_line() -> None:
 
 
 @pytest.mark.parametrize("line,field,words", [
-    ("quiet", "imgfarm.api", "lacks imgfarm.api=, imgfarm.job=, imgfarm.token="),
-    ("imgfarm.api=http://h imgfarm.job=1", "imgfarm.token", "lacks imgfarm.token="),
+    ("quiet", "imgfarm.api", "lacks imgfarm.api=, imgfarm.job="),
+    ("imgfarm.api=http://h", "imgfarm.job", "lacks imgfarm.job="),
     ("imgfarm.api=http://h imgfarm.job=one imgfarm.token=t", "imgfarm.job", "not a number"),
     ("imgfarm.api=http://h imgfarm.job=0 imgfarm.token=t", "imgfarm.job", "at least 1"),
     ("imgfarm.api=ftp://h imgfarm.job=1 imgfarm.token=t", "imgfarm.api", "is not an http"),

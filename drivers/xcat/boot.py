@@ -4,7 +4,7 @@ What the original xCAT plugin did, done from the farm: to boot the agent,
 give the node its job's kernel parameters in `bootparams.addkcmdline`
 (`chdef -z`, a stanza so one call carries a different line per node), then
 `nodeset NODES osimage=<settings.xcat.osimage>`; to go back to disk,
-`nodeset NODES boot` and clear the line (the token must not linger). Every
+`nodeset NODES boot` and clear the line (no job's orders linger). Every
 change is read back with `nodeset NODES stat`; a node whose state is not
 what was asked is a DriverError.
 """

@@ -39,11 +39,13 @@ CMDLINE_PREFIX = "imgfarm."
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Orders(Message):
-    """What the agent is told at boot: where the API is, which job, its token, maybe a disk.
+    """What the agent is told at boot: where the API is, which job, maybe a disk.
 
-    On the wire: ``imgfarm.api=URL imgfarm.job=N imgfarm.token=T [imgfarm.disk=DEV]
-    [imgfarm.delay=S]``. Boot files are readable by anyone on the install network; the
-    one-job token dies with the job.
+    On the wire: ``imgfarm.api=URL imgfarm.job=N [imgfarm.disk=DEV] [imgfarm.delay=S]``.
+    Boot files and kernel command lines are readable by anyone on the install network,
+    so the farm puts no credential in them: the agent's first call (the job id and the
+    node's MAC) receives the job's token, once (docs/protocol.md). `imgfarm.token` is
+    still read, for an agent run by hand against a token obtained some other way.
     """
 
     PARAMS: ClassVar[dict[str, str]] = {
@@ -53,7 +55,7 @@ class Orders(Message):
 
     api_url: Annotated[str, Rule(pattern=API_URL, max_len=2048, means="an http(s):// URL")]
     job_id: JobId
-    token: Annotated[str, Rule(pattern=TOKEN, means="a token of URL-safe characters")]
+    token: Annotated[str, Rule(pattern=TOKEN, means="a token of URL-safe characters", omit=True)] = ""
     disk: Annotated[str, Rule(pattern=DEVICE_PATH, means="an absolute device path", omit=True)] = ""
     delay: Annotated[float, Rule(lo=0, hi=86400, omit=True)] = 0.0  # test aid: wait before the tool
 
@@ -79,7 +81,7 @@ class Orders(Message):
             if key not in cls.PARAMS:
                 raise ProtocolError(f"{CMDLINE_PREFIX}{key}", "unknown parameter (known: " + ", ".join(
                     CMDLINE_PREFIX + k for k in cls.PARAMS) + ")")
-        missing = [k for k in ("api", "job", "token") if not params.get(k)]
+        missing = [k for k in ("api", "job") if not params.get(k)]
         if missing:
             raise ProtocolError(f"{CMDLINE_PREFIX}{missing[0]}", "kernel command line lacks " + ", ".join(
                 f"{CMDLINE_PREFIX}{k}=" for k in missing))
