@@ -31,7 +31,7 @@ from imgfarm.models.jobs import add_event, add_progress_event, begin_finalizing,
 from imgfarm.models.tables import Job, utcnow
 from imgfarm.protocol import JobKind, ProgressReport, ProtocolError, ResultReport, normalize_mac
 from imgfarm.tasks.job_spec import job_spec
-from imgfarm.worker.wakeup import notify
+from imgfarm.tasks.wakeup import notify
 
 router = APIRouter(prefix="/agent/v1", tags=["agent"])
 

@@ -15,7 +15,7 @@ import shutil
 import time
 from typing import Any
 
-from celery import Task
+from celery import Task, shared_task
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -33,14 +33,16 @@ from imgfarm.models.images import (
 from imgfarm.models.jobs import add_event, begin_finalizing, get_job, transition
 from imgfarm.models.names import check_image_name, converted_name
 from imgfarm.models.tables import Job, utcnow
+from imgfarm.models.workers import worker_id
 from imgfarm.protocol import ImageFormat, JobKind, Manifest
+from imgfarm.tasks.broker import check_broker, send
 from imgfarm.tasks.enqueue import enqueue_jobs, fail_unqueued
 from imgfarm.tasks.finalize import finalize_job
 from imgfarm.tasks.lifecycle import JobEnded
-from imgfarm.worker.app import app, check_broker
-from imgfarm.worker.liveness import worker_id
 
 log = logging.getLogger(__name__)
+
+CONVERT_TASK = "imgfarm.convert"
 
 
 def create_convert_job(s: Session, source: str, target: str, submitted_by: str = "") -> int:
@@ -70,7 +72,7 @@ def enqueue_convert(job_id: int) -> None:
         job = get_job(s, job_id)
         args = (job.id, job.options.get("source", ""), job.image_name)
     try:
-        res = convert.apply_async(args=args, ignore_result=True)
+        res = send(CONVERT_TASK, args, ignore_result=True)
     except Exception as exc:
         try:
             fail_unqueued([job_id], exc)
@@ -180,7 +182,7 @@ def release_dependents(convert_job_id: int) -> list[int]:
     return waiting
 
 
-@app.task(name="imgfarm.convert", bind=True, acks_late=True, reject_on_worker_lost=True, throws=(JobEnded,))
+@shared_task(name=CONVERT_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, throws=(JobEnded,))
 def convert(self: Task, job_id: int, source: str = "", image: str = "") -> dict[str, Any]:
     last = [0.0]
 

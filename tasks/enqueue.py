@@ -17,9 +17,9 @@ from imgfarm.models import states
 from imgfarm.models.db import session_scope
 from imgfarm.models.jobs import begin_finalizing
 from imgfarm.models.tables import Job
+from imgfarm.tasks.broker import farm_app, send
 from imgfarm.tasks.finalize import finalize_job
 from imgfarm.tasks.jobs import JOB_TASKS
-from imgfarm.worker.app import app
 
 
 def enqueue_jobs(job_ids: list[int]) -> None:
@@ -36,13 +36,13 @@ def enqueue_jobs(job_ids: list[int]) -> None:
         rows = [(r[0], r[1], r[2], r[3], r[4] or ids[r[0]]) for r in rows]
     sent: set[int] = set()
     try:
-        with app.producer_or_acquire() as producer:  # one connection for the whole batch
+        with farm_app().producer_or_acquire() as producer:  # one connection for the whole batch
             for job_id, kind, node, image, task_id in rows:
                 # ignore_result: the job row is the result; without it Celery would
                 # also SUBSCRIBE to a result channel per job here, and store a result
                 # per job in Redis for a week, for a .get() nobody calls.
-                JOB_TASKS[kind].apply_async(args=(job_id, node, image), task_id=task_id,
-                                            producer=producer, ignore_result=True)
+                send(JOB_TASKS[kind], (job_id, node, image), task_id=task_id, producer=producer,
+                     ignore_result=True)
                 sent.add(job_id)
     except Exception as exc:
         fail_unqueued([r[0] for r in rows if r[0] not in sent], exc)

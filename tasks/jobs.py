@@ -15,15 +15,12 @@ import logging
 import threading
 from typing import Any
 
-from celery import Task
-from celery.signals import worker_process_init
+from celery import Task, shared_task
 
 from imgfarm.models import states
-from imgfarm.models.db import dispose_all
 from imgfarm.protocol import JobKind
 from imgfarm.tasks.lifecycle import JobEnded, run_job
 from imgfarm.units import format_bytes
-from imgfarm.worker.app import app
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +41,8 @@ class _ProgressEvents:
         with self._lock:
             try:
                 if self._dispatcher is None:
-                    self._dispatcher = app.events.Dispatcher(
-                        app.connection_for_write(), hostname=task.request.hostname, enabled=True
+                    self._dispatcher = task.app.events.Dispatcher(
+                        task.app.connection_for_write(), hostname=task.request.hostname, enabled=True
                     )
                 # `result` too: Celery's event state keeps every field of a custom event on
                 # the task, but Flower only shows its fixed ones -- `result` is one of them,
@@ -94,20 +91,18 @@ def _run(task: Task, job_id: int) -> dict[str, Any]:
     return summary.as_dict()
 
 
-@app.task(name="imgfarm.capture", bind=True, acks_late=True, reject_on_worker_lost=True, throws=(JobEnded,))
+CAPTURE_TASK = "imgfarm.capture"
+RESTORE_TASK = "imgfarm.restore"
+
+
+@shared_task(name=CAPTURE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, throws=(JobEnded,))
 def capture(self: Task, job_id: int, node: str = "", image: str = "") -> dict[str, Any]:
     return _run(self, job_id)
 
 
-@app.task(name="imgfarm.restore", bind=True, acks_late=True, reject_on_worker_lost=True, throws=(JobEnded,))
+@shared_task(name=RESTORE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, throws=(JobEnded,))
 def restore(self: Task, job_id: int, node: str = "", image: str = "") -> dict[str, Any]:
     return _run(self, job_id)
 
 
-JOB_TASKS: dict[str, Any] = {JobKind.CAPTURE: capture, JobKind.RESTORE: restore}
-
-
-@worker_process_init.connect
-def _on_child_start(**_: Any) -> None:
-    """A prefork child (the convert worker) must not reuse its parent's DB connections."""
-    dispose_all(close=False)
+JOB_TASKS: dict[str, str] = {JobKind.CAPTURE: CAPTURE_TASK, JobKind.RESTORE: RESTORE_TASK}  # kind -> task name

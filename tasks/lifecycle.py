@@ -3,7 +3,7 @@
 Plain functions, testable without a broker; tasks/jobs.py wraps them as the
 Celery tasks `imgfarm.capture` and `imgfarm.restore`.
 
-Waiting: a job thread blocks on its job's wake-up slot (worker/wakeup.py)
+Waiting: a job thread blocks on its job's wake-up slot (tasks/wakeup.py)
 until the agent reports, a cancel arrives, or the next deadline is due. It
 never sleeps in a busy loop; with Redis, a quiet job costs nothing.
 
@@ -33,12 +33,12 @@ from imgfarm.models import states
 from imgfarm.models.db import session_scope
 from imgfarm.models.jobs import add_event, begin_finalizing, get_job, transition
 from imgfarm.models.tables import Job, Node, utcnow
+from imgfarm.models.workers import worker_id
 from imgfarm.protocol import BootTarget, Orders, PowerState, ProtocolError
 from imgfarm.tasks import multicast
 from imgfarm.tasks.finalize import finalize_job
 from imgfarm.tasks.nodes import boot_agent
-from imgfarm.worker.liveness import worker_id
-from imgfarm.worker.wakeup import get_waker
+from imgfarm.tasks.wakeup import get_waker
 
 log = logging.getLogger(__name__)
 

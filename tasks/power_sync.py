@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from celery import shared_task
 from sqlalchemy import select
 
 from imgfarm.drivers.base import PowerState
@@ -19,7 +20,6 @@ from imgfarm.models import states
 from imgfarm.models.db import session_scope
 from imgfarm.models.tables import Job, Node, NodeEvent
 from imgfarm.tasks.nodes import node_info
-from imgfarm.worker.app import app
 
 
 def sync_once() -> list[dict[str, Any]]:
@@ -52,6 +52,6 @@ def sync_once() -> list[dict[str, Any]]:
     return out
 
 
-@app.task(name="imgfarm.power_sync", ignore_result=True)
+@shared_task(name="imgfarm.power_sync", ignore_result=True)
 def power_sync() -> list[dict[str, Any]]:
     return sync_once()

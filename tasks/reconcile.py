@@ -16,27 +16,24 @@ and a live task) cannot both act on one job.
 from __future__ import annotations
 
 import logging
-import threading
 import uuid
 from datetime import timedelta
 from typing import Any
 
-from celery.signals import worker_ready
+from celery import shared_task
 from sqlalchemy import select, update
 
-from imgfarm.config.settings import get_settings
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
 from imgfarm.models.jobs import add_event, begin_finalizing
 from imgfarm.models.tables import Job, utcnow
+from imgfarm.models.workers import dead_workers, forget, live_workers
 from imgfarm.protocol import JobKind
 from imgfarm.tasks import multicast
+from imgfarm.tasks.broker import send
 from imgfarm.tasks.convert import enqueue_convert, release_dependents
 from imgfarm.tasks.finalize import finalize_job
 from imgfarm.tasks.jobs import JOB_TASKS
-from imgfarm.worker.app import app
-from imgfarm.worker.liveness import dead_workers, forget, live_workers, start_heartbeat
-from imgfarm.worker.wakeup import get_waker
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +79,7 @@ def reconcile_once() -> dict[str, Any]:
         if kind == JobKind.CONVERT:
             enqueue_convert(job_id)
         else:
-            JOB_TASKS[kind].apply_async(args=(job_id, node, image), task_id=task_id,
-                                        ignore_result=True)
+            send(JOB_TASKS[kind], (job_id, node, image), task_id=task_id, ignore_result=True)
         resumed.append(job_id)
     for job_id in stuck:
         with session_scope() as s:
@@ -99,21 +95,6 @@ def reconcile_once() -> dict[str, Any]:
     return {"resumed": resumed, "ended": ended, "dead_workers": sorted(dead), "udp_senders_killed": strays}
 
 
-@app.task(name="imgfarm.reconcile", ignore_result=True)
+@shared_task(name="imgfarm.reconcile", ignore_result=True)
 def reconcile() -> dict[str, Any]:
     return reconcile_once()
-
-
-@worker_ready.connect
-def _on_worker_ready(sender: Any = None, **_: Any) -> None:
-    """Heartbeat, wake-ups, and one reconcile pass so orphaned jobs resume at once."""
-    start_heartbeat()
-    get_waker(get_settings().redis_url)
-
-    def first_pass() -> None:
-        try:
-            reconcile_once()
-        except Exception:  # noqa: BLE001
-            log.exception("start-up reconcile failed")
-
-    threading.Thread(target=first_pass, name="imgfarm-startup-reconcile", daemon=True).start()

@@ -28,12 +28,12 @@ from imgfarm.models.names import converted_name as default_converted_name
 from imgfarm.models.nodes import get_node, resolve_nodes
 from imgfarm.models.tables import Job, JobEvent, Node, utcnow
 from imgfarm.protocol import DEVICE_PATH, ImageFormat, JobKind
+from imgfarm.tasks.broker import check_broker
 from imgfarm.tasks.convert import create_convert_job, enqueue_convert
 from imgfarm.tasks.enqueue import enqueue_jobs
 from imgfarm.tasks.finalize import finalize_job
 from imgfarm.tasks.multicast import SESSION_PORTS
-from imgfarm.worker.app import check_broker
-from imgfarm.worker.wakeup import notify
+from imgfarm.tasks.wakeup import notify
 
 
 @dataclass

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from celery import shared_task
+
 from imgfarm.tasks.window_runner import tick
-from imgfarm.worker.app import app
 
 
-@app.task(name="imgfarm.window_tick", ignore_result=True)
+@shared_task(name="imgfarm.window_tick", ignore_result=True)
 def window_tick() -> dict[str, Any]:
     return tick()

@@ -2,9 +2,13 @@
 
     layer 0  imgfarm (the package itself), errors, units, protocol, config
     layer 1  models, drivers, imageformats, bootimage
-    layer 2  worker: the Celery app, job wake-ups, worker heartbeats
-    layer 3  tasks: the orchestration (submit, take node, boot, wait, finalize)
-    layer 4  api, cli, demo: the faces
+    layer 2  tasks: the orchestration (submit, take node, boot, wait, finalize), the Celery
+             tasks (declared with `shared_task`, bound to no app), the app senders use
+             (tasks/broker.py) and job wake-ups
+    layer 3  worker, api, cli, demo: the faces. worker is the Celery app the workers run
+             (it includes the task modules, and starts heartbeats on worker signals);
+             the faces never import each other (the CLI starts the worker and the API
+             as processes, by module name)
     agent    the program on the node: the stdlib, itself and imgfarm.protocol, nothing else
 
 A module may import the rest of its own part (models.jobs -> models.nodes)
@@ -53,11 +57,11 @@ LAYERS: dict[str, int] = {
     "imgfarm.drivers": 1,
     "imgfarm.imageformats": 1,
     "imgfarm.bootimage": 1,  # builds the agent's boot image from the host's packages
-    "imgfarm.worker": 2,
-    "imgfarm.tasks": 3,
-    "imgfarm.api": 4,
-    "imgfarm.cli": 4,
-    "imgfarm.demo": 4,  # `make demo`: drives the farm from outside, as processes
+    "imgfarm.tasks": 2,
+    "imgfarm.worker": 3,
+    "imgfarm.api": 3,
+    "imgfarm.cli": 3,
+    "imgfarm.demo": 3,  # `make demo`: drives the farm from outside, as processes
 }
 STDLIB_ONLY = (AGENT, "imgfarm.protocol")
 AGENT_MAY_IMPORT = (AGENT, "imgfarm.protocol")
@@ -228,7 +232,10 @@ def _problems(module: str, source: str) -> list[str]:
 @pytest.mark.parametrize(("module", "source", "expect"), [
     ("imgfarm.models.nodes", "from imgfarm.drivers.base import NodeInfo\n", "sideways"),
     ("imgfarm.models.nodes", "import imgfarm.tasks.finalize\n", "upward"),
-    ("imgfarm.worker.app", "from imgfarm.tasks import lifecycle\n", "upward"),
+    ("imgfarm.tasks.lifecycle", "from imgfarm.worker.app import app\n", "upward"),
+    ("imgfarm.models.nodes", "from imgfarm.tasks.lifecycle import run_job\n", "upward"),
+    ("imgfarm.cli.main", "from imgfarm.worker.app import app\n", "sideways"),
+    ("imgfarm.worker.app", "from imgfarm.cli.main import app\n", "sideways"),
     ("imgfarm.errors", "from imgfarm.config import settings\n", "sideways"),
     ("imgfarm.tasks.lifecycle", "def f():\n    from imgfarm.tasks.finalize import finalize_job\n",
      "inside a function"),
@@ -248,7 +255,8 @@ def test_the_checker_catches(module: str, source: str, expect: str) -> None:
 
 @pytest.mark.parametrize(("module", "source"), [
     ("imgfarm.tasks.lifecycle", "from imgfarm.tasks.finalize import finalize_job\n"),  # own part
-    ("imgfarm.tasks.lifecycle", "from imgfarm.models import nodes\nfrom imgfarm.worker.app import app\n"),
+    ("imgfarm.worker.app", "from imgfarm.models import nodes\nfrom imgfarm.tasks import lifecycle\n"),
+    ("imgfarm.cli.main", "from imgfarm.tasks.finalize import finalize_job\n"),
     ("imgfarm.cli.main", "def f():\n    # lazy: Celery loads only for this command\n"
                          "    from imgfarm.tasks.finalize import finalize_job\n"),
     ("imgfarm.cli.main", "def f():\n    from imgfarm.tasks import finalize  # lazy: Celery only here\n"),

@@ -33,7 +33,7 @@ def _setup(n: int = 2) -> None:
 
 
 def _use_broker(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
-    from imgfarm.worker.app import reload_config
+    from imgfarm.tasks.broker import reload_config
 
     monkeypatch.setenv("IMGFARM_BROKER_URL", url)
     get_settings.cache_clear()

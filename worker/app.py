@@ -1,5 +1,10 @@
-"""The Celery app. It only creates the app and loads configuration; the
-tasks (in tasks/) register themselves on import.
+"""The Celery app of the workers, beat and Flower (`celery -A imgfarm.worker.app`).
+
+It makes the app (tasks/broker.py: the same configuration every sender
+uses), includes the task modules, and runs what a worker process needs on
+top of them: its heartbeat and the job wake-ups once it is ready, a first
+reconcile pass so orphaned jobs resume at once, and fresh database
+connections in every prefork child.
 
 Start a job worker with `imgfarm worker` (threads pool, queue imgfarm.jobs)
 and a convert worker with `imgfarm worker --cpu` (prefork, queue imgfarm.cpu).
@@ -7,17 +12,22 @@ and a convert worker with `imgfarm worker --cpu` (prefork, queue imgfarm.cpu).
 
 from __future__ import annotations
 
-from celery import Celery
-from kombu import Connection
-from kombu.utils.url import maybe_sanitize_url
+import logging
+import threading
+from typing import Any
 
-from imgfarm.config.celery import celery_config
+from celery.signals import worker_process_init, worker_ready
+
 from imgfarm.config.settings import get_settings
-from imgfarm.errors import ServiceUnavailable
+from imgfarm.models.db import dispose_all
+from imgfarm.tasks.broker import make_app
+from imgfarm.tasks.reconcile import reconcile_once
+from imgfarm.tasks.wakeup import get_waker
+from imgfarm.worker.heartbeat import start_heartbeat
 
-app = Celery("imgfarm")
-app.conf.update(celery_config(get_settings()))
-app.conf.imports = (
+log = logging.getLogger(__name__)
+
+TASK_MODULES = (
     "imgfarm.tasks.jobs",
     "imgfarm.tasks.convert",
     "imgfarm.tasks.reconcile",
@@ -25,45 +35,25 @@ app.conf.imports = (
     "imgfarm.tasks.power_sync",
 )
 
-
-def reload_config() -> None:
-    """Re-read settings into the app (tests change the environment).
-
-    A new broker URL also drops the pooled connections: Celery keeps its
-    producer pool for the app's lifetime, so they would still go to the old one.
-    """
-    old = app.conf.broker_url
-    app.conf.update(celery_config(get_settings()))
-    if app.conf.broker_url != old:
-        app._after_fork()  # Celery's own reset of the connection and producer pools
+app = make_app(include=TASK_MODULES)
 
 
-def check_broker(timeout: float = 3.0) -> None:
-    """Raise ServiceUnavailable unless the broker (and a Redis result store) answer now.
+@worker_ready.connect
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
+    """Heartbeat, wake-ups, and one reconcile pass so orphaned jobs resume at once."""
+    start_heartbeat()
+    get_waker(get_settings().redis_url)
 
-    Why before a submit writes anything: kombu and Celery's result consumer
-    retry a dead Redis for ~20 s and then fail with a traceback, after the job
-    rows exist; checking first turns that into one clear error and no rows.
-    """
-    urls = {"broker": app.conf.broker_url}
-    backend = str(app.conf.result_backend or "")
-    if backend.startswith(("redis://", "rediss://")) and backend != urls["broker"]:
-        urls["result store"] = backend
-    for what, url in urls.items():
-        if url.startswith(("filesystem://", "memory://")):
-            continue
-        quick = {"socket_connect_timeout": timeout, "socket_timeout": timeout}
-        conn = (app.connection_for_write(connect_timeout=timeout, transport_options=quick)
-                if what == "broker"  # the app's own TLS and transport settings
-                else Connection(url, connect_timeout=timeout, transport_options=quick))
+    def first_pass() -> None:
         try:
-            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2,
-                                   interval_max=0.2, timeout=timeout)
-        except Exception as exc:  # noqa: BLE001 - any failure means "cannot queue now"
-            shown = maybe_sanitize_url(url)  # password masked
-            raise ServiceUnavailable(
-                f"cannot reach the {what} at {shown}: {exc}",
-                hint="check IMGFARM_BROKER_URL and that Redis runs (`redis-cli -u URL ping`); "
-                     "nothing was submitted") from None
-        finally:
-            conn.release()
+            reconcile_once()
+        except Exception:  # noqa: BLE001
+            log.exception("start-up reconcile failed")
+
+    threading.Thread(target=first_pass, name="imgfarm-startup-reconcile", daemon=True).start()
+
+
+@worker_process_init.connect
+def _on_child_start(**_: Any) -> None:
+    """A prefork child (the convert worker) must not reuse its parent's DB connections."""
+    dispose_all(close=False)

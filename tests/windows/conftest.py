@@ -31,7 +31,7 @@ def win_db(settings_env: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     """settings_env plus: broker and wake-ups on Redis DB 9 (no worker reads it),
     six sim nodes n1-n6 in group lab1, and an image `base`."""
     from imgfarm.config.settings import get_settings
-    from imgfarm.worker.app import reload_config
+    from imgfarm.tasks.broker import reload_config
 
     url = f"redis://127.0.0.1:6379/{REDIS_DB}"
     for name in ("IMGFARM_REDIS_URL", "IMGFARM_BROKER_URL", "IMGFARM_RESULT_BACKEND"):

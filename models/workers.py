@@ -1,18 +1,17 @@
-"""Worker heartbeats in the job database.
+"""Worker heartbeats in the job database: who is alive, who is gone.
 
-Every job worker process has a row it refreshes every few seconds. A job's
-`waiter` names the worker whose thread waits on it; when that worker stops
-heartbeating (or, on the same host, its pid is gone) the reconciler hands
-the job to a live worker. This does not depend on the broker's visibility
-timeout, which must stay long for long jobs.
+Every job worker process has a row it refreshes every few seconds (the
+heartbeat thread, worker/heartbeat.py). A job's `waiter` names the worker
+whose thread waits on it; when that worker stops heartbeating (or, on the
+same host, its pid is gone) the reconciler hands the job to a live worker.
+This does not depend on the broker's visibility timeout, which must stay
+long for long jobs.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
-import threading
 import uuid
 from datetime import timedelta
 
@@ -22,40 +21,20 @@ from imgfarm.config.settings import get_settings
 from imgfarm.models.db import session_scope
 from imgfarm.models.tables import Worker, utcnow
 
-log = logging.getLogger(__name__)
-
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-_started = threading.Event()
 
 
 def worker_id() -> str:
+    """This process's name in the workers table (and in a job's `waiter`)."""
     return WORKER_ID
 
 
-def _beat_once() -> None:
+def beat_once() -> None:
+    """Register this process, or refresh its row."""
     with session_scope() as s:
         n = s.execute(update(Worker).where(Worker.id == WORKER_ID).values(seen_at=utcnow()))
         if n.rowcount == 0:  # type: ignore[attr-defined]
             s.add(Worker(id=WORKER_ID, hostname=socket.gethostname(), pid=os.getpid()))
-
-
-def start_heartbeat() -> None:
-    """Register this process and keep its row fresh (idempotent)."""
-    if _started.is_set():
-        return
-    _started.set()
-    interval = get_settings().worker_heartbeat
-    _beat_once()
-
-    def loop() -> None:
-        ev = threading.Event()
-        while not ev.wait(interval):
-            try:
-                _beat_once()
-            except Exception as exc:  # noqa: BLE001 - try again next beat
-                log.warning("worker heartbeat failed: %s", exc)
-
-    threading.Thread(target=loop, name="imgfarm-heartbeat", daemon=True).start()
 
 
 def _pid_alive(pid: int) -> bool:
