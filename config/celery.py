@@ -48,6 +48,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         if result_backend.startswith("filesystem://"):
             (settings.data_dir / "results").mkdir(parents=True, exist_ok=True)
             result_backend = f"file://{settings.data_dir / 'results'}"
+    if result_backend.startswith("memory://"):
+        # The in-process broker (tests): kombu has memory://, Celery's results have no
+        # backend of that name; its in-memory one is the cache backend's.
+        result_backend = "cache+memory://"
     return {
         "broker_url": settings.broker_url,
         "result_backend": result_backend,
