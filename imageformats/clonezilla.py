@@ -48,6 +48,8 @@ from imgfarm.protocol import (
     HEAD_FILE,
     IMAGE_NAME,
     IMAGE_NAME_HINT,
+    MAX_PARTITIONS,
+    MAX_SFDISK,
     ConvertOrigin,
     Disk,
     DiskHead,
@@ -216,6 +218,11 @@ def read_dir(directory: str | os.PathLike[str]) -> CzDir:
         raise ImageError(f"{d.name}/parts lists no partition")
     sf_path = d / f"{disk}-pt.sf"
     sfdisk = _small_text(sf_path)
+    if len(sfdisk) > MAX_SFDISK:
+        raise ImageError(f"{sf_path.name} is larger than {MAX_SFDISK} bytes: not an sfdisk dump")
+    if len(parts) > MAX_PARTITIONS:
+        raise ImageError(f"{d.name}/parts lists {len(parts)} partitions (at most "
+                         f"{MAX_PARTITIONS} in one image)")
     label, sector, table = parse_sfdisk(sfdisk, sf_path.name)
     mbr_path = d / f"{disk}-mbr"
     try:
