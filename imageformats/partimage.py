@@ -1,4 +1,6 @@
-"""Streaming reader of legacy partimage 0.6.x images (volumes ``NAME.000``, ``NAME.001``, ...).
+"""Streaming reader of legacy partimage 0.6.x images (volumes ``NAME.000``, ``NAME.001``, ...,
+an unsplit ``NAME``, or the way Clonezilla kept them: one stream under one outer compression,
+whole or cut by `split` into ``NAME.aa``, ``NAME.ab``, ...; see :mod:`layers`).
 
 Why a reader of our own: converting the farm's old images must not need a
 scratch disk or the partimage binary, and it must check everything partimage
