@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field, PlainValidator
 from sqlalchemy import update
 
 from imgfarm.api.auth import authorized_job
+from imgfarm.api.limits import JobIdPath
 from imgfarm.config.settings import get_settings
 from imgfarm.errors import Conflict, Unauthorized
 from imgfarm.models import states
@@ -89,7 +90,7 @@ def _open_job(job: Job) -> None:
 
 
 @router.get("/jobs/{job_id}")
-def get_spec(job_id: int, authorization: str | None = Header(None)) -> dict[str, Any]:
+def get_spec(job_id: JobIdPath, authorization: str | None = Header(None)) -> dict[str, Any]:
     with session_scope() as s:
         job = authorized_job(s, job_id, authorization)
         _open_job(job)
@@ -104,7 +105,7 @@ def get_spec(job_id: int, authorization: str | None = Header(None)) -> dict[str,
 
 
 @router.post("/jobs/{job_id}/progress")
-def post_progress(job_id: int, report: ProgressBody, authorization: str | None = Header(None)) -> dict[str, str]:
+def post_progress(job_id: JobIdPath, report: ProgressBody, authorization: str | None = Header(None)) -> dict[str, str]:
     now = utcnow()
     with session_scope() as s:
         job = authorized_job(s, job_id, authorization)
@@ -130,7 +131,7 @@ def post_progress(job_id: int, report: ProgressBody, authorization: str | None =
 
 
 @router.post("/jobs/{job_id}/result")
-def post_result(job_id: int, report: ResultBody, authorization: str | None = Header(None)) -> dict[str, str]:
+def post_result(job_id: JobIdPath, report: ResultBody, authorization: str | None = Header(None)) -> dict[str, str]:
     now = utcnow()
     with session_scope() as s:
         job = authorized_job(s, job_id, authorization)

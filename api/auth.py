@@ -20,6 +20,7 @@ from collections.abc import Callable
 from fastapi import Header, Request
 from sqlalchemy.orm import Session
 
+from imgfarm.api.limits import JobIdPath
 from imgfarm.config.settings import get_settings
 from imgfarm.errors import Forbidden, Unauthorized
 from imgfarm.models.db import session_scope
@@ -100,7 +101,7 @@ def authorized_job(session: Session, job_id: int, authorization: str | None) -> 
     return job
 
 
-def require_job_token(job_id: int, authorization: str | None = Header(None)) -> int:
+def require_job_token(job_id: JobIdPath, authorization: str | None = Header(None)) -> int:
     """A FastAPI dependency for a route with a `{job_id}`: its agent's token, checked."""
     with session_scope() as s:
         authorized_job(s, job_id, authorization)

@@ -9,14 +9,18 @@ so a client cannot make the API buffer more than that.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any
 
+from fastapi import Path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imgfarm.config.settings import get_settings
-from imgfarm.protocol import MAX_REPORT
+from imgfarm.protocol import MAX_INT, MAX_REPORT
 
 AGENT_PREFIX = "/agent/"
+
+# A job id in a path: the database's ids are 64-bit, so 2**70 is a 422 naming job_id, not a 500.
+JobIdPath = Annotated[int, Path(ge=1, le=MAX_INT, description="a job's id")]
 
 
 def body_cap(path: str) -> int:

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 
 from imgfarm.api.auth import require, submitter
+from imgfarm.api.limits import JobIdPath
 from imgfarm.drivers import docs as driver_docs
 from imgfarm.models import views
 from imgfarm.models.db import session_scope
@@ -101,13 +102,13 @@ def list_jobs(
 
 
 @router.get("/jobs/{job_id}")
-def read_job(job_id: int, _who: Reader) -> dict[str, Any]:
+def read_job(job_id: JobIdPath, _who: Reader) -> dict[str, Any]:
     with reader() as db:
         return views.read_job(db, job_id)
 
 
 @router.post("/jobs/{job_id}/cancel")
-def cancel(job_id: int, _who: Operator) -> dict[str, Any]:
+def cancel(job_id: JobIdPath, _who: Operator) -> dict[str, Any]:
     was = submit.request_cancel(job_id)
     return {"job_id": job_id, "was": was, "status": "cancel requested"}
 

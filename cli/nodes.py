@@ -79,7 +79,7 @@ def set_node(
     # lazy: SQLAlchemy and the driver registry load only for the commands that use them
     from imgfarm.drivers.registry import left_behind
     from imgfarm.models.db import session_scope
-    from imgfarm.models.nodes import check_mac, ensure_groups, get_node, set_admin_state
+    from imgfarm.models.nodes import check_disk, check_ip, check_mac, ensure_groups, get_node, set_admin_state
     from imgfarm.models.tables import NodeEvent
     from imgfarm.tasks.nodes import node_info, validate_drivers
 
@@ -89,13 +89,13 @@ def set_node(
         if mac is not None:
             node.mac = check_mac(mac)
         if ip is not None:
-            node.ip = ip
+            node.ip = check_ip(ip)
         if boot is not None:
             node.boot_driver = boot
         if power is not None:
             node.power_driver = power
         if disk is not None:
-            node.disk = disk
+            node.disk = check_disk(disk)
         info = dict(node.driver_info or {})
         dropped = left_behind(info, old_drivers, (node.boot_driver, node.power_driver))
         for key in dropped:  # settings of the drivers the node no longer uses

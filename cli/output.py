@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 import sys
 from collections.abc import Callable, Iterable
@@ -99,9 +100,22 @@ def human_duration(seconds: float | None) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+def _finite(value: Any) -> Any:
+    """`value` with NaN and the infinities as null: JSON has no such numbers."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
 def print_json(data: Any) -> None:
-    """JSON on stdout; json.dumps escapes every control character itself."""
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    """Valid JSON on stdout, whatever a row holds: json.dumps escapes every control character
+    itself, and a number that is not finite (a rate of Infinity stored by an older farm) is
+    written as null instead of the `Infinity` no JSON reader takes."""
+    sys.stdout.write(json.dumps(_finite(data), indent=2, default=str, allow_nan=False) + "\n")
 
 
 def table(columns: Iterable[str], rows: Iterable[Iterable[Any]], title: str | None = None) -> None:

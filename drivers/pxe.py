@@ -42,8 +42,9 @@ from imgfarm.protocol import normalize_mac
 
 # Characters every loader passes through literally: no quoting, no expansion
 # (GRUB and iPXE expand "$", GRUB splits on ";", pxelinux ends a line at "\n").
-_CMDLINE_SAFE = re.compile(r"^[A-Za-z0-9 ._:/=,@%+~-]*$")
-_PATH_SAFE = re.compile(r"^[A-Za-z0-9._:/=,@%+~-]*$")  # the same, without the space
+# Matched with fullmatch: `$` would also match before a final newline.
+_CMDLINE_SAFE = re.compile(r"[A-Za-z0-9 ._:/=,@%+~-]*")
+_PATH_SAFE = re.compile(r"[A-Za-z0-9._:/=,@%+~-]*")  # the same, without the space
 HEADER = "# imgfarm: "
 TEMPLATES = Path(__file__).with_name("templates")
 
@@ -153,7 +154,7 @@ def render(loader: str, target: BootTarget, values: Mapping[str, str] | None = N
     """
     values = dict(values or {})
     for key, text in values.items():
-        if not _CMDLINE_SAFE.match(text):
+        if not _CMDLINE_SAFE.fullmatch(text):
             raise DriverError(
                 f"the {loader} boot file's {key} {text[:80]!r} has characters a boot "
                 "loader would interpret ($ ; quotes, newlines ...)",
@@ -224,7 +225,7 @@ class PxeBoot(BootInterface):
         node_mac(node)
         node_loader(node)
         extra = self.value(node, "kcmdline")
-        if not _CMDLINE_SAFE.match(extra):
+        if not _CMDLINE_SAFE.fullmatch(extra):
             raise DriverSettingsError(
                 f"node {node.name}: kcmdline {extra!r} has characters a boot loader "
                 "would interpret ($ ; quotes ...)",
@@ -232,7 +233,7 @@ class PxeBoot(BootInterface):
             )
         for key in ("kernel", "initrd"):
             path = str(node.driver_info.get(key) or "")
-            if not _PATH_SAFE.match(path):
+            if not _PATH_SAFE.fullmatch(path):
                 raise DriverSettingsError(
                     f"node {node.name}: {key} {path!r} is not a plain path under the TFTP root",
                     hint="use letters, digits and . _ - / + ~ @ % , : = (no spaces, $ or ;)",

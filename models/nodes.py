@@ -8,6 +8,7 @@ be a known node: an operator's typo names itself instead of being skipped.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any
 
@@ -21,18 +22,37 @@ from imgfarm.errors import Conflict, InvalidInput, NodeRangeError, NotFound
 from imgfarm.models import states
 from imgfarm.models.tables import Group, Job, Node, node_groups
 from imgfarm.models.views import node_view, unknown_node
-from imgfarm.protocol import normalize_mac
+from imgfarm.protocol import DEVICE_PATH, normalize_mac
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # whole string: fullmatch
 
 
 def check_node_name(name: str) -> str:
-    if not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise InvalidInput(
             f"bad node name {name!r}",
             hint="use letters, digits, '.', '_' and '-', starting with a letter or digit",
         )
     return name
+
+
+def check_ip(ip: str) -> str:
+    """The node's IP address in its canonical form ("" when it has none)."""
+    if not ip.strip():
+        return ""
+    try:
+        return str(ipaddress.ip_address(ip))
+    except ValueError:
+        raise InvalidInput(f"bad ip {ip!r}: not an IPv4 or IPv6 address",
+                           hint="e.g. --ip 10.0.0.21 (or leave it empty)") from None
+
+
+def check_disk(disk: str) -> str:
+    """The node's disk as the agent gets it: an absolute path, nothing a command line would split."""
+    if disk and not DEVICE_PATH.fullmatch(disk):
+        raise InvalidInput(f"bad disk {disk!r}: give an absolute device path without spaces, "
+                           "quotes or control characters", hint="e.g. /dev/sda or /dev/disk/by-id/...")
+    return disk
 
 
 def check_mac(mac: str) -> str:
@@ -212,10 +232,10 @@ def new_node(
     return Node(
         name=name,
         mac=check_mac(mac),
-        ip=ip,
+        ip=check_ip(ip),
         boot_driver=boot,
         power_driver=power,
-        disk=disk,
+        disk=check_disk(disk),
         driver_info=driver_info or {},
     )
 

@@ -10,13 +10,14 @@ filters, the order and the shape are one copy for both.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from imgfarm.errors import InvalidInput, NotFound
 from imgfarm.models import states
-from imgfarm.protocol import JobKind
+from imgfarm.protocol import MAX_INT, JobKind
 
 if TYPE_CHECKING:
     from imgfarm.models.dbapi import Reader
@@ -59,6 +60,11 @@ _JOBS = (
 _EVENTS = "SELECT at, kind, state, message, data FROM job_events WHERE job_id = :job_id ORDER BY id"
 
 
+def _number(value: Any) -> Any:
+    """A stored float as JSON can carry it: NaN and the infinities (older rows) as None."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def event_view(row: Mapping[str, Any]) -> dict[str, Any]:
     return {"at": _ts(row["at"]), "kind": row["kind"], "state": row["state"], "message": row["message"],
             "data": _obj(row["data"])}
@@ -75,10 +81,10 @@ def job_view(row: Mapping[str, Any], events: Iterable[Mapping[str, Any]] | None 
         "image": row["image_name"],
         "format": row["format"],
         "state": row["state"],
-        "progress": round(row["progress"] or 0.0, 2),
+        "progress": round(_number(row["progress"]) or 0.0, 2),
         "bytes_done": row["bytes_done"],
         "bytes_total": row["bytes_total"],
-        "rate": row["rate"],
+        "rate": _number(row["rate"]),
         "attempt": row["attempt"],
         "created_at": _ts(row["created_at"]),
         "started_at": _ts(started),
@@ -122,6 +128,8 @@ def list_jobs(db: Reader, state: str = "", node: str = "", kind: str = "",
 
 def read_job(db: Reader, job_id: int) -> dict[str, Any]:
     """One job with its events, oldest first; NotFound names the job."""
+    if not 1 <= job_id <= MAX_INT:  # no such row, and the driver cannot even bind it
+        raise unknown_job(job_id)
     rows = db.rows(_JOBS + " WHERE j.id = :job_id", job_id=job_id)
     if not rows:
         raise unknown_job(job_id)
@@ -130,6 +138,9 @@ def read_job(db: Reader, job_id: int) -> dict[str, Any]:
 
 def read_jobs(db: Reader, job_ids: list[int]) -> list[dict[str, Any]]:
     """These jobs (those that exist), by id: what `--wait` polls."""
+    if not job_ids:
+        return []
+    job_ids = [j for j in job_ids if 1 <= j <= MAX_INT]
     if not job_ids:
         return []
     names = {f"id{i}": int(job_id) for i, job_id in enumerate(job_ids)}

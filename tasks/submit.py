@@ -8,6 +8,7 @@ unique index), not by a check that could race.
 
 from __future__ import annotations
 
+import math
 import re
 import uuid
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from imgfarm.tasks.enqueue import enqueue_jobs
 from imgfarm.tasks.finalize import finalize_job
 from imgfarm.tasks.multicast import SESSION_PORTS
 from imgfarm.tasks.wakeup import notify
+
+MAX_TIMEOUT = 30 * 86400.0  # seconds: a job's own deadline, at most
 
 
 @dataclass
@@ -70,8 +73,9 @@ def job_options(timeout: float = 0, disk: str = "", transport: str = "", multica
     the agent's kernel command line, hence the strict shape.
     """
     opts: dict[str, Any] = {}
-    if timeout < 0:
-        raise InvalidInput(f"--timeout {timeout:g} is negative")
+    if not (isinstance(timeout, int | float) and math.isfinite(timeout) and 0 <= timeout <= MAX_TIMEOUT):
+        raise InvalidInput(f"bad timeout {timeout!r}: give seconds from 0 (the farm's default) "
+                           f"to {MAX_TIMEOUT:.0f} (30 days)", hint="e.g. --timeout 7200")
     if timeout:
         opts["timeout"] = timeout
     if disk:
@@ -83,9 +87,9 @@ def job_options(timeout: float = 0, disk: str = "", transport: str = "", multica
         if transport not in TRANSPORTS:
             raise InvalidInput(f"unknown --transport {transport!r}", hint="nfs or http")
         opts["transport"] = transport
-    if max_wait < 0 or max_wait > 86400:
+    if not (math.isfinite(max_wait) and 0 <= max_wait <= 86400):
         raise InvalidInput(f"--max-wait {max_wait:g} is out of range", hint="0 to 86400 seconds")
-    if max_bitrate and not BITRATE.match(max_bitrate.lower()):
+    if max_bitrate and not BITRATE.fullmatch(max_bitrate.lower()):
         raise InvalidInput(f"bad --max-bitrate {max_bitrate!r}", hint="bits per second, e.g. 600m or 1g")
     if (max_wait or max_bitrate) and not multicast:
         raise InvalidInput("--max-wait and --max-bitrate are for --multicast restores")

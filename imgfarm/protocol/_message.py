@@ -23,6 +23,7 @@ from imgfarm.protocol._vocabulary import (
     IMAGE_NAME,
     IMAGE_NAME_MEANS,
     MAX_FILES,
+    MAX_INT,
     MAX_JSON,
     MAX_TEXT,
     PLAIN_FILE,
@@ -31,7 +32,7 @@ from imgfarm.protocol._vocabulary import (
     cut_text,
 )
 
-_INT = 2**63 - 1  # integers the farm stores are 64-bit (PostgreSQL BIGINT)
+_INT = MAX_INT
 
 
 class ProtocolError(ValueError):
