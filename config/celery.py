@@ -13,6 +13,8 @@ Why these values (see shared/docs/CELERY-NOTES.md):
 - visibility_timeout is long (12 h by default) so that a job that is simply
   long is not redelivered while it still runs; it is set in all three places
   kombu reads it (celery #7651, #9339).
+- worker_consumer: Celery's consumer with one fix, so that a worker survives a
+  restart of Redis (worker/consumer.py says why).
 - Events on, and task-sent events, so Flower sees jobs from the moment they
   are queued.
 """
@@ -70,6 +72,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_send_sent_event": True,
         "task_track_started": False,  # the job row has the real state; saves a write per task
         "worker_hijack_root_logger": False,
+        # reconnects after a broker restart where Celery's own consumer gives up
+        "worker_consumer": "imgfarm.worker.consumer:Consumer",
         "task_queues": (Queue(JOB_QUEUE), Queue(CPU_QUEUE)),
         "task_default_queue": JOB_QUEUE,
         "task_routes": {

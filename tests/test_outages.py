@@ -8,14 +8,20 @@ touched.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import subprocess
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import redis
 
-from tests.farm import Farm
-from tests.support import run, wait_for
+from tests.farm import Farm, free_port
+from tests.support import run, stop_process, wait_for
 
 pytestmark = [
     pytest.mark.slow,
@@ -36,6 +42,134 @@ def job(farm: Farm, job_id: int) -> dict:
 
 def boot_target(farm: Farm, node: str) -> str:
     return json.loads((farm.root / "data" / "sim" / node / "boot.json").read_text())["target"]
+
+
+FINAL = ("succeeded", "failed", "timed_out", "cancelled")
+
+
+class PrivateRedis:
+    """A redis-server of this test's own, persisted as compose runs it (AOF, noeviction)."""
+
+    def __init__(self, root: Path) -> None:
+        self.dir = root / "redis"
+        self.dir.mkdir()
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = open(self.dir / "redis.log", "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+             "--appendonly", "yes", "--save", "", "--maxmemory-policy", "noeviction"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        wait_for(lambda: redis.Redis(port=self.port, socket_timeout=1).ping(), 20, what="redis to answer")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self.proc = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=5)
+
+
+@contextlib.contextmanager
+def private_redis(root: Path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(root)
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.proc is not None:
+            stop_process(server.proc)
+
+
+@contextlib.contextmanager
+def farm_on(root: Path, database_url: str, broker_url: str, **env: str) -> Iterator[Farm]:
+    """A migrated farm on the given database and broker, all its processes stopped afterwards."""
+    farm = Farm(root, database_url, 0, IMGFARM_BROKER_URL=broker_url, **env)
+    try:
+        farm.cli("db", "upgrade")
+        yield farm
+    finally:
+        farm.stop()
+
+
+def add_sim_nodes(farm: Farm, names: list[str], size_mib: int, group: str = "", **settings: str) -> None:
+    """Many blank sim nodes with one CLI call (`node import`), not one per node."""
+    rows = ["name,disk,groups," + ",".join(settings)]
+    for name in names:
+        disk = farm.make_disk(name, size_mib, fill=False)
+        rows.append(f"{name},{disk},{group}," + ",".join(settings.values()))
+    csv = farm.root / "nodes.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    farm.cli("node", "import", str(csv))
+
+
+def states_of(farm: Farm) -> dict[int, str]:
+    """Every job's state, read from the job database (polling through the CLI is slow)."""
+    import sqlalchemy as sa
+
+    eng = sa.create_engine(farm.env["IMGFARM_DATABASE_URL"])
+    try:
+        with eng.connect() as conn:
+            return {row[0]: row[1] for row in conn.execute(sa.text("SELECT id, state FROM jobs"))}
+    finally:
+        eng.dispose()
+
+
+def all_in(farm: Farm, ids: list[int], wanted: tuple[str, ...], timeout: float, what: str) -> dict[int, str]:
+    """Wait until every job of `ids` is in one of `wanted`; the failure shows the others."""
+    def cond() -> dict[int, str]:
+        st = states_of(farm)
+        others = {i: st.get(i) for i in ids if st.get(i) not in wanted}
+        if others:
+            raise AssertionError(f"not yet: {others}")
+        return st
+    return wait_for(cond, timeout, interval=0.5, what=what)
+
+
+@pytest.mark.timeout(600)
+def test_redis_restarted_while_20_jobs_run(tmp_path: Path) -> None:
+    """SIGKILL the broker (which also carries the wake-ups) under 20 running
+    restores and start it again: every job ends succeeded, each node booted
+    once; the workers' pub/sub listener subscribes again; a submit during the
+    outage exits 8 and records nothing."""
+    with private_redis(tmp_path) as rds, \
+            farm_on(tmp_path, f"sqlite:///{tmp_path / 'data' / 'imgfarm.db'}", rds.url) as farm:
+        farm.start_api()
+        farm.start_worker(concurrency=25)
+        farm.add_node("n0", size_mib=16, fill=True)
+        farm.cli("capture", "n0", "--image", "base", "--wait")
+        add_sim_nodes(farm, [f"n{i}" for i in range(1, 21)], size_mib=16, kernel_args="imgfarm.delay=25")
+        ids = farm.cli_json("restore", "n[1-20]", "--image", "base")["job_ids"]
+        assert len(ids) == 20
+        all_in(farm, ids, ("running",), 120, "all 20 restores to run")
+        assert rds.client().pubsub_numpat() >= 1  # the worker's wake-up listener
+
+        rds.kill()
+        before = len(farm.cli_json("jobs"))
+        out = farm.cli("restore", "n0", "--image", "base", check=False)
+        assert out.returncode == 8, out.stdout + out.stderr
+        assert "cannot reach the broker" in out.stderr and "Traceback" not in out.stderr
+        assert len(farm.cli_json("jobs")) == before
+        rds.start()
+        wait_for(lambda: rds.client().pubsub_numpat() >= 1, 30,
+                 what="the worker's wake-up listener to subscribe again")
+
+        final = all_in(farm, ids, FINAL, 180, "all 20 restores to end after the broker restart")
+        assert {final[i] for i in ids} == {"succeeded"}, final
+        for i in ids:
+            detail = job(farm, i)
+            boots = [e for e in detail["events"] if e["kind"] == "state" and e["state"] == "booting"]
+            assert len(boots) == 1, detail["events"]
+        assert not [s for s in states_of(farm).values() if s not in FINAL]
+        assert all(boot_target(farm, f"n{i}") == "local" for i in range(1, 21))
+        # and the farm takes new work on the restarted broker
+        farm.cli("restore", "n1", "--image", "base", "--wait")
 
 
 def test_api_down_while_the_agent_finishes_a_capture(farm: Farm) -> None:
