@@ -271,6 +271,10 @@ def verify(
     from imgfarm.imageformats.ng import verify_image
 
     path = _resolve_source(source)
+    if _is_clonezilla(path):
+        raise InvalidInput(f"{source} is a Clonezilla image directory: its checks run when it "
+                           "is converted", hint=f"imgfarm image convert {source} --out DIR "
+                           "checks every partition's CRCs without registering anything")
     report = verify_image(path)
     data = dataclasses.asdict(report)
     if json_out:

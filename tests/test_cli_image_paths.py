@@ -102,3 +102,22 @@ def test_convert_verify_modes(settings_env: str, images: Path, tmp_path: Path) -
                      "--verify", "quick")
     assert code == 2 and "--verify 'quick': not one of stream, written, full" in out, out
     assert not (tmp_path / "x").exists()
+
+
+def test_clonezilla_directory_is_recognised(settings_env: str, tmp_path: Path) -> None:
+    d = tmp_path / "2026-img"
+    d.mkdir()
+    (d / "disk").write_text("sda\n")
+    (d / "parts").write_text("sda1\n")
+    (d / "sda-pt.sf").write_text("label: dos\nunit: sectors\n\n"
+                                 "/dev/sda1 : start=2048, size=4096, type=83\n")
+    (d / "sda-mbr").write_bytes(bytes(512))
+    shutil.copy(SAMPLE, d / "sda1")
+    code, out = _cli("inspect", str(d), "--json")
+    assert code == 0 and '"mode": "partimage"' in out and '"sda1"' in out, out
+    code, out = _cli("verify", str(d))
+    assert code == 2 and "is a Clonezilla image directory" in out, out
+    (d / "sda1").unlink()
+    code, out = _cli("convert", str(d), "--out", str(tmp_path / "out"))
+    assert code == 6 and "parts names sda1, but the directory has no image of it" in out, out
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
