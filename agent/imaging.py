@@ -15,6 +15,7 @@ import hashlib
 import os
 import re
 import subprocess
+import tempfile
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -42,6 +43,12 @@ from imgfarm.protocol import (
 CHUNK = 4 << 20
 
 
+def _partclone_log() -> list[str]:
+    """partclone's -L: its default /var/log/partclone.log does not exist in a boot image,
+    and partclone that cannot open its log exits 0 having written nothing."""
+    return ["-L", os.path.join(tempfile.gettempdir(), f"imgfarm-partclone-{os.getpid()}.log")]
+
+
 class ToolError(Exception):
     def __init__(self, message: str, stderr_tail: str = "") -> None:
         super().__init__(message)
@@ -65,9 +72,9 @@ def _capture_partition(dev: str, out: Path, progress: Progress, base_done: int, 
                        start: int, size: int = 0, ptype: str = "") -> Partition:
     fstype = disks.fs_type(dev)
     tool, label = disks.partclone_for(fstype)
-    cmd = [f"partclone.{tool}", "-c", "-s", dev, "-o", "-"]
+    cmd = [f"partclone.{tool}", "-c", "-s", dev, "-o", "-", *_partclone_log()]
     if tool == "dd":
-        cmd = ["partclone.dd", "-s", dev, "-o", "-"]
+        cmd = ["partclone.dd", "-s", dev, "-o", "-", *_partclone_log()]
     pc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     zs = subprocess.Popen(["zstd", "-q", "-T0", "-3", "-c"], stdin=pc.stdout, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE)
@@ -218,7 +225,7 @@ def _restore_partition(chunks: Iterator[bytes], name: str, target: str, part: Pa
     if part.raw:
         sink = ["dd", f"of={target}", "bs=4M", "conv=notrunc", "status=none"]
     else:
-        sink = ["partclone.restore", "-s", "-", "-O", target]
+        sink = ["partclone.restore", "-s", "-", "-O", target, *_partclone_log()]
     zs = subprocess.Popen(["zstd", "-q", "-dc"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE)
     pc = subprocess.Popen(sink, stdin=zs.stdout, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -21,7 +21,8 @@ from imgfarm.config.celery import celery_config
 from imgfarm.config.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-NOT_CODE = {"docs", ".git", ".venv", ".imgfarm-demo", ".pytest_cache", ".ruff_cache", ".mypy_cache"}
+NOT_CODE = {"docs", ".git", ".venv", ".imgfarm-demo", ".imgfarm-demo-vm", ".cache", ".pytest_cache",
+            ".ruff_cache", ".mypy_cache"}
 NOTE_NAME = re.compile(r"STATUS|TODO", re.IGNORECASE)
 BROKER_STATE = re.compile(r"^(control|data_in|data_out|processed|broker)/|\.exchange$|(^|/)celerybeat-schedule")
 

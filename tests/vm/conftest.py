@@ -22,6 +22,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if here in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.vm)
+            # A TCG boot on 2 shared cores takes minutes; module fixtures boot too.
+            item.add_marker(pytest.mark.timeout(1200))
             if WHY_NOT:
                 item.add_marker(pytest.mark.skip(reason=f"VM tests need: {WHY_NOT}"))
 

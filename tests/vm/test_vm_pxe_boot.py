@@ -67,7 +67,7 @@ def site(tftp_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
             "IMGFARM_PXE__TFTP_ROOT": str(tftp_root),
             "IMGFARM_PXE__IPXE_BASE_URL": f"http://{vmlib.HOST_FROM_GUEST}:{port}/",
             "IMGFARM_PXE__EXTRA_CMDLINE": "console=ttyS0",
-            "IMGFARM_IPMI__TIMEOUT": "10", "IMGFARM_IPMI__RETRIES": "1",
+            "IMGFARM_IPMI__TIMEOUT": "30", "IMGFARM_IPMI__RETRIES": "1",
             "IMGFARM_IPMI__BACKOFF": "0.2", "IMGFARM_IPMI__CIPHER_SUITE": "3",
         }.items():
             monkeypatch.setenv(name, value)

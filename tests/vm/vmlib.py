@@ -205,16 +205,15 @@ def http_server(directory: Path, root: Path) -> Iterator[int]:
 
 CHASSIS = r"""#!/bin/sh
 # ipmi_sim's chassis_control program for one QEMU machine (VirtualBMC's idea):
-# power on starts QEMU (-daemonize: it is up when this returns), off kills it,
-# reset is off then on; the boot device is remembered in a file.
+# power on starts QEMU, off kills it (a power cut), reset is off then on; the
+# boot device is remembered in a file. Each line of chassis.log: time, request.
 D="{dir}"
-echo "$*" >> "$D/chassis.log"
+echo "$(date +%s.%N) $*" >> "$D/chassis.log"
 running() {{ [ -s "$D/qemu.pid" ] && kill -0 "$(cat "$D/qemu.pid")" 2>/dev/null; }}
 stop() {{
     if running; then
-        pid=$(cat "$D/qemu.pid"); kill "$pid"
-        i=0; while kill -0 "$pid" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
-        kill -9 "$pid" 2>/dev/null
+        pid=$(cat "$D/qemu.pid"); kill -9 "$pid"
+        i=0; while kill -0 "$pid" 2>/dev/null && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
     fi
     rm -f "$D/qemu.pid"
 }}
@@ -301,21 +300,19 @@ class VmNode:
             "-netdev", f"user,id=n0,tftp={self.tftp_root},bootfile={self.bootfile}",
             "-device", f"virtio-net-pci,netdev=n0,mac={self.mac}",
             "-boot", "order=n", "-drive", drive, "-device", dev,
-            "-pidfile", str(self.pidfile),
         ]
 
     def write_scripts(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         start = self.dir / "start.sh"
         # -nographic (SeaBIOS and iPXE print on the serial console too) cannot be
-        # combined with -daemonize: start it in its own session, wait for the pid file.
+        # combined with -daemonize: a session of its own, and $! is QEMU's pid
+        # (setsid and nice exec it). Nothing waits, so a BMC request returns at once.
         start.write_text(
-            "#!/bin/sh\nrm -f " + _sh(str(self.pidfile)) + "\n"
+            "#!/bin/sh\n"
             "setsid " + " ".join(_sh(a) for a in self.qemu_argv())
             + " </dev/null >>" + _sh(str(self.dir / "qemu.out")) + " 2>&1 &\n"
-            "i=0; while [ ! -s " + _sh(str(self.pidfile)) + " ] && [ $i -lt 100 ]; do "
-            "sleep 0.1; i=$((i+1)); done\n"
-            "[ -s " + _sh(str(self.pidfile)) + " ]\n")
+            "echo $! > " + _sh(str(self.pidfile)) + "\n")
         chassis = self.dir / "chassis.sh"
         chassis.write_text(CHASSIS.format(dir=self.dir))
         for p in (start, chassis):

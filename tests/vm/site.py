@@ -1,0 +1,144 @@
+"""A farm whose nodes are QEMU machines: the real API, worker, pxe + ipmi drivers, NFS store.
+
+`vm_site()` starts nfs-ganesha exporting the farm's image store, the farm
+(SQLite job database, a private Redis database and key prefix, the API on
+127.0.0.1 at a free port, one Celery worker) configured as a plain PXE site:
+the pxe boot driver writing under a TFTP root that QEMU's TFTP serves, iPXE
+fetching the boot image over HTTP from the API's /tftp/ route, the ipmi
+power driver, and the agents mounting `10.0.2.2:/images` over NFSv4.1 with
+`IMGFARM_IMAGE_STORE_NFS_OPTIONS=port=N`. Everything it started is stopped
+when the `with` ends, whatever happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imgfarm.drivers.base import BootTarget
+from imgfarm.drivers.pxe import boot_file, read_target
+from tests.farm import Farm, running_farm
+from tests.support import wait_for
+from tests.vm import vmlib
+
+REDIS_DB = 12
+
+
+def _place(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy(src, dst)
+
+
+@dataclass
+class VmSite:
+    root: Path
+    farm: Farm
+    nfs: vmlib.Ganesha
+    tftp: Path
+    store: Path
+    stack: contextlib.ExitStack
+    nodes: dict[str, vmlib.VmNode] = field(default_factory=dict)
+
+    def add_node(self, name: str, index: int, *, table: str | None = "dos", bus: str = "virtio",
+                 loader: str = "ipxe", size_mib: int = 160, bmc: bool = True,
+                 random_kib: int = 4096) -> vmlib.VmNode:
+        """A QEMU node with its BMC running, known to the farm as a pxe + ipmi node."""
+        disk = self.root / "disks" / f"{name}.img"
+        disk.parent.mkdir(exist_ok=True)
+        if table:
+            vmlib.make_disk(disk, name, table=table, size_mib=size_mib, random_kib=random_kib)
+        else:
+            vmlib.blank_disk(disk, size_mib)
+        vm = vmlib.VmNode(name, self.root / "vms" / name, disk, vmlib.mac_for(index), self.tftp,
+                          "boot.ipxe" if loader == "ipxe" else "pxelinux.0", disk_bus=bus)
+        if bmc:
+            self.stack.enter_context(vmlib.machines(vm))
+        else:  # a BMC that does not answer: its port is chosen, nothing listens there
+            vm.write_scripts()
+        self.nodes[name] = vm
+        self.farm.cli("node", "add", name, *vm.add_args(), "--set", f"loader={loader}")
+        return vm
+
+    def job(self, job_id: int) -> dict[str, Any]:
+        data: dict[str, Any] = self.farm.cli_json("job", str(job_id))
+        return data
+
+    def boot_target(self, name: str, loader: str = "ipxe") -> BootTarget:
+        return read_target(boot_file(self.tftp, loader, self.nodes[name].mac))
+
+    def wait_final(self, job_ids: list[int], timeout: float) -> list[dict[str, Any]]:
+        final = {"succeeded", "failed", "cancelled"}
+
+        def done() -> list[dict[str, Any]] | None:
+            jobs = [self.job(j) for j in job_ids]
+            return jobs if all(j["state"] in final for j in jobs) else None
+
+        try:
+            return wait_for(done, timeout, interval=2, what=f"jobs {job_ids} to end")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.diagnostics()}") from None
+
+    def diagnostics(self) -> str:
+        """What a failed test shows: the end of each console and of the worker's log."""
+        out = [f"--- worker log\n{self.farm.log('worker')[-3000:]}"]
+        for name, vm in self.nodes.items():
+            out.append(f"--- console of {name}\n{vm.console_text()[-2500:]}")
+        return "\n".join(out)
+
+
+@contextlib.contextmanager
+def vm_site(root: Path, boot_image: Any = None, **extra_env: str) -> Iterator[VmSite]:
+    """`boot_image`: an imgfarm.bootimage.build.Image (its vmlinuz and initrd are put where
+    the pxe driver's default kernel and initrd settings point), or None for tests that boot
+    nothing."""
+    root.mkdir(parents=True, exist_ok=True)
+    store = root / "data" / "images"
+    store.mkdir(parents=True)
+    tftp = root / "tftp"
+    vmlib.write_boot_scripts(tftp)
+    if boot_image is not None:
+        _place(Path(boot_image.vmlinuz), tftp / "imgfarm" / "vmlinuz")
+        _place(Path(boot_image.initrd), tftp / "imgfarm" / "initrd.img")
+    with contextlib.ExitStack() as stack:
+        nfs = stack.enter_context(vmlib.ganesha(root / "ganesha", store))
+        env = {
+            "IMGFARM_IMAGE_STORE": str(store),
+            "IMGFARM_IMAGE_STORE_NFS": nfs.spec,
+            # A short soft timeout: a stopped server fails the job in about 20 s.
+            "IMGFARM_IMAGE_STORE_NFS_OPTIONS": f"port={nfs.port},timeo=50,retrans=2",
+            "IMGFARM_DEFAULT_BOOT_DRIVER": "pxe", "IMGFARM_DEFAULT_POWER_DRIVER": "ipmi",
+            "IMGFARM_PXE__TFTP_ROOT": str(tftp),
+            "IMGFARM_PXE__EXTRA_CMDLINE": "console=ttyS0",
+            "IMGFARM_IPMI__TIMEOUT": "30", "IMGFARM_IPMI__RETRIES": "1",
+            "IMGFARM_IPMI__BACKOFF": "0.5", "IMGFARM_IPMI__CIPHER_SUITE": "3",
+            "IMGFARM_BOOT_TIMEOUT": "300", "IMGFARM_HEARTBEAT_TIMEOUT": "120",
+            "IMGFARM_JOB_TIMEOUT": "900", "IMGFARM_PROGRESS_INTERVAL": "1",
+            **extra_env,
+        }
+        farm = stack.enter_context(running_farm(root, f"sqlite:///{root / 'data' / 'imgfarm.db'}",
+                                                REDIS_DB, **env))
+        farm.start_api()
+        # The agents reach the API as the guest sees the host; the tests use loopback.
+        guest_api = f"http://{vmlib.HOST_FROM_GUEST}:{farm.port}"
+        farm.env["IMGFARM_API_URL"] = guest_api
+        # iPXE fetches the boot image over HTTP: from the API's /tftp/ route, or
+        # where the API has none, from a static server of the same directory.
+        import httpx
+
+        if httpx.get(f"http://127.0.0.1:{farm.port}/tftp/boot.ipxe", timeout=5).status_code == 200:
+            farm.env["IMGFARM_PXE__IPXE_BASE_URL"] = f"{guest_api}/tftp/"
+        else:
+            port = stack.enter_context(vmlib.http_server(tftp, root))
+            farm.env["IMGFARM_PXE__IPXE_BASE_URL"] = f"http://{vmlib.HOST_FROM_GUEST}:{port}/"
+        farm.start_worker(concurrency=8)
+        yield VmSite(root, farm, nfs, tftp, store, stack)
