@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,6 +108,54 @@ def add_sim_nodes(farm: Farm, names: list[str], size_mib: int, group: str = "", 
     csv = farm.root / "nodes.csv"
     csv.write_text("\n".join(rows) + "\n")
     farm.cli("node", "import", str(csv))
+
+
+class PrivatePostgres:
+    """A PostgreSQL cluster of this test's own (initdb as user postgres, a free port)."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        self.dir = Path(tempfile.mkdtemp(prefix="imgfarm-pg-"))
+        os.chown(self.dir, *_postgres_ids())
+        self.data = self.dir / "data"
+        self.port = free_port()
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _pg(self, *args: str) -> None:
+        run("runuser", "-u", "postgres", "--", *args, cwd=self.dir)
+
+    def init(self) -> None:
+        self._pg("initdb", "-A", "trust", "-U", "postgres", "-D", str(self.data))
+
+    def start(self) -> None:
+        self._pg("pg_ctl", "-D", str(self.data), "-l", str(self.dir / "pg.log"), "-w", "-t", "60",
+                 "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._pg("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
+
+
+def _postgres_ids() -> tuple[int, int]:
+    import pwd
+
+    pw = pwd.getpwnam("postgres")
+    return pw.pw_uid, pw.pw_gid
+
+
+@contextlib.contextmanager
+def private_postgres() -> Iterator[PrivatePostgres]:
+    import shutil
+
+    pg = PrivatePostgres()
+    try:
+        pg.init()
+        pg.start()
+        yield pg
+    finally:
+        subprocess.run(["runuser", "-u", "postgres", "--", "pg_ctl", "-D", str(pg.data), "-m", "immediate",
+                        "-w", "stop"], capture_output=True)
+        shutil.rmtree(pg.dir, ignore_errors=True)
 
 
 def states_of(farm: Farm) -> dict[int, str]:
@@ -234,3 +283,94 @@ def test_store_fills_up_during_a_capture(farm: Farm) -> None:
     finally:
         farm.stop()
         run("umount", "-l", store, check=False)
+
+
+@pytest.mark.timeout(600)
+def test_postgres_restarted_mid_job(tmp_path: Path) -> None:
+    """PostgreSQL stops (immediate: every connection dropped) and starts again
+    while a restore runs and a bulk window (one node at a time) is open: the API
+    and the worker reconnect, the restore succeeds, and beat's window ticks
+    go on submitting the window's next nodes."""
+    with private_postgres() as pg, private_redis(tmp_path) as rds, \
+            farm_on(tmp_path, pg.url, rds.url, IMGFARM_WINDOW_TICK_INTERVAL="2") as farm:
+        farm.start_api()
+        farm.start_worker()
+        farm.add_node("src", size_mib=16, fill=True)
+        farm.cli("capture", "src", "--image", "base", "--wait")
+        add_sim_nodes(farm, ["solo"], size_mib=16, kernel_args="imgfarm.delay=20")
+        add_sim_nodes(farm, ["w1", "w2", "w3"], size_mib=16, group="lab1", kernel_args="imgfarm.delay=6")
+        farm.cli("window", "add", "lab1-now", "--cron", "0 3 1 1 *", "--duration", "3",
+                 "--group", "lab1", "--image", "base", "--max-concurrent", "1")
+        farm._start("beat", "beat")
+        farm.cli_json("window", "run-now", "lab1-now")
+        solo = farm.cli_json("restore", "solo", "--image", "base")["job_ids"][0]
+        all_in(farm, [solo], ("running",), 60, "the restore to run")
+
+        pg.stop("immediate")
+        pg.start()
+
+        def window_done() -> dict[int, str]:
+            jobs = [j for j in farm.cli_json("jobs", "--limit", "100") if j["submitted_by"] == "window:lab1-now"]
+            if len(jobs) < 3 or any(j["state"] not in FINAL for j in jobs):
+                raise AssertionError(f"not yet: {[(j['node'], j['state']) for j in jobs]}")
+            return {j["id"]: j["state"] for j in jobs}
+
+        window = wait_for(window_done, 240, interval=1, what="the window to go through its three nodes")
+        assert set(window.values()) == {"succeeded"}, window
+        final = all_in(farm, [solo], FINAL, 60, "the restore to end")
+        assert final[solo] == "succeeded", job(farm, solo)["error"]
+        assert not [s for s in states_of(farm).values() if s not in FINAL]
+        assert all(boot_target(farm, n) == "local" for n in ("solo", "w1", "w2", "w3"))
+
+
+def sim_boot_target(farm: Farm, node: str) -> str:
+    """What the node boots next, asked of its boot driver (as finalize would)."""
+    code = ("import sys; from imgfarm.drivers.base import NodeInfo; from imgfarm.drivers.sim import SimBoot; "
+            "print(SimBoot().get_boot_target(NodeInfo(name=sys.argv[1])).value)")
+    out = subprocess.run([sys.executable, "-c", code, node], env=farm.env,
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+@pytest.mark.timeout(600)
+def test_worker_host_reboot_kills_every_farm_process_at_once(farm: Farm) -> None:
+    """SIGKILL the API, the worker, beat and the agents that ran on this host,
+    all at once, mid-job; start the farm again. The jobs whose nodes kept
+    running resume and succeed (each booted once); the jobs whose agents died
+    end timed_out with the reason; no node is left netbooting."""
+    farm.env.update(IMGFARM_HEARTBEAT_TIMEOUT="10", IMGFARM_RECONCILE_INTERVAL="2")
+    farm.start_api()
+    farm.start_worker()
+    farm._start("beat", "beat")
+    farm.add_node("src", size_mib=16, fill=True)
+    farm.cli("capture", "src", "--image", "base", "--wait")
+    lives, dies = ["a1", "a2"], ["d1", "d2"]
+    add_sim_nodes(farm, lives + dies, size_mib=16, kernel_args="imgfarm.delay=20")
+    ids = dict(zip(lives + dies, farm.cli_json("restore", "a[1-2],d[1-2]", "--image", "base")["job_ids"],
+                   strict=True))
+    all_in(farm, list(ids.values()), ("running",), 90, "the four restores to run")
+
+    agents = {n: json.loads((farm.root / "data" / "sim" / n / "power.json").read_text())["pid"]
+              for n in dies}
+    for name in list(farm.procs):  # the farm's processes, and the agents that ran beside them
+        os.killpg(farm.procs[name].pid, signal.SIGKILL)
+    for pid in agents.values():
+        os.killpg(pid, signal.SIGKILL)
+    for name in list(farm.procs):
+        farm.procs.pop(name).wait(30)
+
+    farm.start_api()
+    farm.start_worker("worker2")
+    farm._start("beat", "beat")
+    final = all_in(farm, list(ids.values()), FINAL, 180, "every job to end after the reboot")
+    for node in lives:
+        detail = job(farm, ids[node])
+        assert final[ids[node]] == "succeeded", detail["error"]
+        assert sum(1 for e in detail["events"] if e["state"] == "booting") == 1
+        assert any("is gone" in e["message"] for e in detail["events"])
+    for node in dies:
+        detail = job(farm, ids[node])
+        assert final[ids[node]] == "timed_out", detail
+        assert "no report from the agent" in detail["error"]
+    for node in lives + dies:
+        assert sim_boot_target(farm, node) == "local", node
