@@ -80,7 +80,7 @@ def set_node(
     from imgfarm.drivers.registry import left_behind
     from imgfarm.models.db import session_scope
     from imgfarm.models.nodes import check_disk, check_ip, check_mac, ensure_groups, get_node, set_admin_state
-    from imgfarm.models.tables import NodeEvent
+    from imgfarm.models.tables import NodeEvent, secret_values, store_driver_info
     from imgfarm.tasks.nodes import node_info, validate_drivers
 
     with session_scope() as s:
@@ -96,14 +96,14 @@ def set_node(
             node.power_driver = power
         if disk is not None:
             node.disk = check_disk(disk)
-        info = dict(node.driver_info or {})
+        info = {**(node.driver_info or {}), **secret_values(node)}
         dropped = left_behind(info, old_drivers, (node.boot_driver, node.power_driver))
         for key in dropped:  # settings of the drivers the node no longer uses
             del info[key]
         info.update(parse_sets(set_))
         for key in unset:
             info.pop(key, None)
-        node.driver_info = info
+        store_driver_info(node, info)
         if group:
             node.groups = ensure_groups(s, group)
         if state is not None:

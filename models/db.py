@@ -13,13 +13,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from imgfarm.config.settings import get_settings
+from imgfarm.models.dbapi import private_sqlite_file
 
 _engines: dict[str, Engine] = {}
 _makers: dict[str, sessionmaker[Session]] = {}
@@ -29,8 +29,7 @@ _local = threading.local()
 
 def _sqlite_engine(url: str) -> Engine:
     path = url.split("///", 1)[1] if "///" in url else ""
-    if path and path != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    private_sqlite_file(path)
     engine = create_engine(
         url,
         connect_args={"check_same_thread": False, "timeout": 60, "isolation_level": None},

@@ -14,6 +14,7 @@ where the transition table and the locks live.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import sys
 from collections.abc import Iterator
@@ -53,6 +54,25 @@ class Reader:
         return list(self._run(sql, params))
 
 
+def private_sqlite_file(path: str) -> None:
+    """Create the SQLite file mode 0600 (or make an existing one of ours 0600).
+
+    Why: the job database holds node settings and job history; other local
+    users have no business reading it, whatever the umask. SQLite gives its
+    -wal and -shm files the database file's mode.
+    """
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        st = os.fstat(fd)
+        if st.st_uid == os.getuid() and st.st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def reader(url: str | None = None, *, bare_sqlite: bool = False) -> Iterator[Reader]:
     """One consistent read of the job database (a single transaction).
@@ -64,7 +84,7 @@ def reader(url: str | None = None, *, bare_sqlite: bool = False) -> Iterator[Rea
     url = url or _database_url()
     path = sqlite_path(url) if bare_sqlite else None
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        private_sqlite_file(path)
         conn = sqlite3.connect(path, timeout=60, isolation_level=None)
         conn.row_factory = sqlite3.Row
         try:

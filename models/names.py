@@ -8,6 +8,8 @@ loading SQLAlchemy.
 
 from __future__ import annotations
 
+import re
+
 from imgfarm.errors import InvalidInput
 from imgfarm.protocol import IMAGE_NAME, IMAGE_NAME_HINT
 
@@ -23,3 +25,13 @@ def check_image_name(name: str) -> str:
 def converted_name(source: str) -> str:
     """The default name of the image converted from the legacy image `source`."""
     return f"{source}-ng"
+
+
+# A driver setting whose name ends in pass, passwd, password, secret, token or key (any
+# case, `_file` settings excepted: those name a file) is a secret. The drivers' own
+# `secret` marks must agree (tests/test_secrets.py checks every declared property).
+_SECRET_KEY = re.compile(r"(?:^|[_.-])(?:pass|passwd|password|secret|token|key)\Z", re.IGNORECASE)
+
+
+def is_secret_key(key: str) -> bool:
+    return bool(_SECRET_KEY.search(key))

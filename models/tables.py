@@ -25,11 +25,13 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    event,
     text,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 from imgfarm.models import states
+from imgfarm.models.names import is_secret_key
 from imgfarm.protocol import BootTarget, ImageFormat, PowerState
 
 
@@ -88,6 +90,7 @@ class Node(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     groups: Mapped[list[Group]] = relationship(secondary=node_groups, lazy="selectin")
+    secrets: Mapped[list[NodeSecret]] = relationship(lazy="selectin", cascade="all, delete-orphan")
 
     @property
     def group_names(self) -> list[str]:
@@ -228,3 +231,37 @@ class NodeSecret(Base):
     value: Mapped[str] = mapped_column(Text)
 
     __table_args__ = (UniqueConstraint("node_id", "key", name="uq_node_secret"),)
+
+
+def secret_values(node: Node) -> dict[str, str]:
+    """The node's secret settings, for its drivers only (never for a view)."""
+    return {sec.key: sec.value for sec in node.secrets}
+
+
+def store_driver_info(node: Node, info: dict[str, Any]) -> None:
+    """All of a node's driver settings: the secret ones go to node_secrets, the rest to the row.
+
+    `info` is the whole set (secrets included); a secret not in it is removed.
+    """
+    public = {k: v for k, v in info.items() if not is_secret_key(k)}
+    wanted = {k: str(v) for k, v in info.items() if is_secret_key(k)}
+    if node.driver_info != public:
+        node.driver_info = public
+    existing = {sec.key: sec for sec in node.secrets}
+    for key, value in wanted.items():
+        if key in existing:
+            if existing[key].value != value:
+                existing[key].value = value
+        else:
+            node.secrets.append(NodeSecret(key=key, value=value))
+    for key, sec in existing.items():
+        if key not in wanted:
+            node.secrets.remove(sec)
+
+
+@event.listens_for(Session, "before_flush")
+def _secrets_out_of_node_rows(session: Session, _ctx: Any, _instances: Any) -> None:
+    """Whatever code set a node's driver_info, no secret is written into the node row."""
+    for obj in list(session.new) + list(session.dirty):
+        if isinstance(obj, Node) and any(is_secret_key(k) for k in (obj.driver_info or {})):
+            store_driver_info(obj, {**secret_values(obj), **obj.driver_info})

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from imgfarm.errors import InvalidInput, NotFound
 from imgfarm.models import states
+from imgfarm.models.names import is_secret_key
 from imgfarm.protocol import MAX_INT, JobKind
 
 if TYPE_CHECKING:
@@ -156,8 +157,11 @@ def node_view(node: Node, active_job: int | None = None) -> dict[str, Any]:
         "groups": node.group_names,
         "boot_driver": node.boot_driver,
         "power_driver": node.power_driver,
-        "driver_info": {k: ("***" if "password" in k and "file" not in k else v)
-                        for k, v in (node.driver_info or {}).items()},
+        # secrets live in node_secrets and show only as "set"; a secret-looking key still in
+        # the row (written by other code) is masked as well
+        "driver_info": {**{k: ("***" if is_secret_key(k) else v)
+                           for k, v in (node.driver_info or {}).items()},
+                        **{sec.key: "***" for sec in node.secrets}},
         "disk": node.disk,
         "admin_state": node.admin_state,
         "boot_target": node.boot_target,

@@ -32,7 +32,7 @@ from imgfarm.errors import ImgfarmError
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
 from imgfarm.models.jobs import add_event, begin_finalizing, get_job, transition
-from imgfarm.models.tables import Job, Node, utcnow
+from imgfarm.models.tables import Job, Node, NodeSecret, utcnow
 from imgfarm.models.workers import worker_id
 from imgfarm.protocol import BootTarget, Orders, PowerState, ProtocolError
 from imgfarm.tasks import multicast
@@ -111,7 +111,10 @@ def _start(job_id: int) -> float | None:
             waiter=worker_id(),
         )
         info = NodeInfo(name=node.name, mac=node.mac, ip=node.ip, boot_driver=node.boot_driver,
-                        power_driver=node.power_driver, driver_info=dict(node.driver_info or {}),
+                        power_driver=node.power_driver,
+                        driver_info={**(node.driver_info or {}), **dict(s.execute(
+                            select(NodeSecret.key, NodeSecret.value)
+                            .where(NodeSecret.node_id == job.node_id)).tuples().all())},
                         disk=node.disk)
         if won:  # what we are about to ask of the node; finalize sets local again
             s.execute(update(Node).where(Node.id == job.node_id).values(boot_target=BootTarget.AGENT,

@@ -23,7 +23,7 @@ from imgfarm.drivers.base import NodeInfo
 from imgfarm.drivers.registry import boot_driver, power_driver, validate_node
 from imgfarm.models.db import session_scope
 from imgfarm.models.nodes import ensure_groups, new_node
-from imgfarm.models.tables import Node
+from imgfarm.models.tables import Node, secret_values
 from imgfarm.protocol import BootTarget, Orders
 
 
@@ -35,7 +35,7 @@ def node_info(node: Node) -> NodeInfo:
         ip=node.ip,
         boot_driver=node.boot_driver,
         power_driver=node.power_driver,
-        driver_info=dict(node.driver_info or {}),
+        driver_info={**(node.driver_info or {}), **secret_values(node)},
         disk=node.disk,
         groups=tuple(node.group_names),
     )
