@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -172,8 +173,22 @@ def test_refuses_flipped_byte(which: str, ext3_gzip_split: ClonezillaSave,
     save = {"gzip": ext3_gzip_split, "lzop": fat32_lzop, "bzip2": ext2_bzip2_split}[which]
     files = _copy_set(save, tmp_path / "set")
     victim = files[len(files) // 2]
-    raw = bytearray(victim.read_bytes())
-    raw[len(raw) // 2] ^= 0x04
+    orig = victim.read_bytes()
+    undo = {"gzip": "gzip -dc", "lzop": "lzop -dc", "bzip2": "bzip2 -dc"}[which]
+
+    def decoded(data: bytes) -> bytes | None:
+        victim.write_bytes(data)
+        p = subprocess.run(f"cat {' '.join(map(str, files))} | {undo}", shell=True,
+                           capture_output=True)
+        return p.stdout if p.returncode == 0 else None
+
+    good = decoded(orig)
+    raw = bytearray(orig)
+    for pos in range(len(raw) // 2, len(raw)):  # a flip that changes what the tool decodes
+        raw[pos] ^= 0x04  # (one in an unused Huffman code length can leave it the same)
+        if decoded(bytes(raw)) != good:
+            break
+        raw[pos] ^= 0x04
     victim.write_bytes(bytes(raw))
     kind = {"lzop": "lzo"}.get(which, which)
     _refuse(files[0], dest, rf"corrupt {kind} data|CHK CRC mismatch|checksum mismatch")
