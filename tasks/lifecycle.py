@@ -25,6 +25,7 @@ from typing import Any
 
 import httpx
 from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
 
 from imgfarm.config.settings import get_settings
 from imgfarm.drivers.base import NodeInfo
@@ -172,6 +173,16 @@ def _api_was_away(s: Any, job: Any) -> bool:
     return True
 
 
+DB_RETRY = 2.0  # seconds between two reads of a job row while the database does not answer
+
+
+def _db_was_away(s: Any, job: Any, since: Any) -> None:
+    """The agent could not report while the job database was away: its silence counts from now."""
+    s.execute(update(Job).where(Job.id == job.id, Job.state == job.state).values(last_report_at=utcnow()))
+    add_event(s, job.id, "note", f"the job database did not answer from {since:%H:%M:%S} UTC; "
+              "the agent's silence counts from its return")
+
+
 def _silence_limit(job: Any) -> float:
     settings = get_settings()
     if job.state == states.BOOTING:
@@ -256,6 +267,7 @@ def wait_and_finish(
         slot = waker.register(job_id)
     last_progress: tuple[Any, ...] = (states.BOOTING, 0.0, 0)  # Flower shows STARTED already
     heartbeat = float(settings.heartbeat_timeout)
+    db_lost_at = None  # when the job database stopped answering this thread, if it did
     try:
         while True:
             if just_booted is not None:
@@ -264,26 +276,38 @@ def wait_and_finish(
                 wake_at = time.monotonic() + min(just_booted + 0.05, SAFETY_RECHECK)
                 just_booted = None
             else:
-                finalize = False
-                with session_scope() as s:
-                    job = s.execute(select(*_WATCH).where(Job.id == job_id)).one()
-                    if job.state in states.FINAL:
-                        return Summary(job.id, job.state, job.error, dict(job.result or {}))
-                    mine = job.waiter == worker_id()
-                    if job.state == states.FINALIZING:
-                        finalize = mine
-                    elif mine and job.cancel_requested:
-                        begin_finalizing(s, job_id, states.CANCELLED, "cancelled by operator")
+                try:
+                    finalize = False
+                    with session_scope() as s:
+                        job = s.execute(select(*_WATCH).where(Job.id == job_id)).one()
+                        if job.state in states.FINAL:
+                            return Summary(job.id, job.state, job.error, dict(job.result or {}))
+                        mine = job.waiter == worker_id()
+                        if db_lost_at is not None:
+                            if mine and job.state in (states.BOOTING, states.RUNNING):
+                                _db_was_away(s, job, db_lost_at)
+                            db_lost_at = None
+                            continue
+                        if job.state == states.FINALIZING:
+                            finalize = mine
+                        elif mine and job.cancel_requested:
+                            begin_finalizing(s, job_id, states.CANCELLED, "cancelled by operator")
+                            continue
+                        elif mine:
+                            expired = _check_deadlines(job)
+                            if expired and expired[1] != OVERALL_DEADLINE and _api_was_away(s, job):
+                                continue
+                            if expired:
+                                begin_finalizing(s, job_id, expired[0], expired[1])
+                                continue
+                    if finalize:
+                        finalize_job(job_id)  # outside the session: it opens its own
                         continue
-                    elif mine:
-                        expired = _check_deadlines(job)
-                        if expired and expired[1] != OVERALL_DEADLINE and _api_was_away(s, job):
-                            continue
-                        if expired:
-                            begin_finalizing(s, job_id, expired[0], expired[1])
-                            continue
-                if finalize:
-                    finalize_job(job_id)  # outside the session: it opens its own
+                except OperationalError as exc:  # the database restarts: wait for it, as the API does
+                    if db_lost_at is None:
+                        db_lost_at = utcnow()
+                        log.warning("job %s: the job database does not answer (%s); retrying", job_id, exc)
+                    time.sleep(DB_RETRY)
                     continue
                 progress = {"job_id": job_id, "state": job.state, "percent": job.progress,
                             "bytes_done": job.bytes_done, "bytes_total": job.bytes_total, "rate": job.rate}

@@ -35,6 +35,7 @@ pytestmark = [
 # proves the result outlived the old give-up; 40 s is well past it and keeps
 # the suite short. IMGFARM_TEST_API_OUTAGE=180 runs the full three minutes.
 API_OUTAGE = float(os.environ.get("IMGFARM_TEST_API_OUTAGE", "40"))
+PG_OUTAGE = 12.0
 
 
 def job(farm: Farm, job_id: int) -> dict:
@@ -290,9 +291,12 @@ def test_postgres_restarted_mid_job(tmp_path: Path) -> None:
     """PostgreSQL stops (immediate: every connection dropped) and starts again
     while a restore runs and a bulk window (one node at a time) is open: the API
     and the worker reconnect, the restore succeeds, and beat's window ticks
-    go on submitting the window's next nodes."""
+    go on submitting the window's next nodes. The database stays down longer
+    than the allowed silence of an agent, so the restore's waiter finds it gone
+    and must wait for it rather than die or blame the agent."""
     with private_postgres() as pg, private_redis(tmp_path) as rds, \
-            farm_on(tmp_path, pg.url, rds.url, IMGFARM_WINDOW_TICK_INTERVAL="2") as farm:
+            farm_on(tmp_path, pg.url, rds.url, IMGFARM_WINDOW_TICK_INTERVAL="2",
+                    IMGFARM_HEARTBEAT_TIMEOUT=str(PG_OUTAGE - 4)) as farm:
         farm.start_api()
         farm.start_worker()
         farm.add_node("src", size_mib=16, fill=True)
@@ -307,6 +311,8 @@ def test_postgres_restarted_mid_job(tmp_path: Path) -> None:
         all_in(farm, [solo], ("running",), 60, "the restore to run")
 
         pg.stop("immediate")
+        # down longer than the allowed silence: the restore's waiter reads its row meanwhile
+        time.sleep(PG_OUTAGE)
         pg.start()
 
         def window_done() -> dict[int, str]:
@@ -318,7 +324,9 @@ def test_postgres_restarted_mid_job(tmp_path: Path) -> None:
         window = wait_for(window_done, 240, interval=1, what="the window to go through its three nodes")
         assert set(window.values()) == {"succeeded"}, window
         final = all_in(farm, [solo], FINAL, 60, "the restore to end")
-        assert final[solo] == "succeeded", job(farm, solo)["error"]
+        detail = job(farm, solo)
+        assert final[solo] == "succeeded", detail["error"]
+        assert any("the job database did not answer" in e["message"] for e in detail["events"])
         assert not [s for s in states_of(farm).values() if s not in FINAL]
         assert all(boot_target(farm, n) == "local" for n in ("solo", "w1", "w2", "w3"))
 
