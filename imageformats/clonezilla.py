@@ -104,11 +104,13 @@ class CzDir:
     mbr: bytes = field(repr=False)
     parts: list[CzPart] = field(default_factory=list)
 
+    last_lba: int = 0  # gpt: the dump's last-lba (the backup GPT's 33 sectors follow it)
+
     @property
     def size_bytes(self) -> int:
         end = max(p.start_bytes + p.size_bytes for p in self.parts)
-        if self.table_type == "gpt":
-            end += 33 * self.sector_size  # the backup GPT after the last partition
+        if self.table_type == "gpt":  # the backup GPT (32 entry sectors + header) at the end
+            end = max(end + 33 * self.sector_size, (self.last_lba + 34) * self.sector_size)
         return end
 
 
@@ -133,6 +135,17 @@ def _names(path: Path) -> list[str]:
             raise ImageError(f"{path.name}: {n!r} is not a device name",
                              hint="Clonezilla writes names like sda1 or nvme0n1p2")
     return names
+
+
+def last_lba(text: str) -> int:
+    """The ``last-lba:`` of a gpt dump (0 when there is none)."""
+    for line in text.splitlines():
+        if line.strip().startswith("last-lba:"):
+            try:
+                return int(line.split(":", 1)[1])
+            except ValueError:
+                return 0
+    return 0
 
 
 def parse_sfdisk(text: str, where: str) -> tuple[str, int, dict[str, tuple[int, int, str]]]:
@@ -242,7 +255,7 @@ def read_dir(directory: str | os.PathLike[str]) -> CzDir:
                              "first partition")
         head = mbr + hidden.read_bytes()
     out = CzDir(directory=d, disk=disk, sfdisk=sfdisk, table_type=label, sector_size=sector,
-                head=head, mbr=mbr)
+                head=head, mbr=mbr, last_lba=last_lba(sfdisk))
     for dev in parts:
         if dev not in table:
             raise ImageError(f"{d.name}/parts names {dev}, which {sf_path.name} does not list")

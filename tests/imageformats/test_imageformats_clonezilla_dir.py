@@ -99,3 +99,21 @@ def test_table_and_disk_files(d: Path) -> None:
     _refused(d, r"partition table type 'sun' is not supported")
     (d / "sda-pt.sf").unlink()
     _refused(d, r"2026-img/sda-pt\.sf is missing")
+
+
+def test_gpt_dump_from_sfdisk(d: Path, tmp_path: Path) -> None:
+    """A gpt table as sfdisk itself dumps it: the disk reaches past last-lba by the backup GPT."""
+    import subprocess
+
+    disk = tmp_path / "g.img"
+    with open(disk, "wb") as fh:
+        fh.truncate(64 << 20)
+    subprocess.run(["sfdisk", "-q", str(disk)], check=True, capture_output=True, text=True,
+                   input="label: gpt\nstart=2048, size=20480, type=L\nstart=22528, type=U\n")
+    dump = subprocess.run(["sfdisk", "-d", str(disk)], check=True, capture_output=True,
+                          text=True).stdout.replace(str(disk), "/dev/sda")
+    (d / "sda-pt.sf").write_text(dump)
+    (d / "sda-hidden-data-after-mbr").unlink()
+    r = cz.read_dir(d)
+    assert r.table_type == "gpt" and [p.start_bytes for p in r.parts] == [2048 * 512, 22528 * 512]
+    assert r.size_bytes == 64 << 20 and len(r.head) == 512
