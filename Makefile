@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup system-packages venv services demo test test-fast lint bench docs clean
+.PHONY: setup system-packages venv services demo demo-vm test test-fast test-vm lint bench bench-vm docs clean
 
 setup: system-packages venv
 
@@ -28,6 +28,10 @@ services:
 demo: setup
 	$(PY) -m imgfarm.demo
 
+# The same main job on 3 QEMU machines that PXE-boot the farm's own boot image.
+demo-vm: setup services
+	$(PY) tests/vm/demo.py
+
 test: setup services
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
@@ -35,6 +39,9 @@ test: setup services
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow"
+
+test-vm: setup services
+	$(PY) -m pytest -q -ra -m vm --durations=10
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -50,5 +57,8 @@ bench: setup services
 	$(PY) bench/pxe_files.py
 	$(PY) bench/cli_start.py
 
+bench-vm: setup services
+	$(PY) bench/vm.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .imgfarm-demo
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .imgfarm-demo .imgfarm-demo-vm .cache/vm-bootimage

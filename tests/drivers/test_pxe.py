@@ -45,7 +45,7 @@ def tftp_root(settings_env, tmp_path: Path) -> Path:
 # --- strict checkers for the formats with no installed parser ----------------
 
 PXELINUX_KEYWORDS = {"DEFAULT", "PROMPT", "TIMEOUT", "LABEL", "KERNEL", "LINUX",
-                     "INITRD", "APPEND", "LOCALBOOT", "MENU", "ONTIMEOUT"}
+                     "INITRD", "APPEND", "IPAPPEND", "LOCALBOOT", "MENU", "ONTIMEOUT"}
 
 
 def check_pxelinux(text: str) -> dict[str, dict[str, str]]:
@@ -66,7 +66,7 @@ def check_pxelinux(text: str) -> dict[str, dict[str, str]]:
             current = value.strip()
             assert current and current not in labels, f"line {n}: bad label"
             labels[current] = {}
-        elif key in ("KERNEL", "LINUX", "APPEND", "LOCALBOOT", "INITRD"):
+        elif key in ("KERNEL", "LINUX", "APPEND", "IPAPPEND", "LOCALBOOT", "INITRD"):
             assert current is not None, f"line {n}: {key} outside a LABEL"
             labels[current][key] = value.strip()
         elif key in ("PROMPT", "TIMEOUT"):
@@ -192,7 +192,7 @@ def test_loader_from_site_setting_and_stale_agent_files_are_reverted(tftp_root, 
 GOLDEN = {  # byte for byte what the driver writes (the templates must not drift)
     ("pxelinux", "agent"): "# imgfarm: agent job=7 node=n7\nDEFAULT imgfarm-agent\nPROMPT 0\n"
     "TIMEOUT 0\n\nLABEL imgfarm-agent\n  KERNEL imgfarm/vmlinuz\n"
-    "  APPEND initrd=imgfarm/initrd.img {params}\n",
+    "  APPEND initrd=imgfarm/initrd.img {params}\n  IPAPPEND 2\n",
     ("pxelinux", "local"): "# imgfarm: local\nDEFAULT local\nPROMPT 0\nTIMEOUT 0\n\n"
     "LABEL local\n  LOCALBOOT 0\n",
     ("ipxe", "agent"): "#!ipxe\n# imgfarm: agent job=7 node=n7\nkernel /imgfarm/vmlinuz "

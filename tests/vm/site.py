@@ -6,7 +6,9 @@
 the pxe boot driver writing under a TFTP root that QEMU's TFTP serves, iPXE
 fetching the boot image over HTTP from the API's /tftp/ route, the ipmi
 power driver, and the agents mounting `10.0.2.2:/images` over NFSv4.1 with
-`IMGFARM_IMAGE_STORE_NFS_OPTIONS=port=N`. Everything it started is stopped
+`IMGFARM_IMAGE_STORE_NFS_OPTIONS=port=N`. A pxelinux node boots Debian's
+lpxelinux.0, which reads the per-MAC file the driver wrote and fetches the
+kernel and initrd by the node's `kernel`/`initrd` URLs. Everything it started is stopped
 when the `with` ends, whatever happened.
 """
 
@@ -47,6 +49,7 @@ class VmSite:
     tftp: Path
     store: Path
     stack: contextlib.ExitStack
+    boot_url: str  # the TFTP root over HTTP, as the guest reaches it
     nodes: dict[str, vmlib.VmNode] = field(default_factory=dict)
 
     def add_node(self, name: str, index: int, *, table: str | None = "dos", bus: str = "virtio",
@@ -59,14 +62,23 @@ class VmSite:
             vmlib.make_disk(disk, name, table=table, size_mib=size_mib, random_kib=random_kib)
         else:
             vmlib.blank_disk(disk, size_mib)
+        settings = ["--set", f"loader={loader}"]
+        bootfile = "boot.ipxe"
+        if loader == "pxelinux":
+            # lpxelinux.0 is pxelinux with HTTP: it reads pxelinux.cfg/01-<mac> over TFTP
+            # like pxelinux.0, then fetches the node's kernel and initrd by URL, which
+            # takes seconds where QEMU's TFTP takes minutes for a 20 MiB initrd.
+            bootfile = "lpxelinux.0"
+            settings += ["--set", f"kernel={self.boot_url}imgfarm/vmlinuz",
+                         "--set", f"initrd={self.boot_url}imgfarm/initrd.img"]
         vm = vmlib.VmNode(name, self.root / "vms" / name, disk, vmlib.mac_for(index), self.tftp,
-                          "boot.ipxe" if loader == "ipxe" else "pxelinux.0", disk_bus=bus)
+                          bootfile, disk_bus=bus)
         if bmc:
             self.stack.enter_context(vmlib.machines(vm))
         else:  # a BMC that does not answer: its port is chosen, nothing listens there
             vm.write_scripts()
         self.nodes[name] = vm
-        self.farm.cli("node", "add", name, *vm.add_args(), "--set", f"loader={loader}")
+        self.farm.cli("node", "add", name, *vm.add_args(), *settings)
         return vm
 
     def job(self, job_id: int) -> dict[str, Any]:
@@ -118,7 +130,8 @@ def vm_site(root: Path, boot_image: Any = None, **extra_env: str) -> Iterator[Vm
             "IMGFARM_IMAGE_STORE_NFS_OPTIONS": f"port={nfs.port},timeo=50,retrans=2",
             "IMGFARM_DEFAULT_BOOT_DRIVER": "pxe", "IMGFARM_DEFAULT_POWER_DRIVER": "ipmi",
             "IMGFARM_PXE__TFTP_ROOT": str(tftp),
-            "IMGFARM_PXE__EXTRA_CMDLINE": "console=ttyS0",
+            # Powered off when the agent ends: the farm powers it on into local boot.
+            "IMGFARM_PXE__EXTRA_CMDLINE": "console=ttyS0 imgfarm.after=poweroff",
             "IMGFARM_IPMI__TIMEOUT": "30", "IMGFARM_IPMI__RETRIES": "1",
             "IMGFARM_IPMI__BACKOFF": "0.5", "IMGFARM_IPMI__CIPHER_SUITE": "3",
             "IMGFARM_BOOT_TIMEOUT": "300", "IMGFARM_HEARTBEAT_TIMEOUT": "120",
@@ -131,14 +144,8 @@ def vm_site(root: Path, boot_image: Any = None, **extra_env: str) -> Iterator[Vm
         # The agents reach the API as the guest sees the host; the tests use loopback.
         guest_api = f"http://{vmlib.HOST_FROM_GUEST}:{farm.port}"
         farm.env["IMGFARM_API_URL"] = guest_api
-        # iPXE fetches the boot image over HTTP: from the API's /tftp/ route, or
-        # where the API has none, from a static server of the same directory.
-        import httpx
-
-        if httpx.get(f"http://127.0.0.1:{farm.port}/tftp/boot.ipxe", timeout=5).status_code == 200:
-            farm.env["IMGFARM_PXE__IPXE_BASE_URL"] = f"{guest_api}/tftp/"
-        else:
-            port = stack.enter_context(vmlib.http_server(tftp, root))
-            farm.env["IMGFARM_PXE__IPXE_BASE_URL"] = f"http://{vmlib.HOST_FROM_GUEST}:{port}/"
+        # iPXE (and lpxelinux) fetch the boot image over HTTP from the API's /tftp/ route.
+        boot_url = f"{guest_api}/tftp/"
+        farm.env["IMGFARM_PXE__IPXE_BASE_URL"] = boot_url
         farm.start_worker(concurrency=8)
-        yield VmSite(root, farm, nfs, tftp, store, stack)
+        yield VmSite(root, farm, nfs, tftp, store, stack, boot_url)

@@ -41,6 +41,7 @@ from tests.support import wait_for
 
 HOST_FROM_GUEST = "10.0.2.2"  # QEMU user networking: the host's 127.0.0.1
 PXELINUX = Path("/usr/lib/PXELINUX/pxelinux.0")
+LPXELINUX = Path("/usr/lib/PXELINUX/lpxelinux.0")  # pxelinux with HTTP
 LDLINUX = Path("/usr/lib/syslinux/modules/bios/ldlinux.c32")
 IPXE_ROM = Path("/usr/lib/ipxe/qemu/efi-virtio.rom")  # virtio-net-pci's default ROM (BIOS + UEFI)
 BMC_PASSWORD = "vm-bmc-Pw1"
@@ -51,7 +52,8 @@ TOOLS = {
     "ipmi_sim": "openipmi", "ipmitool": "ipmitool", "sfdisk": "fdisk", "mkfs.ext4": "e2fsprogs",
     "mkfs.fat": "dosfstools", "mcopy": "mtools", "losetup": "mount",
 }
-FILES = {IPXE_ROM: "ipxe-qemu", PXELINUX: "pxelinux", LDLINUX: "syslinux-common",
+FILES = {IPXE_ROM: "ipxe-qemu", PXELINUX: "pxelinux", LPXELINUX: "pxelinux",
+         LDLINUX: "syslinux-common",
          Path("/usr/lib/x86_64-linux-gnu/ganesha/libfsalvfs.so"): "nfs-ganesha-vfs"}
 
 
@@ -401,6 +403,7 @@ def write_boot_scripts(tftp_root: Path) -> None:
     # iPXE asks for its node's own file, as a site's DHCP-served boot.ipxe does.
     (tftp_root / "boot.ipxe").write_text("#!ipxe\nchain ipxe/${mac:hexhyp}.ipxe\n")
     shutil.copy(PXELINUX, tftp_root / "pxelinux.0")
+    shutil.copy(LPXELINUX, tftp_root / "lpxelinux.0")
     shutil.copy(LDLINUX, tftp_root / "ldlinux.c32")
 
 
