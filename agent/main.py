@@ -65,10 +65,12 @@ class StoreMount:
     """
 
     NFS_OPTIONS = "vers=4.1,proto=tcp,soft,timeo=100,retrans=3"
-    _OPPOSITE = {"soft": "hard", "hard": "soft", "lock": "nolock", "nolock": "lock"}
+    _OPPOSITE = {"soft": "hard", "hard": "soft", "lock": "nolock", "nolock": "lock", "ro": "rw",
+                 "rw": "ro"}
 
-    def __init__(self, store: Store, job_id: int) -> None:
+    def __init__(self, store: Store, job_id: int, read_only: bool = False) -> None:
         self.store = store
+        self.read_only = read_only  # a restore: mounted ro, whatever the site's options say
         self.mountpoint: Path | None = None
         self.job_id = job_id
 
@@ -111,7 +113,7 @@ class StoreMount:
         if isinstance(self.store, NfsStore):
             mnt = RUN_DIR / f"store-{self.job_id}"
             mnt.mkdir(parents=True, exist_ok=True)
-            opts = self.options(self.store.options)
+            opts = self.options(self.store.options + (",ro" if self.read_only else ""))
             vers = next((w[5:] for w in reversed(opts.split(",")) if w.startswith("vers=")), "")
             fstype = "nfs4" if vers.startswith("4") else "nfs"
             out = subprocess.run(["mount", "-t", fstype, "-o", opts, self.store.export, str(mnt)],
@@ -198,7 +200,7 @@ def run(orders: Orders, cmdline: str = "") -> int:
             time.sleep(orders.delay)
         disk = disks.find_disk(orders.disk or spec.disk_hint)
         log(f"job {orders.job_id}: {spec.kind} {spec.format} on {disk}")
-        mount = StoreMount(spec.store, orders.job_id)
+        mount = StoreMount(spec.store, orders.job_id, read_only=spec.kind == JobKind.RESTORE)
         with mount as root:
             files, manifest = _do(spec, disk, root, progress, orders, _noter(client, progress))
     except Exception as exc:  # noqa: BLE001 - every failure is reported, never swallowed

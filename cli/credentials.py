@@ -57,6 +57,29 @@ def operator_token() -> str:
     return data.decode("utf-8", "replace").strip()
 
 
+def read_private_file(named: str) -> str:
+    """A credential file's text, refused unless it is a regular file others cannot read."""
+    path = Path(named)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise InvalidInput(f"credential file {path}: {exc.strerror}",
+                           hint="a regular file of yours, mode 0600") from None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidInput(f"credential file {path} is not a regular file", hint="a file, mode 0600")
+        if st.st_mode & 0o077:
+            raise InvalidInput(
+                f"credential file {path} is readable by others (mode {stat.S_IMODE(st.st_mode):04o})",
+                hint=f"chmod 600 {path}")
+        data = fh.read(MAX_TOKEN_FILE + 1)
+    if len(data) > MAX_TOKEN_FILE:
+        raise InvalidInput(f"credential file {path} is larger than {MAX_TOKEN_FILE} bytes",
+                           hint="it holds a few short lines")
+    return data.decode("utf-8", "replace")
+
+
 def write_token_file(path: Path, token: str) -> None:
     """A new file, mode 0600 from its first byte (never a moment readable by others)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)

@@ -100,11 +100,49 @@ def api(host: str = typer.Option("", help="bind address (default: settings)"),
                 ssl_certfile=certfile or None, ssl_keyfile=keyfile or None)
 
 
-def flower(port: int = typer.Option(5555), address: str = typer.Option("127.0.0.1")) -> None:
-    """Start Flower against the farm's broker (the live view; the job DB is the history)."""
-    os.environ.setdefault("FLOWER_UNAUTHENTICATED_API", "true")
-    os.execvp(sys.executable, [sys.executable, "-m", "celery", "-A", "imgfarm.worker.app", "flower",
-                               f"--port={port}", f"--address={address}"])
+@handles_errors
+def flower(
+    port: int = typer.Option(5555),
+    address: str = typer.Option("127.0.0.1"),
+    behind_proxy: bool = typer.Option(False, "--behind-proxy", help="no auth of Flower's own: "
+                                      "a reverse proxy in front of it authenticates (loopback only)"),
+) -> None:
+    """Start Flower against the farm's broker (the live view; the job DB is the history).
+
+    Flower can cancel and retry tasks, so it never runs open: it takes basic
+    auth from FLOWER_BASIC_AUTH (user:password[,user2:password2]) or the 0600
+    file IMGFARM_FLOWER_AUTH_FILE, or listens on loopback only with
+    --behind-proxy. Credentials go in Flower's environment, never its command line.
+    """
+    # lazy: the CLI's credential reader, only for this command
+    from imgfarm.cli.credentials import read_private_file
+    from imgfarm.errors import InvalidInput
+
+    auth = os.environ.get("FLOWER_BASIC_AUTH", "").strip()
+    auth_file = os.environ.get("IMGFARM_FLOWER_AUTH_FILE", "")
+    if not auth and auth_file:
+        auth = ",".join(line.strip() for line in read_private_file(auth_file).splitlines() if line.strip())
+    if auth and any(":" not in pair or pair.startswith(":") for pair in auth.split(",")):
+        raise InvalidInput("Flower basic auth must be user:password (comma-separated for several)",
+                           hint="fix FLOWER_BASIC_AUTH or IMGFARM_FLOWER_AUTH_FILE")
+    if not auth and not behind_proxy:
+        raise InvalidInput("Flower needs its own auth: it can cancel and retry the farm's tasks",
+                           hint="set FLOWER_BASIC_AUTH=user:password or IMGFARM_FLOWER_AUTH_FILE (a 0600 "
+                           "file), or run it behind an authenticating proxy with --behind-proxy")
+    if behind_proxy and not auth:
+        # lazy: the loopback rule lives with the tokens (models, SQLAlchemy), only for this case
+        from imgfarm.models.tokens import is_loopback
+
+        if not is_loopback(address):
+            raise InvalidInput(f"--behind-proxy listens on loopback only, not {address}",
+                               hint="let the proxy reach 127.0.0.1, or give Flower basic auth")
+    env = {k: v for k, v in os.environ.items() if k != "FLOWER_UNAUTHENTICATED_API"}
+    if auth:
+        env["FLOWER_BASIC_AUTH"] = auth
+    else:  # behind a proxy that authenticates: Flower's API must answer the proxy
+        env["FLOWER_UNAUTHENTICATED_API"] = "true"
+    os.execvpe(sys.executable, [sys.executable, "-m", "celery", "-A", "imgfarm.worker.app", "flower",
+                                f"--port={port}", f"--address={address}"], env)
 
 
 @handles_errors

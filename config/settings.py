@@ -92,6 +92,9 @@ class Settings(BaseSettings):
 
     image_store: Path | None = None  # default: data_dir/images
     image_store_nfs: str = ""  # "server:/export" that agents mount; empty: local path
+    # the store's .incoming directory as an export of its own ("server:/export/.incoming"):
+    # captures mount only it, read-write, so the image export can be read-only on the server
+    image_store_nfs_incoming: str = ""
     # Mount options the agent adds to its own (vers=4.1,proto=tcp,soft,...); later wins,
     # e.g. "port=20490" for a server on another port, or "vers=3,nolock" for NFSv3.
     image_store_nfs_options: str = ""

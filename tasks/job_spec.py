@@ -61,6 +61,18 @@ def image_store(job: Job) -> Store:
         raise exc.within("store") from None
 
 
+def _capture_target(job: Job, store: Store) -> tuple[Store, str]:
+    """Where a capture writes: its own directory under .incoming, through the incoming export
+    when the site has one (then the image export itself can be read-only on the server)."""
+    incoming = get_settings().image_store_nfs_incoming
+    if incoming and isinstance(store, NfsStore):
+        try:
+            return NfsStore(export=incoming, options=store.options), f"job-{job.id}"
+        except ProtocolError as exc:
+            raise exc.within("store") from None
+    return store, incoming_location(job.id)
+
+
 def job_spec(job: Job, image: Image | None = None) -> JobSpec:
     """The job spec of a capture, or of a restore of `image`."""
     ref = ImageRef(name=job.image_name)
@@ -75,16 +87,19 @@ def job_spec(job: Job, image: Image | None = None) -> JobSpec:
                                   start_timeout=float(mc.get("start_timeout") or 120.0))
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError("multicast", f"the job's multicast option is incomplete ({exc})") from None
+    store, output_dir = image_store(job), ""
+    if job.kind == JobKind.CAPTURE:
+        store, output_dir = _capture_target(job, store)
     return JobSpec(
         job_id=job.id,
         kind=JobKind(job.kind),
         format=ImageFormat(job.format),
         node=job.node_name,
         disk_hint=(job.options or {}).get("disk") or (job.node.disk if job.node else ""),
-        store=image_store(job),
+        store=store,
         progress_interval=get_settings().progress_interval,
         image=ref,
-        output_dir=incoming_location(job.id) if job.kind == JobKind.CAPTURE else "",
+        output_dir=output_dir,
         deadline_in=_deadline_in(job),
         multicast=multicast,
     )

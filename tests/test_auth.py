@@ -214,3 +214,43 @@ def test_cli_token_comes_from_env_or_a_0600_file_never_a_flag(tmp_path: Path, br
     assert _imgfarm(env, "token", "revoke", "alice").returncode == 0
     out = _imgfarm({**env, "IMGFARM_TOKEN": token}, "capture", "n1", "--image", "y")
     assert out.returncode == 5 and "not valid" in out.stderr
+
+
+def test_flower_refuses_to_run_without_its_own_auth(tmp_path: Path) -> None:
+    env = {**_env(tmp_path), "FLOWER_UNAUTHENTICATED_API": "true"}  # the old way does not open it
+    out = _imgfarm(env, "flower", "--port", str(free_port()))
+    assert out.returncode == 2 and "Flower needs its own auth" in out.stderr, out.stderr
+    out = _imgfarm(env, "flower", "--behind-proxy", "--address", "0.0.0.0")
+    assert out.returncode == 2 and "loopback only" in out.stderr
+    loose = tmp_path / "flower.auth"
+    loose.write_text("ops:pw\n")
+    loose.chmod(0o640)
+    out = _imgfarm({**env, "IMGFARM_FLOWER_AUTH_FILE": str(loose)}, "flower")
+    assert out.returncode == 2 and f"chmod 600 {loose}" in out.stderr
+
+
+def test_api_serves_https_with_certfile_and_keyfile(tmp_path: Path) -> None:
+    import httpx
+
+    from tests.support import wait_for
+
+    cert, key = tmp_path / "api.crt", tmp_path / "api.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    env = _env(tmp_path)
+    assert _imgfarm(env, "db", "upgrade").returncode == 0
+    out = _imgfarm(env, "api", "--certfile", str(cert))
+    assert out.returncode == 2 and "both --certfile and --keyfile" in out.stderr
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "imgfarm"), "api", "--port", str(port), "--certfile", str(cert),
+                             "--keyfile", str(key)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: httpx.get(f"https://127.0.0.1:{port}/healthz", verify=str(cert),
+                                   timeout=1).status_code == 200, 30, what="the API over https")
+        with pytest.raises(httpx.HTTPError):  # plain http on the TLS port gets nowhere
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).raise_for_status()
+    finally:
+        proc.terminate()
+        proc.wait(20)

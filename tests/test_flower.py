@@ -29,13 +29,14 @@ pytestmark = [
 
 REDIS_DB = 10
 AGENT_DELAY = 10  # seconds the good node's agent waits before imaging
+AUTH = ("ops", "flower-test-pw")  # Flower never runs open: basic auth from its environment
 
 
 @pytest.fixture
 def flower_farm(tmp_path: Path) -> Iterator[tuple[Farm, str]]:
     redis.Redis(db=REDIS_DB).flushdb()
     farm = Farm(tmp_path, f"sqlite:///{tmp_path / 'data' / 'imgfarm.db'}", REDIS_DB,
-                IMGFARM_BOOT_TIMEOUT="3")
+                IMGFARM_BOOT_TIMEOUT="3", FLOWER_BASIC_AUTH=":".join(AUTH))
     try:
         farm.cli("db", "upgrade")
         farm.start_api()
@@ -43,11 +44,12 @@ def flower_farm(tmp_path: Path) -> Iterator[tuple[Farm, str]]:
         port = free_port()
         farm._start("flower", "flower", "--port", str(port), "--address", "127.0.0.1")
         base = f"http://127.0.0.1:{port}"
-        wait_for(lambda: httpx.get(f"{base}/healthcheck", timeout=1).status_code == 200, 30,
+        wait_for(lambda: httpx.get(f"{base}/healthcheck", timeout=1, auth=AUTH).status_code == 200, 30,
                  what="Flower to answer")
         # Flower must have a worker before tasks are sent, or it misses their first events.
-        wait_for(lambda: httpx.get(f"{base}/api/workers?refresh=1", timeout=10).json(), 30,
+        wait_for(lambda: httpx.get(f"{base}/api/workers?refresh=1", timeout=10, auth=AUTH).json(), 30,
                  what="Flower to see the worker")
+        assert httpx.get(f"{base}/api/workers", timeout=10).status_code == 401  # no auth: refused
         yield farm, base
     finally:
         farm.stop()
@@ -55,7 +57,7 @@ def flower_farm(tmp_path: Path) -> Iterator[tuple[Farm, str]]:
 
 
 def _task(base: str, task_id: str) -> dict[str, Any]:
-    resp = httpx.get(f"{base}/api/task/info/{task_id}", timeout=5)
+    resp = httpx.get(f"{base}/api/task/info/{task_id}", timeout=5, auth=AUTH)
     return resp.json() if resp.status_code == 200 else {}
 
 
@@ -111,7 +113,7 @@ def test_flower_shows_jobs_with_args_state_progress_and_failure_reason(
 
     # the list endpoint and its filters (what the Flower UI's task table reads)
     failed = httpx.get(f"{base}/api/tasks", params={"taskname": "imgfarm.restore",
-                                                    "state": "FAILURE"}, timeout=5).json()
+                                                    "state": "FAILURE"}, timeout=5, auth=AUTH).json()
     assert list(failed) == [bad_task]
-    listed = httpx.get(f"{base}/api/tasks", params={"search": "dead"}, timeout=5).json()
+    listed = httpx.get(f"{base}/api/tasks", params={"search": "dead"}, timeout=5, auth=AUTH).json()
     assert bad_task in listed and ok_task not in listed  # searching by node name

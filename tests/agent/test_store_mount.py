@@ -46,6 +46,14 @@ def test_nfs_store_is_mounted_and_unmounted(fake_mount: Path, tmp_path: Path) ->
     ]
 
 
+def test_a_restore_mounts_read_only_whatever_the_site_says(fake_mount: Path, tmp_path: Path) -> None:
+    with StoreMount(NfsStore(export="imagesrv:/srv/images", options="rw,port=20490"), 8, read_only=True):
+        pass
+    mount = fake_mount.read_text().splitlines()[0]
+    opts = mount.split(" -o ")[1].split(" ")[0].split(",")
+    assert "ro" in opts and "rw" not in opts and "port=20490" in opts
+
+
 def test_failed_mount_is_a_clear_error(fake_mount: Path) -> None:
     with pytest.raises(ToolError, match="cannot mount image store badserver:/x") as err:
         with StoreMount(NfsStore(export="badserver:/x", options="vers=3,nolock"), 8):
