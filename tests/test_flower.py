@@ -28,7 +28,7 @@ pytestmark = [
 ]
 
 REDIS_DB = 10
-AGENT_DELAY = 10  # seconds the good node's agent waits before imaging
+AGENT_DELAY = 30  # seconds the good node's agent waits before imaging (four CLI calls on a loaded machine)
 AUTH = ("ops", "flower-test-pw")  # Flower never runs open: basic auth from its environment
 
 
