@@ -286,11 +286,23 @@ def _mismatch(part: Partition, got: str, size: int, where: str) -> str:
 
 def restore_ng(disk: str, source: StreamSource, spec: JobSpec, progress: Progress,
                feed: PartitionFeed | None = None,
-               note: Callable[[str], None] | None = None) -> dict[str, str]:
+               note: Callable[[str], None] | None = None) -> tuple[dict[str, str], Manifest]:
+    """Restore a partimage-ng image; the sha256 of every stream as read, and the manifest used.
+
+    The farm checks both against the image as it registered it (tasks/finalize.py); a
+    manifest whose streams disagree with the registry's checksums is refused here already,
+    before anything is written to the disk.
+    """
     try:
         manifest = Manifest.from_text(source.read(MANIFEST_FILE).decode("utf-8", errors="replace"))
     except ProtocolError as exc:
         raise ToolError(f"{source.describe(MANIFEST_FILE)}: {exc}") from None
+    registered = spec.image.checksums
+    for p in manifest.partitions:
+        if registered and registered.get(p.file) != p.sha256:
+            raise ToolError(f"{source.describe(MANIFEST_FILE)} names {p.file} with sha256 {p.sha256[:16]}..., "
+                            f"the farm registered {(registered.get(p.file) or 'no such stream')[:16]}...: "
+                            "the manifest was changed after the image was registered")
     parts = manifest.partitions
     progress.bytes_total = sum(p.stream_bytes for p in parts)
     table = manifest.disk.partition_table
@@ -345,7 +357,7 @@ def restore_ng(disk: str, source: StreamSource, spec: JobSpec, progress: Progres
                 progress.stage = f"restoring partition {p.index}"
                 files[p.file] = one(p, devs[p.index])
                 done += p.stream_bytes
-    return files
+    return files, manifest
 
 
 def restore_partimage(disk: str, imgdir: Path, spec: JobSpec, progress: Progress) -> dict[str, str]:

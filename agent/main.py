@@ -263,13 +263,14 @@ def _do(spec: JobSpec, disk: str, root: Path | None, progress: Progress, orders:
                  if p.is_file() and p.name != MANIFEST_FILE}
         return files, manifest
     imgdir = root / spec.image.location
+    used: Manifest | None = None  # a restore reports the manifest it followed, for the farm to check
     if spec.format == ImageFormat.NG:
-        files = imaging.restore_ng(disk, transport.DirSource(imgdir), spec, progress,
-                                   feed=_feed(spec, orders, note), note=note)
+        files, used = imaging.restore_ng(disk, transport.DirSource(imgdir), spec, progress,
+                                         feed=_feed(spec, orders, note), note=note)
     else:
         files = imaging.restore_partimage(disk, imgdir, spec, progress)
     os.sync()
-    return files, None
+    return files, used
 
 
 def _feed(spec: JobSpec, orders: Orders, note: Callable[[str], None]) -> imaging.PartitionFeed | None:
@@ -289,9 +290,9 @@ def _do_http(spec: JobSpec, disk: str, store: HttpStore, progress: Progress, ord
         raise imaging.ToolError(f"a {spec.format} image restores from NFS or a local store only; "
                                 "convert it to partimage-ng for HTTP")
     source = transport.HttpSource(f"{store.url}/{spec.image.location}", orders.token)
-    files = imaging.restore_ng(disk, source, spec, progress, feed=_feed(spec, orders, note), note=note)
+    files, used = imaging.restore_ng(disk, source, spec, progress, feed=_feed(spec, orders, note), note=note)
     os.sync()
-    return files, None
+    return files, used
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ from imgfarm.models.db import session_scope
 from imgfarm.models.images import find_image, image_dir, incoming_dir, register_image
 from imgfarm.models.jobs import add_event, get_job, transition
 from imgfarm.models.tables import Node
-from imgfarm.protocol import ImageFormat, JobKind, sha256_file
+from imgfarm.protocol import MANIFEST_FILE, ImageFormat, JobKind, Manifest, ProtocolError, sha256_file
 from imgfarm.tasks import multicast
 from imgfarm.tasks.nodes import node_info, reset_node
 
@@ -59,6 +59,53 @@ def _verify_capture(job_id: int, name: str, fmt: str, result: dict[str, Any]) ->
     return {"size_bytes": size, "checksums": reported, "manifest": manifest}
 
 
+def _verify_restore(image: dict[str, Any] | None, result: dict[str, Any]) -> None:
+    """Check a restore's report against the image as the job database registered it.
+
+    Why: an agent's `ok` alone proves nothing (`{"ok": true, "files": {}}` once passed for a
+    restore of a disk left all zeros), and the store can change after registration. Every
+    stream and the boot area must have been read with the registered sha256, at least the
+    registered bytes read, and a partimage-ng restore must have followed the registered
+    manifest: a manifest edited in the store is caught here.
+    """
+    if image is None:
+        raise ImgfarmError("the image is no longer registered")
+    files: dict[str, str] = dict(result.get("files") or {})
+    expected: dict[str, str] = dict(image["checksums"] or {})
+    registered = image["manifest"] or {}
+    if image["format"] == ImageFormat.NG:
+        if not registered:
+            raise ImgfarmError(f"image {image['name']!r} has no registered manifest to check against")
+        manifest = Manifest.from_json(registered)
+        used = result.get("manifest")
+        if not used:
+            raise ImgfarmError("the agent did not report the manifest it restored from")
+        if Manifest.from_json(used).to_json() != manifest.to_json():
+            differ = sorted(k for k in set(used) | set(registered) if used.get(k) != registered.get(k))
+            raise ImgfarmError(f"the manifest the agent restored from differs from the registered one "
+                               f"in {', '.join(differ) or 'its layout'}: the store's manifest.json "
+                               "was changed after registration")
+        expected.update(manifest.checksums)
+        if manifest.disk.head is not None:
+            expected[manifest.disk.head.file] = manifest.disk.head.sha256
+        need = manifest.stream_bytes
+    else:
+        need = 1 if image["size_bytes"] else 0
+    expected.pop(MANIFEST_FILE, None)
+    if not expected:
+        raise ImgfarmError(f"image {image['name']!r} has no registered checksums to check against")
+    for fname, digest in sorted(expected.items()):
+        got = files.get(fname)
+        if got is None:
+            raise ImgfarmError(f"{fname} is missing from the agent's report")
+        if got != digest:
+            raise ImgfarmError(f"{fname}: the agent read sha256 {got[:16]}..., the image was "
+                               f"registered with {digest[:16]}...")
+    done = int(result.get("bytes") or 0)
+    if done < need:
+        raise ImgfarmError(f"the agent read {done} bytes; the image's streams hold {need}")
+
+
 def _register_capture(s: Any, job: Any, fields: dict[str, Any]) -> None:
     name, fmt = job.image_name, job.format
     dest = image_dir(name)
@@ -90,6 +137,12 @@ def finalize_job(job_id: int) -> None:
         node = s.get(Node, job.node_id) if job.node_id else None
         info = node_info(node) if node else None
         kind, name, fmt, result = job.kind, job.image_name, job.format, dict(job.result or {})
+        image = None
+        if kind == JobKind.RESTORE and outcome == states.SUCCEEDED:
+            row = find_image(s, name)
+            image = None if row is None else {
+                "name": row.name, "format": row.format, "checksums": dict(row.checksums or {}),
+                "manifest": dict(row.manifest or {}), "size_bytes": row.size_bytes}
         options = dict(job.options or {})
         # A job that never left `queued` made no driver call: its node is as it was (maybe
         # running someone's work), so ending the job must not reboot it.
@@ -107,6 +160,11 @@ def finalize_job(job_id: int) -> None:
             outcome, verify_error = states.FAILED, f"capture did not verify: {exc}"
         else:
             verify_error = ""
+    if outcome == states.SUCCEEDED and kind == JobKind.RESTORE:
+        try:
+            _verify_restore(image, result)
+        except (ImgfarmError, ProtocolError, KeyError, TypeError, ValueError) as exc:
+            outcome, verify_error = states.FAILED, f"restore did not verify: {exc}"
     if info is not None and touched:
         cycle = outcome != states.SUCCEEDED or settings.power_cycle_after
         err = reset_node(info, power_cycle=cycle)
@@ -115,7 +173,7 @@ def finalize_job(job_id: int) -> None:
     with session_scope() as s:
         job = get_job(s, job_id)
         final, error = outcome, job.error
-        if kind == JobKind.CAPTURE and job.outcome == states.SUCCEEDED and outcome == states.FAILED:
+        if job.outcome == states.SUCCEEDED and outcome == states.FAILED and verify_error:
             error = verify_error
         if final == states.SUCCEEDED and verified is not None:
             try:

@@ -207,7 +207,7 @@ class ResultReport(Message):
     error: Annotated[str, Rule(max_len=MAX_ERROR, raw=True, cut="head")] = ""
     stderr_tail: Annotated[str, Rule(max_len=MAX_TAIL, raw=True, cut="tail")] = ""
     files: FileSums = dataclasses.field(default_factory=dict)  # written (capture) or read (restore)
-    manifest: Annotated[Manifest | None, _OMIT] = None  # a partimage-ng capture's
+    manifest: Annotated[Manifest | None, _OMIT] = None  # a partimage-ng capture's, or the one restored
     bytes: Count = 0
     duration: Seconds = 0.0
 
