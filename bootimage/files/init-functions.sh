@@ -85,3 +85,17 @@ choose_nic() {
     fi
     return 1
 }
+
+# wait_for_disk SECONDS: until a disk (not a loop, RAM or optical device) is there.
+wait_for_disk() {
+    _left=$1
+    while :; do
+        for _b in "$SYS"/block/*; do
+            case ${_b##*/} in loop*|ram*|sr*|zram*|'*') continue ;; esac
+            return 0
+        done
+        [ "$_left" -gt 0 ] || return 1
+        sleep 1
+        _left=$((_left - 1))
+    done
+}
