@@ -9,7 +9,7 @@ at once (the floor any image pays for firmware and kernel start under TCG
 on this machine, at its current load). The load average is printed too: the
 machine's cores are shared, and TCG time grows with the load.
 
-    .venv/bin/python bench/bootimage.py [--runs 2] [--compress zstd|gzip ...]
+    .venv/bin/python bench/bootimage.py [--runs 2] [--smp 1] [--compress zstd|gzip ...]
 """
 
 from __future__ import annotations
@@ -63,10 +63,11 @@ STEPS = (("kernel runs /init", r"imgfarm-init: imgfarm boot image .* up ([\d.]+)
          ("DHCP lease", r"imgfarm-init: DHCP lease .* up ([\d.]+) s"))
 
 
-def boot_image(image: object, work: Path, run: int) -> tuple[float, dict[str, float]]:
+def boot_image(image: object, work: Path, run: int, smp: int) -> tuple[float, dict[str, float]]:
     with FirstCallListener() as api:
         append = f"imgfarm.api=http://10.0.2.2:{api.port} imgfarm.job=1 imgfarm.token=bench imgfarm.after=poweroff"
-        with Qemu(direct_boot_args(image.vmlinuz, image.initrd, append), work / f"boot-{run}.log") as vm:  # type: ignore[attr-defined]
+        args = [*direct_boot_args(image.vmlinuz, image.initrd, append), "-smp", str(smp)]  # type: ignore[attr-defined]
+        with Qemu(args, work / f"boot-{run}.log") as vm:
             first = api.wait_first(timeout=600, vm=vm)
             text = vm.console.text()
     steps = {}
@@ -80,6 +81,7 @@ def boot_image(image: object, work: Path, run: int) -> tuple[float, dict[str, fl
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--smp", type=int, default=1, help="virtual CPUs of the machine (default 1)")
     parser.add_argument("--compress", nargs="+", default=["zstd"], choices=["zstd", "gzip"])
     args = parser.parse_args()
     kernel = find_kernel()
@@ -96,9 +98,9 @@ def main() -> int:
                   f"kernel {kern['bytes'] / 2**20:.1f} MiB; "
                   f"{'from the cache' if image.cached else 'built'} in {took:.1f} s")
             for run in range(1, args.runs + 1):
-                wall, steps = boot_image(image, work, run)
+                wall, steps = boot_image(image, work, run, args.smp)
                 shown = ", ".join(f"{k} {v:.1f}" for k, v in steps.items())
-                print(f"  run {run}: power-on -> agent's first API call {wall:.1f} s wall "
+                print(f"  run {run}, {args.smp} vCPU: power-on -> agent's first API call {wall:.1f} s wall "
                       f"(budget 45 s); guest uptime at: {shown}; load {os.getloadavg()[0]:.1f}")
         initrd = baseline_initrd(work / "baseline.img")
         wall, up = boot_baseline(kernel.vmlinuz, initrd, work)
