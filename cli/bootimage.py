@@ -60,7 +60,11 @@ def build_cmd(
     json_out: bool = json_option(),
 ) -> None:
     """Build the boot image from this host's Debian packages into --out (cached by its inputs)."""
-    image = _build(out, kernel, compress, level, cache_dir, no_cache)
+    try:
+        image = _build(out, kernel, compress, level, cache_dir, no_cache)
+    except OSError as exc:
+        raise ImgfarmError(f"cannot write the boot image: {exc.strerror or exc} ({exc.filename or out})",
+                           hint="give an --out (and --cache-dir) this user may write to") from None
     _report(image, out / "vmlinuz", out / "initrd.img", json_out)
 
 
@@ -81,7 +85,11 @@ def install_cmd(
 
     pxe = get_settings().pxe
     image = _build(None, kernel, compress, level, cache_dir, False)
-    copy_to(image, pxe.tftp_root, pxe.kernel, pxe.initrd)
+    try:
+        copy_to(image, pxe.tftp_root, pxe.kernel, pxe.initrd)
+    except OSError as exc:
+        raise ImgfarmError(f"cannot install the boot image into {pxe.tftp_root}: {exc.strerror or exc}",
+                           hint="run it as a user that may write there, or set IMGFARM_PXE__TFTP_ROOT") from None
     _report(image, pxe.tftp_root / pxe.kernel, pxe.tftp_root / pxe.initrd, json_out)
     if not json_out:
         echo(f"  served over TFTP from {pxe.tftp_root}, and over HTTP by `imgfarm api` at /tftp/")
