@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import re
 import subprocess
 import tempfile
@@ -68,8 +67,16 @@ def _run_checked(args: list[str], stdin: Any = None) -> str:
 
 # ---------------------------------------------------------------- capture
 
-def _capture_partition(dev: str, out: Path, progress: Progress, base_done: int, *, index: int,
-                       start: int, size: int = 0, ptype: str = "") -> Partition:
+class FileSink(Protocol):
+    """Where a capture's files go (agent/transport.py: a directory, or HTTP uploads)."""
+
+    def open(self, name: str) -> Any: ...
+    def put(self, name: str, data: bytes) -> None: ...
+    def save_manifest(self, manifest: Manifest) -> None: ...
+
+
+def _capture_partition(dev: str, sink: FileSink, name: str, progress: Progress, base_done: int, *,
+                       index: int, start: int, size: int = 0, ptype: str = "") -> Partition:
     fstype = disks.fs_type(dev)
     tool, label = disks.partclone_for(fstype)
     cmd = [f"partclone.{tool}", "-c", "-s", dev, "-o", "-", *_partclone_log()]
@@ -91,15 +98,21 @@ def _capture_partition(dev: str, out: Path, progress: Progress, base_done: int, 
     watcher.start()
     h = hashlib.sha256()
     written = 0
-    with open(out, "wb") as fh:
+    out = sink.open(name)
+    try:
         while chunk := zs.stdout.read(CHUNK):
             h.update(chunk)
-            fh.write(chunk)
+            out.write(chunk)
             written += len(chunk)
             with progress.lock:
                 progress.bytes_done = base_done + rchar(pc.pid)
-        fh.flush()
-        os.fsync(fh.fileno())
+        out.close()
+    except BaseException:
+        pc.kill()
+        zs.kill()
+        pc.wait()
+        zs.wait()
+        raise
     rc_pc, rc_zs = pc.wait(), zs.wait()
     watcher.join(5)
     if rc_pc != 0 or rc_zs != 0:
@@ -113,7 +126,7 @@ def _capture_partition(dev: str, out: Path, progress: Progress, base_done: int, 
         return Partition(
             index=index, name=part_name(index), start_bytes=start, size_bytes=size, type=ptype,
             filesystem=fstype or "unknown", partclone_fs=info.get("partclone_fs", label), tool=tool,
-            file=out.name, sha256=h.hexdigest(), stream_bytes=written, compression="zstd",
+            file=name, sha256=h.hexdigest(), stream_bytes=written, compression="zstd",
             block_size=bs, total_blocks=info["total_blocks"], used_blocks=info["used_blocks"],
             total_bytes=info["total_blocks"] * bs, used_bytes=info["used_blocks"] * bs)
     except ProtocolError as exc:
@@ -138,9 +151,8 @@ def _parse_partclone_summary(tail: deque[bytes]) -> dict[str, Any]:
     return info
 
 
-def capture_ng(disk: str, outdir: Path, spec: JobSpec, progress: Progress) -> Manifest:
-    """Capture `disk` into outdir as partimage-ng; return the manifest (also written there)."""
-    outdir.mkdir(parents=True, exist_ok=True)
+def capture_ng(disk: str, sink: FileSink, spec: JobSpec, progress: Progress) -> Manifest:
+    """Capture `disk` into `sink` as partimage-ng; return the manifest (also written there)."""
     table = disks.partition_table(disk)
     disk_size = disks.size_of(disk)
     progress.bytes_total = disk_size
@@ -148,7 +160,7 @@ def capture_ng(disk: str, outdir: Path, spec: JobSpec, progress: Progress) -> Ma
     head = None
     if table is None:
         progress.stage = "capturing whole-disk filesystem"
-        parts.append(_capture_partition(disk, outdir / part_file(0), progress, 0, index=0, start=0,
+        parts.append(_capture_partition(disk, sink, part_file(0), progress, 0, index=0, start=0,
                                         size=disk_size))
     else:
         sector = int(table["json"].get("sectorsize", 512))
@@ -157,13 +169,13 @@ def capture_ng(disk: str, outdir: Path, spec: JobSpec, progress: Progress) -> Ma
         first = min(start for _, start, _, _ in entries)
         with open(disk, "rb") as fh:
             data = fh.read(first)
-        (outdir / HEAD_FILE).write_bytes(data)
+        sink.put(HEAD_FILE, data)
         head = DiskHead(file=HEAD_FILE, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
         done = 0
         with disks.PartitionDevices(disk, [(n, start, size) for n, start, size, _ in entries]) as devs:
             for num, start, size, ptype in entries:
                 progress.stage = f"capturing partition {num}"
-                parts.append(_capture_partition(devs[num], outdir / part_file(num), progress, done,
+                parts.append(_capture_partition(devs[num], sink, part_file(num), progress, done,
                                                 index=num, start=start, size=size, ptype=ptype))
                 done += size
     try:
@@ -175,7 +187,7 @@ def capture_ng(disk: str, outdir: Path, spec: JobSpec, progress: Progress) -> Ma
             partitions=tuple(parts))
     except ProtocolError as exc:
         raise ToolError(f"the manifest of {disk}: {exc}") from None
-    manifest.save(outdir)
+    sink.save_manifest(manifest)
     return manifest
 
 

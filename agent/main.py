@@ -237,8 +237,10 @@ def run(orders: Orders, cmdline: str = "") -> int:
 def _noter(client: FarmClient, progress: Progress) -> Callable[[str], None]:
     """Something the job's events should say now (a resumed transfer, a multicast fallback)."""
     def note(message: str) -> None:
+        # a tool's output in it may hold \r or escapes; a progress message is plain text
+        message = "".join(c if c.isprintable() else " " for c in message)
         log(message)
-        progress.stage = message[:500]
+        progress.stage = " ".join(message.split())[:500]
         try:
             client.progress(progress.snapshot())
         except ApiError as exc:
@@ -256,7 +258,7 @@ def _do(spec: JobSpec, disk: str, root: Path | None, progress: Progress, orders:
         outdir = root / spec.output_dir
         manifest: Manifest | None = None
         if spec.format == ImageFormat.NG:
-            manifest = imaging.capture_ng(disk, outdir, spec, progress)
+            manifest = imaging.capture_ng(disk, transport.DirSink(outdir), spec, progress)
         else:
             imaging.capture_partimage(disk, outdir, spec, progress)
         files = {p.name: sha256_file(p).sha256 for p in sorted(outdir.iterdir())
@@ -284,8 +286,15 @@ def _feed(spec: JobSpec, orders: Orders, note: Callable[[str], None]) -> imaging
 def _do_http(spec: JobSpec, disk: str, store: HttpStore, progress: Progress, orders: Orders,
              note: Callable[[str], None]) -> tuple[dict[str, str], Manifest | None]:
     if spec.kind == JobKind.CAPTURE:
-        raise imaging.ToolError("this agent captures to NFS or a local store only; "
-                                "set the job's transport to nfs")
+        if spec.format != ImageFormat.NG:
+            raise imaging.ToolError(f"a {spec.format} capture writes to NFS or a local store only; "
+                                    "capture partimage-ng over HTTP")
+        sink = transport.HttpSink(f"{store.url}/{spec.output_dir}", orders.token, note)
+        manifest = imaging.capture_ng(disk, sink, spec, progress)
+        files = {p.file: p.sha256 for p in manifest.partitions}
+        if manifest.disk.head is not None:
+            files[manifest.disk.head.file] = manifest.disk.head.sha256
+        return files, manifest
     if spec.format != ImageFormat.NG:
         raise imaging.ToolError(f"a {spec.format} image restores from NFS or a local store only; "
                                 "convert it to partimage-ng for HTTP")

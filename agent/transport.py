@@ -11,6 +11,8 @@ earlier, and the error then names the file and the byte offset reached.
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import re
 import time
@@ -19,6 +21,8 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from http.client import HTTPException
 from pathlib import Path
+
+from imgfarm.protocol import MANIFEST_FILE, Manifest
 
 CHUNK = 4 << 20
 CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
@@ -124,3 +128,119 @@ class HttpSource:
                     on_resume(done, str(exc))
                 time.sleep(delay * random.uniform(0.7, 1.3))
                 delay = min(delay * 2, 10.0)
+
+
+# ---------------------------------------------------------------- writing (capture)
+
+PIECE = 4 << 20  # bytes per PUT: what is lost, at most, when an upload breaks
+
+
+class _FileWriter:
+    def __init__(self, path: Path) -> None:
+        self.fh = open(path, "wb")  # noqa: SIM115 - closed in close()
+
+    def write(self, chunk: bytes) -> None:
+        self.fh.write(chunk)
+
+    def close(self) -> None:
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+
+
+class DirSink:
+    """A capture's files in a directory the node sees (local store, NFS mount)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def open(self, name: str) -> _FileWriter:
+        return _FileWriter(self.root / name)
+
+    def put(self, name: str, data: bytes) -> None:
+        w = self.open(name)
+        w.write(data)
+        w.close()
+
+    def save_manifest(self, manifest: Manifest) -> None:
+        manifest.save(self.root)
+
+
+class _Upload:
+    """One file sent in pieces; a piece whose PUT broke is sent again from the server's offset."""
+
+    def __init__(self, sink: HttpSink, name: str) -> None:
+        self.sink = sink
+        self.name = name
+        self.offset = 0  # bytes the server has confirmed
+        self.buf = bytearray()
+
+    def write(self, chunk: bytes) -> None:
+        self.buf += chunk
+        while len(self.buf) >= PIECE:
+            self._send(bytes(self.buf[:PIECE]))
+            del self.buf[:PIECE]
+
+    def close(self) -> None:
+        if self.buf:
+            self._send(bytes(self.buf))
+            self.buf.clear()
+
+    def _send(self, piece: bytes) -> None:
+        start, failures, delay = self.offset, 0, 0.5
+        while True:
+            req = urllib.request.Request(
+                f"{self.sink.url}/{self.name}", data=piece, method="PUT",
+                headers={"Authorization": f"Bearer {self.sink.token}",
+                         "Content-Type": "application/octet-stream",
+                         "Content-Range": f"bytes {start}-{start + len(piece) - 1}/*"})
+            try:
+                with urllib.request.urlopen(req, timeout=self.sink.timeout) as resp:  # noqa: S310
+                    self.offset = int(json.loads(resp.read())["offset"])
+                    return
+            except urllib.error.HTTPError as exc:
+                body = exc.read()[:2000]
+                if exc.code == 409:  # the server has a different size: an answer was lost, or a piece
+                    have = int(json.loads(body).get("offset", -1))
+                    if have == start + len(piece):
+                        self.offset = have
+                        return
+                    raise TransferError(f"PUT {self.name}: the server has {have} bytes, this agent "
+                                        f"expected {start}; the upload cannot go on") from None
+                if exc.code < 500:
+                    raise TransferError(f"PUT {self.name}: HTTP {exc.code}: "
+                                        f"{body.decode(errors='replace')[:300]}") from None
+                err: Exception = exc
+            except (urllib.error.URLError, OSError, HTTPException, TimeoutError, ValueError, KeyError) as exc:
+                err = exc
+            failures += 1
+            if failures >= self.sink.attempts:
+                raise TransferError(f"PUT {self.name}: gave up at byte {start} after {failures} tries: {err}")
+            if self.sink.note is not None:
+                self.sink.note(f"{self.name}: upload broke at byte {start} ({err}); resuming from there")
+            time.sleep(delay * random.uniform(0.7, 1.3))
+            delay = min(delay * 2, 10.0)
+
+
+class HttpSink:
+    """A capture's files uploaded under `url` (the job's incoming directory) with the job's token."""
+
+    def __init__(self, url: str, token: str, note: Callable[[str], None] | None = None, *,
+                 timeout: float = 60.0, attempts: int = 8) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.note = note
+        self.timeout = timeout
+        self.attempts = attempts
+
+    def open(self, name: str) -> _Upload:
+        return _Upload(self, name)
+
+    def put(self, name: str, data: bytes) -> None:
+        w = self.open(name)
+        w.write(data)
+        w.close()
+
+    def save_manifest(self, manifest: Manifest) -> None:
+        self.put(MANIFEST_FILE, manifest.to_text().encode("utf-8"))

@@ -18,6 +18,7 @@ from imgfarm.config.settings import get_settings
 from imgfarm.protocol import MAX_INT, MAX_REPORT
 
 AGENT_PREFIX = "/agent/"
+STORE_PIECE = 8 << 20  # one piece of a capture uploaded over HTTP (api/store_routes.py)
 
 # A job id in a path: the database's ids are 64-bit, so 2**70 is a 422 naming job_id, not a 500.
 JobIdPath = Annotated[int, Path(ge=1, le=MAX_INT, description="a job's id")]
@@ -25,7 +26,9 @@ JobIdPath = Annotated[int, Path(ge=1, le=MAX_INT, description="a job's id")]
 
 def body_cap(path: str) -> int:
     """The most bytes a request body to `path` may hold."""
-    return MAX_REPORT if path.startswith(AGENT_PREFIX) else get_settings().max_request_bytes
+    if path.startswith(AGENT_PREFIX):
+        return STORE_PIECE if "/store/" in path else MAX_REPORT
+    return get_settings().max_request_bytes
 
 
 class BodyLimit:

@@ -28,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 
 from imgfarm.api.agent_routes import _open_job
 from imgfarm.api.auth import authorized_job
+from imgfarm.api.limits import STORE_PIECE
 from imgfarm.errors import Conflict, InvalidInput, NotFound
 from imgfarm.models.db import session_scope
 from imgfarm.models.images import get_image, incoming_location, store_root
@@ -35,7 +36,7 @@ from imgfarm.protocol import STORE_PATH, JobKind
 
 router = APIRouter(prefix="/agent/v1", tags=["agent"])
 
-MAX_PIECE = 64 << 20
+MAX_PIECE = STORE_PIECE
 CONTENT_RANGE = re.compile(r"^bytes (\d{1,15})-(\d{1,15})/(\d{1,15}|\*)\Z")
 
 

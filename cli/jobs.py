@@ -192,6 +192,8 @@ def capture(
     wait: bool = typer.Option(False, "--wait", "-w", help="wait for the end; exit 1 unless it succeeded"),
     timeout: float = typer.Option(0, "--timeout", help="seconds for the whole job (default: settings)"),
     disk: str = typer.Option("", "--disk", help=DISK_HELP),
+    transport: str = typer.Option("", "--transport", help="how the agent writes the store: nfs or "
+                                  "http (default: IMGFARM_IMAGE_TRANSPORT)"),
     json_out: bool = json_option(),
 ) -> None:
     """Capture a node's disk into a new image."""
@@ -199,7 +201,7 @@ def capture(
     from imgfarm.tasks import submit
 
     sub = submit.submit_capture(node, image, fmt, submitted_by=who(),
-                                options=submit.job_options(timeout, disk))
+                                options=submit.job_options(timeout, disk, transport))
     _after_submit(sub.job_ids, {}, wait, json_out)
 
 

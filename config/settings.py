@@ -73,7 +73,8 @@ class MulticastSettings(BaseModel):
     interface: str = "eth0"  # udp-sender --interface: the store host's interface towards the nodes
     portbase: int = 9000  # first session's port; each partition of a session uses two ports
     max_wait: float = 60.0  # s after the first receiver joined: start with whoever is there
-    retries_until_drop: int = 8  # REQACKs before a silent receiver is dropped (~1 s each)
+    retries_until_drop: int = 20  # REQACKs before a silent receiver is dropped (~0.75 s each: ~15 s)
+    blocksize: int = 0  # udp-sender --blocksize (bytes per packet); 0: udpcast's default (1456)
     max_bitrate: str = ""  # udp-sender --max-bitrate (e.g. 600m); empty: no cap
     start_timeout: float = 300.0  # s a session waits for its first receiver before giving up
 

@@ -74,12 +74,13 @@ def _tbf(ns: str, dev: str, rate_mbit: float) -> None:
 class SimNet:
     """The bridge, the store namespace and `nodes` node namespaces; see the module doc."""
 
-    def __init__(self, nodes: int, *, store_mbit: float = 0, node_mbit: float = 0) -> None:
+    def __init__(self, nodes: int, *, store_mbit: float = 0, node_mbit: float = 0, mtu: int = 1500) -> None:
         self.prefix = "if" + uuid.uuid4().hex[:6]
         self.bridge = f"{self.prefix}br"
         self.store = f"{self.prefix}st"
         self.nodes = [f"{self.prefix}n{k}" for k in range(nodes)]
         self._made: list[str] = []
+        self.mtu = mtu
         try:
             self._build(store_mbit, node_mbit)
         except BaseException:
@@ -92,6 +93,7 @@ class SimNet:
             self._made.append(ns)
             _ip("link", "set", "lo", "up", ns=ns)
         _ip("link", "add", "br0", "type", "bridge", "mcast_snooping", "0", ns=self.bridge)
+        _ip("link", "set", "br0", "mtu", str(self.mtu), ns=self.bridge)
         _ip("link", "set", "br0", "up", ns=self.bridge)
         self._attach(self.store, "pst", STORE_ADDR, store_mbit)
         for k, ns in enumerate(self.nodes):
@@ -99,6 +101,8 @@ class SimNet:
 
     def _attach(self, ns: str, port: str, addr: str, mbit: float) -> None:
         _ip("link", "add", port, "type", "veth", "peer", "name", "e0", "netns", ns, ns=self.bridge)
+        _ip("link", "set", port, "mtu", str(self.mtu), ns=self.bridge)
+        _ip("link", "set", "e0", "mtu", str(self.mtu), ns=ns)
         _ip("link", "set", port, "master", "br0", ns=self.bridge)
         _ip("link", "set", port, "up", ns=self.bridge)
         _ip("addr", "add", f"{addr}/24", "brd", "+", "dev", "e0", ns=ns)

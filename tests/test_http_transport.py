@@ -37,6 +37,8 @@ class CuttingRelay:
         self.ranges: list[str] = []
         self.server = socket.create_server(("127.0.0.1", self.port))
         self.cut_sizes: dict[str, int] = {}  # file name -> size, cut when first fetched whole
+        self.cut_puts: dict[str, int] = {}  # file name -> piece offset whose first PUT is cut
+        self.put_cuts: list[str] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -71,10 +73,29 @@ class CuttingRelay:
                     self.cuts.append(name)
                     limit = int(size * self.fraction)
 
+        up_limit = -1
+        if request.startswith("PUT "):
+            lower = head.lower()
+            for name, offset in self.cut_puts.items():
+                if request.split()[1].endswith("/" + name) and f"content-range: bytes {offset}-".encode() in lower:
+                    key = f"{name}@{offset}"
+                    if key not in self.put_cuts:
+                        self.put_cuts.append(key)
+                        length = int(lower.split(b"content-length:")[1].split(b"\r\n")[0])
+                        up_limit = int(length * self.fraction)
+
         def pump_up() -> None:
+            body_seen = len(head) - (head.index(b"\r\n\r\n") + 4) if b"\r\n\r\n" in head else 0
             try:
-                while chunk := client.recv(65536):
+                while up_limit < 0 or body_seen < up_limit:
+                    chunk = client.recv(65536)
+                    if not chunk:
+                        break
+                    body_seen += len(chunk)
                     upstream.sendall(chunk)
+                if up_limit >= 0:  # the link drops mid-upload
+                    for s in (client, upstream):
+                        s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
 
@@ -161,6 +182,31 @@ def test_a_corrupted_byte_fails_the_job_naming_the_file(relay_farm: tuple[Farm, 
     error = farm.cli_json("job", str(job["id"]))["error"]
     assert part.name in error, error
     assert "bytes of its stream" in error or "sha256" in error, error
+
+
+def test_capture_upload_cut_at_40_percent_resumes(relay_farm: tuple[Farm, CuttingRelay]) -> None:
+    import subprocess
+
+    farm, relay = relay_farm
+    path = farm.root / "disks" / "n1.img"
+    with open(path, "wb") as fh:
+        fh.truncate(32 << 20)
+    content = farm.root / "disks" / "n1-content"
+    content.mkdir(parents=True)
+    (content / "noise.bin").write_bytes(os.urandom(12 << 20))  # a stream of three pieces
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(content), str(path)], check=True, capture_output=True)
+    farm.cli("node", "add", "n1", "--disk", str(path))
+    relay.cut_puts["part0.ptcl.zst"] = 4 << 20  # the second piece
+    out = farm.cli("capture", "n1", "--image", "up", "--transport", "http", "--wait", check=False)
+    assert out.returncode == 0, out.stdout + out.stderr + farm.log("worker")
+    assert relay.put_cuts == [f"part0.ptcl.zst@{4 << 20}"]
+    job = farm.cli_json("jobs", "--node", "n1")[0]
+    notes = " | ".join(e["message"] for e in farm.cli_json("job", str(job["id"]))["events"])
+    assert f"upload broke at byte {4 << 20}" in notes, notes
+    assert farm.cli("image", "verify", "up", check=False).returncode == 0
+    disk = farm.add_node("n2")
+    farm.cli("restore", "n2", "--image", "up", "--transport", "http", "--wait")
+    assert filecmp.cmp(path, disk, shallow=False)
 
 
 def test_store_needs_the_job_token(relay_farm: tuple[Farm, CuttingRelay]) -> None:
