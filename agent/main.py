@@ -202,7 +202,8 @@ def run(orders: Orders, cmdline: str = "") -> int:
         log(f"job {orders.job_id}: {spec.kind} {spec.format} on {disk}")
         mount = StoreMount(spec.store, orders.job_id, read_only=spec.kind == JobKind.RESTORE)
         with mount as root:
-            files, manifest = _do(spec, disk, root, progress, orders, _noter(client, progress))
+            files, manifest = _do(spec, disk, root, progress, orders, _noter(client, progress),
+                                  client.token)
     except Exception as exc:  # noqa: BLE001 - every failure is reported, never swallowed
         reporter.stop.set()
         tail = getattr(exc, "stderr_tail", "")
@@ -249,11 +250,11 @@ def _noter(client: FarmClient, progress: Progress) -> Callable[[str], None]:
 
 
 def _do(spec: JobSpec, disk: str, root: Path | None, progress: Progress, orders: Orders,
-        note: Callable[[str], None]) -> tuple[dict[str, str], Manifest | None]:
+        note: Callable[[str], None], token: str) -> tuple[dict[str, str], Manifest | None]:
     """Run the job's tool; the sha256 of every file written or read, and a capture's manifest."""
     if root is None:
         assert isinstance(spec.store, HttpStore)
-        return _do_http(spec, disk, spec.store, progress, orders, note)
+        return _do_http(spec, disk, spec.store, progress, orders, note, token)
     if spec.kind == JobKind.CAPTURE:
         outdir = root / spec.output_dir
         manifest: Manifest | None = None
@@ -284,12 +285,13 @@ def _feed(spec: JobSpec, orders: Orders, note: Callable[[str], None]) -> imaging
 
 
 def _do_http(spec: JobSpec, disk: str, store: HttpStore, progress: Progress, orders: Orders,
-             note: Callable[[str], None]) -> tuple[dict[str, str], Manifest | None]:
+             note: Callable[[str], None], token: str) -> tuple[dict[str, str], Manifest | None]:
+    """Restore from, or capture to, the store over HTTP with the job's token (from the claim)."""
     if spec.kind == JobKind.CAPTURE:
         if spec.format != ImageFormat.NG:
             raise imaging.ToolError(f"a {spec.format} capture writes to NFS or a local store only; "
                                     "capture partimage-ng over HTTP")
-        sink = transport.HttpSink(f"{store.url}/{spec.output_dir}", orders.token, note)
+        sink = transport.HttpSink(f"{store.url}/{spec.output_dir}", token, note)
         manifest = imaging.capture_ng(disk, sink, spec, progress)
         files = {p.file: p.sha256 for p in manifest.partitions}
         if manifest.disk.head is not None:
@@ -298,7 +300,7 @@ def _do_http(spec: JobSpec, disk: str, store: HttpStore, progress: Progress, ord
     if spec.format != ImageFormat.NG:
         raise imaging.ToolError(f"a {spec.format} image restores from NFS or a local store only; "
                                 "convert it to partimage-ng for HTTP")
-    source = transport.HttpSource(f"{store.url}/{spec.image.location}", orders.token)
+    source = transport.HttpSource(f"{store.url}/{spec.image.location}", token)
     files, used = imaging.restore_ng(disk, source, spec, progress, feed=_feed(spec, orders, note), note=note)
     os.sync()
     return files, used
