@@ -101,7 +101,7 @@ def main() -> int:
     sizes = {"vmlinuz": image.vmlinuz.stat().st_size, "initrd.img": image.initrd.stat().st_size}
     work = Path(tempfile.mkdtemp(prefix="imgfarm-bench-vm-"))
     try:
-        with vm_site(work / "site", image) as site:
+        with vm_site(work / "site", image, user="bench") as site:
             a = site.add_node("vma", 0x51, table="dos", size_mib=160, random_kib=args.random_mib << 10)
             site.add_node("vmb", 0x52, table=None, size_mib=160)
             t0 = time.time()

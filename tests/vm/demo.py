@@ -47,7 +47,7 @@ def main() -> int:
     say(f"boot image {image.key[:12]} ready: initrd {size / 2**20:.1f} MiB "
         f"({time.monotonic() - t0:.0f} s)")
     failures: list[str] = []
-    with vm_site(work, image) as site:
+    with vm_site(work, image, user="demo") as site:
         say("nodes: vma (MBR ext4+FAT32, virtio), vmb (GPT, virtio), vmc (blank, NVMe); "
             "each powered by its own ipmi_sim BMC")
         site.add_node("vma", 0x21, table="dos", bus="virtio")

@@ -28,7 +28,9 @@ from tests.farm import Farm, running_farm
 from tests.support import wait_for
 from tests.vm import vmlib
 
-REDIS_DB = 12
+# Each user of vm_site gets its own Redis database: running_farm empties it at the
+# start and the end, so two farms (parallel test workers, a demo) must not share one.
+REDIS_DB = {"jobs": 12, "power": 13, "demo": 14, "bench": 15}
 
 
 def _place(src: Path, dst: Path) -> None:
@@ -109,7 +111,7 @@ class VmSite:
 
 
 @contextlib.contextmanager
-def vm_site(root: Path, boot_image: Any = None, **extra_env: str) -> Iterator[VmSite]:
+def vm_site(root: Path, boot_image: Any = None, user: str = "jobs", **extra_env: str) -> Iterator[VmSite]:
     """`boot_image`: an imgfarm.bootimage.build.Image (its vmlinuz and initrd are put where
     the pxe driver's default kernel and initrd settings point), or None for tests that boot
     nothing."""
@@ -139,7 +141,7 @@ def vm_site(root: Path, boot_image: Any = None, **extra_env: str) -> Iterator[Vm
             **extra_env,
         }
         farm = stack.enter_context(running_farm(root, f"sqlite:///{root / 'data' / 'imgfarm.db'}",
-                                                REDIS_DB, **env))
+                                                REDIS_DB[user], **env))
         farm.start_api()
         # The agents reach the API as the guest sees the host; the tests use loopback.
         guest_api = f"http://{vmlib.HOST_FROM_GUEST}:{farm.port}"

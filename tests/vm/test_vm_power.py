@@ -18,7 +18,7 @@ from tests.vm.site import VmSite, vm_site
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmSite]:
-    with vm_site(tmp_path_factory.mktemp("vmpower")) as s:
+    with vm_site(tmp_path_factory.mktemp("vmpower"), user="power") as s:
         yield s
 
 
