@@ -249,6 +249,21 @@ def test_api_serves_https_with_certfile_and_keyfile(tmp_path: Path) -> None:
     try:
         wait_for(lambda: httpx.get(f"https://127.0.0.1:{port}/healthz", verify=str(cert),
                                    timeout=1).status_code == 200, 30, what="the API over https")
+        # the agent's own client reaches it, trusting the farm's CA as its boot image would
+        probe = ("import sys\n"
+                 "from imgfarm.agent.client import ApiError, FarmClient\n"
+                 "from imgfarm.protocol import Orders\n"
+                 "try:\n"
+                 "    FarmClient(Orders(api_url=sys.argv[1], job_id=1), attempts=1).claim([])\n"
+                 "except ApiError as exc:\n"
+                 "    print(exc.status, exc)\n")
+        url = f"https://127.0.0.1:{port}"
+        out = subprocess.run([sys.executable, "-c", probe, url], capture_output=True, text=True,
+                             env={**env, "SSL_CERT_FILE": str(cert)}, timeout=60)
+        assert out.stdout.startswith("401 "), out.stdout + out.stderr  # over TLS: no such job
+        out = subprocess.run([sys.executable, "-c", probe, url], capture_output=True, text=True,
+                             env={**env, "SSL_CERT_FILE": str(tmp_path / "none.pem")}, timeout=60)
+        assert "CERTIFICATE_VERIFY_FAILED" in out.stdout, out.stdout + out.stderr
         with pytest.raises(httpx.HTTPError):  # plain http on the TLS port gets nowhere
             httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).raise_for_status()
     finally:
