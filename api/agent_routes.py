@@ -56,7 +56,7 @@ def _macs(claimed: list[str]) -> set[str]:
 
 
 @router.post("/jobs/{job_id}/token")
-def claim_token(job_id: int, body: TokenClaim, request: Request) -> dict[str, str]:
+def claim_token(job_id: JobIdPath, body: TokenClaim, request: Request) -> dict[str, str]:
     """The job's token, to the first caller that names the job and its node's MAC; never again."""
     peer = request.client.host if request.client else "?"
     refused = Unauthorized("no job waits for its agent's first call here",

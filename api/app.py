@@ -15,10 +15,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from sqlalchemy.exc import DBAPIError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imgfarm import __version__
 from imgfarm.api import agent_routes, boot_routes, metrics, operator_routes, store_routes, windows_routes
 from imgfarm.api.auth import meta_access
+from imgfarm.api.error_schema import farm_openapi
 from imgfarm.api.limits import BodyLimit
 from imgfarm.errors import ImgfarmError
 from imgfarm.models.dbapi import explain_db_error
@@ -48,6 +50,7 @@ def create_app() -> FastAPI:
                   openapi_url=None,
                   description="Capture, restore and convert disk images on PXE-booted nodes.")
     app.add_middleware(BodyLimit)
+    app.openapi = lambda: farm_openapi(app)  # type: ignore[method-assign]
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(meta_access)])
     def openapi() -> dict[str, Any]:
@@ -60,6 +63,14 @@ def create_app() -> FastAPI:
     @app.exception_handler(ImgfarmError)
     async def _farm_error(_req: Request, exc: ImgfarmError) -> JSONResponse:
         return JSONResponse({"error": exc.message, "hint": exc.hint}, status_code=exc.http_status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Starlette's and FastAPI's own refusals (a body that is not JSON, an unknown path)
+        # in the farm's error shape, which /openapi.json declares for every operation.
+        what = "request body: not valid JSON" if "parsing the body" in str(exc.detail) else str(exc.detail)
+        return JSONResponse({"error": what, "hint": None}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(_req: Request, exc: RequestValidationError) -> JSONResponse:

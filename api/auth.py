@@ -34,6 +34,7 @@ from imgfarm.models.tokens import (
     verify_static,
     verify_token,
 )
+from imgfarm.protocol import MAX_ID
 
 ANONYMOUS = Principal("local", "admin")
 
@@ -93,7 +94,7 @@ def authorized_job(session: Session, job_id: int, authorization: str | None) -> 
     """The job whose token the caller presents; 401 for anything else, unknown ids included
     (a stranger learns nothing about which jobs exist)."""
     token = bearer(authorization)
-    job = session.get(Job, job_id)
+    job = session.get(Job, job_id) if 1 <= job_id <= MAX_ID else None
     if job is None or not token or not job.token_hash or not hmac.compare_digest(
         job.token_hash, hash_token(token)
     ):

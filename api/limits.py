@@ -15,13 +15,13 @@ from fastapi import Path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imgfarm.config.settings import get_settings
-from imgfarm.protocol import MAX_INT, MAX_REPORT
+from imgfarm.protocol import MAX_ID, MAX_REPORT
 
 AGENT_PREFIX = "/agent/"
 STORE_PIECE = 8 << 20  # one piece of a capture uploaded over HTTP (api/store_routes.py)
 
-# A job id in a path: the database's ids are 64-bit, so 2**70 is a 422 naming job_id, not a 500.
-JobIdPath = Annotated[int, Path(ge=1, le=MAX_INT, description="a job's id")]
+# A job id in a path: ids are 32-bit on PostgreSQL, so 2**31 is a 422 naming job_id, not a 500.
+JobIdPath = Annotated[int, Path(ge=1, le=MAX_ID, description="a job's id")]
 
 
 def body_cap(path: str) -> int:

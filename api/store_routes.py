@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 
 from imgfarm.api.agent_routes import _open_job
 from imgfarm.api.auth import authorized_job
-from imgfarm.api.limits import STORE_PIECE
+from imgfarm.api.limits import STORE_PIECE, JobIdPath
 from imgfarm.errors import Conflict, InvalidInput, NotFound
 from imgfarm.models.db import session_scope
 from imgfarm.models.images import get_image, incoming_location, store_root
@@ -61,7 +61,7 @@ def _job_file(job_id: int, path: str, authorization: str | None, write: bool) ->
 
 
 @router.api_route("/jobs/{job_id}/store/{path:path}", methods=["GET", "HEAD"])
-def get_store_file(job_id: int, path: str, authorization: str | None = Header(None)) -> FileResponse:
+def get_store_file(job_id: JobIdPath, path: str, authorization: str | None = Header(None)) -> FileResponse:
     target = _job_file(job_id, path, authorization, write=False)
     if not target.is_file():
         raise NotFound(f"{path} is not in the store")
@@ -81,7 +81,7 @@ def _append(target: Path, start: int, body: bytes) -> int:
 
 
 @router.put("/jobs/{job_id}/store/{path:path}")
-async def put_store_piece(job_id: int, path: str, request: Request,
+async def put_store_piece(job_id: JobIdPath, path: str, request: Request,
                           authorization: str | None = Header(None),
                           content_range: str | None = Header(None)) -> Any:
     target = await run_in_threadpool(_job_file, job_id, path, authorization, True)

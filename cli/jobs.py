@@ -34,7 +34,7 @@ from imgfarm.errors import Forbidden, Unauthorized
 from imgfarm.models import states
 from imgfarm.models.dbapi import reader
 from imgfarm.models.views import list_jobs, read_job, read_jobs
-from imgfarm.protocol import MAX_INT, ImageFormat
+from imgfarm.protocol import MAX_ID, ImageFormat
 
 
 def who(check_token: bool = True) -> str:
@@ -291,7 +291,7 @@ def print_jobs_table(views: list[dict[str, Any]], title: str | None = None) -> N
 
 @handles_errors
 def job(
-    job_id: int = typer.Argument(..., min=1, max=MAX_INT, help="the job's id"),
+    job_id: int = typer.Argument(..., min=1, max=MAX_ID, help="the job's id"),
     follow: bool = typer.Option(False, "--follow", "-f", help="live progress until the job ends"),
     json_out: bool = json_option(),
 ) -> None:
@@ -313,7 +313,7 @@ def job(
 
 
 @handles_errors
-def cancel(job_id: int = typer.Argument(..., min=1, max=MAX_INT, help="the job's id")) -> None:
+def cancel(job_id: int = typer.Argument(..., min=1, max=MAX_ID, help="the job's id")) -> None:
     """Cancel a job: it ends as cancelled and its node goes back to local boot."""
     # lazy: Celery loads only for the commands that talk to the broker
     from imgfarm.tasks import submit

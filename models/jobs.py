@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from imgfarm.models import states
 from imgfarm.models.tables import Job, JobEvent, utcnow
 from imgfarm.models.views import unknown_job
-from imgfarm.protocol import MAX_INT
+from imgfarm.protocol import MAX_ID
 
 
 def hash_token(token: str) -> str:
@@ -24,7 +24,7 @@ def hash_token(token: str) -> str:
 
 
 def get_job(session: Session, job_id: int) -> Job:
-    if not 1 <= job_id <= MAX_INT:  # no such row, and the driver cannot even bind it
+    if not 1 <= job_id <= MAX_ID:  # no such row: ids are 32-bit on PostgreSQL
         raise unknown_job(job_id)
     job = session.get(Job, job_id, populate_existing=True)
     if job is None:

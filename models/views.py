@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from imgfarm.errors import InvalidInput, NotFound
 from imgfarm.models import states
 from imgfarm.models.names import is_secret_key
-from imgfarm.protocol import MAX_INT, JobKind
+from imgfarm.protocol import MAX_ID, JobKind
 
 if TYPE_CHECKING:
     from imgfarm.models.dbapi import Reader
@@ -129,7 +129,7 @@ def list_jobs(db: Reader, state: str = "", node: str = "", kind: str = "",
 
 def read_job(db: Reader, job_id: int) -> dict[str, Any]:
     """One job with its events, oldest first; NotFound names the job."""
-    if not 1 <= job_id <= MAX_INT:  # no such row, and the driver cannot even bind it
+    if not 1 <= job_id <= MAX_ID:  # no such row: ids are 32-bit on PostgreSQL
         raise unknown_job(job_id)
     rows = db.rows(_JOBS + " WHERE j.id = :job_id", job_id=job_id)
     if not rows:
@@ -141,7 +141,7 @@ def read_jobs(db: Reader, job_ids: list[int]) -> list[dict[str, Any]]:
     """These jobs (those that exist), by id: what `--wait` polls."""
     if not job_ids:
         return []
-    job_ids = [j for j in job_ids if 1 <= j <= MAX_INT]
+    job_ids = [j for j in job_ids if 1 <= j <= MAX_ID]
     if not job_ids:
         return []
     names = {f"id{i}": int(job_id) for i, job_id in enumerate(job_ids)}

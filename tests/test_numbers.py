@@ -92,6 +92,7 @@ def test_reports_with_numbers_that_are_not_numbers_are_422_naming_the_field(
     ("GET", f"/api/v1/jobs/{BIG}"), ("POST", f"/api/v1/jobs/{BIG}/cancel"),
     ("GET", f"/agent/v1/jobs/{BIG}"), ("POST", f"/agent/v1/jobs/{BIG}/progress"),
     ("POST", f"/agent/v1/jobs/{BIG}/result"), ("GET", "/api/v1/jobs/0"),
+    ("GET", f"/api/v1/jobs/{2**31}"), ("GET", f"/agent/v1/jobs/{2**31}"),  # ids are 32-bit on PostgreSQL
 ])
 def test_a_job_id_past_64_bits_is_422_naming_job_id(client: TestClient, method: str, path: str) -> None:
     headers = AUTH if path.startswith("/agent/") else {}

@@ -23,6 +23,7 @@ from imgfarm.protocol._vocabulary import (
     IMAGE_NAME,
     IMAGE_NAME_MEANS,
     MAX_FILES,
+    MAX_ID,
     MAX_INT,
     MAX_JSON,
     MAX_TEXT,
@@ -67,7 +68,7 @@ _PLAIN = Rule()
 _OMIT = Rule(omit=True)
 Count = Annotated[int, Rule(lo=0)]
 Seconds = Annotated[float, Rule(lo=0)]
-JobId = Annotated[int, Rule(lo=1)]
+JobId = Annotated[int, Rule(lo=1, hi=MAX_ID)]
 Sha256 = Annotated[str, Rule(pattern=SHA256, means="64 lowercase hex digits")]
 ImageName = Annotated[str, Rule(pattern=IMAGE_NAME, max_len=128, means=IMAGE_NAME_MEANS)]
 SafeFile = Annotated[str, Rule(pattern=SAFE_FILE, means="a plain file name of letters, digits, '.', '_', '-'")]

@@ -63,7 +63,8 @@ API_URL = re.compile(r"^https?://[^\s'\"\\]+\Z")
 NFS_EXPORT = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9._-]*):/\S*\Z")
 MOUNT_OPTIONS = re.compile(r"^[A-Za-z0-9_=,.:/]*\Z")
 
-MAX_INT = 2**63 - 1  # integers the farm stores are 64-bit (PostgreSQL BIGINT): ids, counts
+MAX_INT = 2**63 - 1  # counts and sizes the farm stores are 64-bit (PostgreSQL BIGINT)
+MAX_ID = 2**31 - 1  # row ids (job ids) are INTEGER columns: 32-bit on PostgreSQL
 MAX_TEXT = 1024  # characters of a text field without a bound of its own
 MAX_MESSAGE = 512  # ProgressReport.message: one line of what the agent does
 MAX_ERROR = 8192  # ResultReport.error
