@@ -32,10 +32,17 @@ demo: setup
 demo-vm: setup services
 	$(PY) tests/vm/demo.py
 
+# pytest-xdist, opt in: `make test TEST_WORKERS=2` runs pytest in 2 processes (tests of
+# one xdist_group share a process); 0, the default, runs it in this one. Tests marked
+# `serial` run afterwards, alone (exit status 5 is "none collected": there may be none).
+TEST_WORKERS ?= 0
+PYTEST_ARGS  ?= -q -ra --durations=15
+
 test: setup services
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -q -ra --durations=15
+	$(PY) -m pytest $(PYTEST_ARGS) -n $(TEST_WORKERS) --dist loadgroup -m "not serial"
+	$(PY) -m pytest $(PYTEST_ARGS) -m serial || [ $$? -eq 5 ]
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow"

@@ -21,6 +21,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests.farm import Farm, running_farm  # noqa: E402
+from tests.support import PROCESS_PREFIX  # noqa: E402
 
 PG_CANDIDATES = [
     os.environ.get("IMGFARM_TEST_PG", ""),
@@ -104,6 +105,9 @@ def settings_env(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("IMGFARM_DATABASE_URL", db_url)
     monkeypatch.setenv("IMGFARM_BROKER_URL", "memory://")
     monkeypatch.setenv("IMGFARM_REDIS_URL", "redis://127.0.0.1:6379/2")
+    # wake-up channels of this process's own: pub/sub is not per Redis DB, and job ids
+    # repeat across the tests running at the same time
+    monkeypatch.setenv("IMGFARM_BROKER_PREFIX", PROCESS_PREFIX)
     get_settings.cache_clear()
     dispose_all()
     upgrade(db_url)

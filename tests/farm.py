@@ -15,14 +15,13 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.support import wait_for
+from tests.support import forget_redis_keys, redis_prefix, wait_for
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -37,13 +36,15 @@ class Farm:
     def __init__(self, root: Path, database_url: str, redis_db: int, **extra_env: str) -> None:
         self.root = root
         self.port = free_port()
+        self.key_prefix = redis_prefix()
         self.env = {
             **os.environ,
             "IMGFARM_DATA_DIR": str(root / "data"),
             "IMGFARM_DATABASE_URL": database_url,
             "IMGFARM_BROKER_URL": f"redis://127.0.0.1:6379/{redis_db}",
-            # a prefix of its own: test runs sharing this Redis never take each other's tasks
-            "IMGFARM_BROKER_PREFIX": f"t{uuid.uuid4().hex[:8]}:",
+            # a prefix of its own: farms sharing this Redis (parallel tests, other runs)
+            # never take each other's tasks, events or wake-ups, nor delete them
+            "IMGFARM_BROKER_PREFIX": self.key_prefix,
             "IMGFARM_API_PORT": str(self.port),
             "IMGFARM_API_URL": f"http://127.0.0.1:{self.port}",
             "IMGFARM_PROGRESS_INTERVAL": "0.5",
@@ -122,6 +123,10 @@ class Farm:
             except (ValueError, ProcessLookupError, PermissionError, OSError):
                 pass
 
+    def forget_redis(self) -> None:
+        """Delete this farm's keys (queues, results, event state) from the shared Redis."""
+        forget_redis_keys(self.redis_db, self.key_prefix)
+
     def log(self, name: str) -> str:
         path = self.root / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
@@ -163,14 +168,14 @@ class Farm:
 
 @contextlib.contextmanager
 def running_farm(root: Path, database_url: str, redis_db: int, **extra_env: str) -> Iterator[Farm]:
-    """A migrated farm whose processes are stopped and Redis DB emptied afterwards."""
-    import redis
+    """A migrated farm whose processes are stopped and Redis keys deleted afterwards.
 
-    redis.Redis(db=redis_db).flushdb()
+    Only its own keys: the Redis DB is shared with other farms running at the same time.
+    """
     farm = Farm(root, database_url, redis_db, **extra_env)
     try:
         farm.cli("db", "upgrade")
         yield farm
     finally:
         farm.stop()
-        redis.Redis(db=redis_db).flushdb()
+        farm.forget_redis()

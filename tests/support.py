@@ -11,6 +11,7 @@ import contextlib
 import os
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -35,6 +36,32 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
         time.sleep(interval)
+
+
+def redis_prefix() -> str:
+    """A key and channel prefix (IMGFARM_BROKER_PREFIX) no other test or test run uses."""
+    return f"t{uuid.uuid4().hex[:10]}:"
+
+
+# The prefix of the in-process tests of this pytest process (one per xdist worker). Per
+# process, not per test: the process's wake-up listener subscribes once, under the
+# prefix it first sees (tasks/wakeup.py).
+PROCESS_PREFIX = redis_prefix()
+
+
+def forget_redis_keys(db: int, prefix: str) -> None:
+    """Delete the keys under `prefix` in Redis DB `db`: a test cleans up only its own,
+    never the whole DB (flushdb would wipe the queues of farms running beside it)."""
+    import redis
+
+    assert prefix, "an empty prefix would delete every key"
+    client = redis.Redis(db=db)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        for i in range(0, len(keys), 500):
+            client.delete(*keys[i:i + 500])
+    finally:
+        client.close()
 
 
 def run(*cmd: str | Path, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:

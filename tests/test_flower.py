@@ -17,7 +17,6 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 
 from tests.farm import Farm, free_port
 from tests.support import wait_for
@@ -34,7 +33,6 @@ AUTH = ("ops", "flower-test-pw")  # Flower never runs open: basic auth from its 
 
 @pytest.fixture
 def flower_farm(tmp_path: Path) -> Iterator[tuple[Farm, str]]:
-    redis.Redis(db=REDIS_DB).flushdb()
     farm = Farm(tmp_path, f"sqlite:///{tmp_path / 'data' / 'imgfarm.db'}", REDIS_DB,
                 IMGFARM_BOOT_TIMEOUT="3", FLOWER_BASIC_AUTH=":".join(AUTH))
     try:
@@ -53,7 +51,7 @@ def flower_farm(tmp_path: Path) -> Iterator[tuple[Farm, str]]:
         yield farm, base
     finally:
         farm.stop()
-        redis.Redis(db=REDIS_DB).flushdb()
+        farm.forget_redis()
 
 
 def _task(base: str, task_id: str) -> dict[str, Any]:

@@ -19,7 +19,8 @@ from pi_helpers import Legacy, make_other_fs, needs_root, partclone_restore_sha
 
 from imgfarm.imageformats import convert_legacy, inspect, verify_image
 
-pytestmark = [needs_root, pytest.mark.root]
+# runs partimage: in the one xdist group that does (two partimage processes at once fail)
+pytestmark = [needs_root, pytest.mark.root, pytest.mark.xdist_group("partimage")]
 
 # partimage's name for the file system -> (manifest filesystem, partclone fs in the header)
 EXPECTED = {

@@ -24,7 +24,9 @@ from imgfarm.errors import ImageError
 from imgfarm.imageformats import clonezilla, partclone
 from tests.support import loop_device, run
 
-pytestmark = [needs_root, pytest.mark.root]
+# the partimage group: one xdist worker runs every test that runs partimage (two at once
+# fail), and makes the module-scoped images once
+pytestmark = [needs_root, pytest.mark.root, pytest.mark.xdist_group("partimage")]
 
 _TABLE = []
 for _i in range(256):

@@ -33,6 +33,9 @@ from imgfarm.imageformats import (
 from imgfarm.imageformats import partclone as pc
 from imgfarm.imageformats import partimage as pi
 
+# one test runs partimage restore: in the one xdist group that runs partimage (two at once fail)
+pytestmark = pytest.mark.xdist_group("partimage")
+
 SAMPLE = DATA / "sample-ext2.000"
 META = json.loads((DATA / "sample-ext2.json").read_text())
 

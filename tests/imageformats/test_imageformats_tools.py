@@ -25,7 +25,9 @@ from imgfarm.errors import ImageError
 from imgfarm.imageformats import convert_legacy, inspect, verify_image
 from imgfarm.imageformats import partimage as pi
 
-pytestmark = [needs_root, pytest.mark.root]
+# the partimage group: one xdist worker runs every test that runs partimage (two at once
+# fail), and makes the module-scoped images once
+pytestmark = [needs_root, pytest.mark.root, pytest.mark.xdist_group("partimage")]
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """Fixtures of the VM tests: the tools check, the boot files, an NFS export.
 
 Every test under tests/vm carries the `vm` marker (so `-m vm` runs only these,
-`-m "not vm"` none), and is skipped, saying which package is missing, where
+`-m "not vm"` none), runs in one xdist worker (one VM at a time, however many
+workers `make test` starts), and is skipped, saying which package is missing, where
 QEMU, nfs-ganesha, ipmi_sim or their firmware files are not installed.
 """
 
@@ -24,6 +25,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.vm)
             # A TCG boot on 2 shared cores takes minutes; module fixtures boot too.
             item.add_marker(pytest.mark.timeout(1200))
+            item.add_marker(pytest.mark.xdist_group("vm"))  # one VM at a time under xdist
             if WHY_NOT:
                 item.add_marker(pytest.mark.skip(reason=f"VM tests need: {WHY_NOT}"))
 

@@ -1,7 +1,7 @@
 """Fixtures for the window tests: an in-process farm database, and whole farms with beat.
 
 In-process tests (the runner's logic) use the shared `settings_env` database
-fixture (SQLite and PostgreSQL) with this issue's own Redis DB for wake-ups;
+fixture (SQLite and PostgreSQL) with Redis DB 9 (under a key prefix of this test process's own);
 their jobs are enqueued on an in-memory broker and moved by hand. The farm
 tests start real API, worker and beat processes through `tests.farm.Farm` on
 Redis DB 9.
@@ -14,7 +14,6 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-import redis
 
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
@@ -22,6 +21,7 @@ from imgfarm.models.images import register_image
 from imgfarm.models.tables import Job, utcnow
 from imgfarm.tasks.nodes import add_node
 from tests.farm import Farm, running_farm
+from tests.support import PROCESS_PREFIX, forget_redis_keys
 
 REDIS_DB = 9
 
@@ -36,7 +36,8 @@ def win_db(settings_env: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     url = f"redis://127.0.0.1:6379/{REDIS_DB}"
     for name in ("IMGFARM_REDIS_URL", "IMGFARM_BROKER_URL", "IMGFARM_RESULT_BACKEND"):
         monkeypatch.setenv(name, url)
-    redis.Redis(db=REDIS_DB).flushdb()
+    # keys of this process's own: other tests use DB 9 at the same time
+    monkeypatch.setenv("IMGFARM_BROKER_PREFIX", PROCESS_PREFIX)
     get_settings.cache_clear()
     reload_config()
     with session_scope() as s:
@@ -46,7 +47,7 @@ def win_db(settings_env: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
             add_node(s, f"n{i}", disk=str(disk), groups=["lab1"])
         register_image(s, "base", "partimage-ng", "base", size_bytes=1, checksums={})
     yield settings_env
-    redis.Redis(db=REDIS_DB).flushdb()
+    forget_redis_keys(REDIS_DB, PROCESS_PREFIX)
     get_settings.cache_clear()
 
 
