@@ -109,6 +109,8 @@ class SimBoot(BootInterface):
         extra = self.value(node, "kernel_args")
         if extra:
             cmdline += " " + extra
+        if node.mac:  # what pxelinux's IPAPPEND 2 adds: the MAC the node booted from
+            cmdline += " BOOTIF=01-" + node.mac.replace(":", "-")
         with _lock(node.name):
             _write(d / "cmdline", "BOOT_IMAGE=imgfarm-agent " + cmdline + "\n")
             _write(d / "boot.json", {"target": BootTarget.AGENT, "job": orders.job_id})

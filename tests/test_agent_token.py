@@ -115,3 +115,21 @@ def test_agent_takes_its_token_then_reports(client: TestClient, tmp_path: Path) 
     token = client.post(f"/agent/v1/jobs/{job_id}/token", json={"macs": macs}).json()["token"]
     spec = client.get(f"/agent/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {token}"})
     assert spec.status_code == 200 and spec.json()["job_id"] == job_id
+
+
+def test_a_sim_node_with_a_mac_boots_with_bootif_as_pxelinux_gives_it(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sim agent runs on the farm's host, whose interfaces are not the node's: the sim boot
+    file carries BOOTIF= as pxelinux's IPAPPEND 2 does, so the first call names the node's MAC."""
+    from imgfarm.agent.main import machine_macs
+    from imgfarm.config.settings import get_settings
+    from imgfarm.drivers.base import AgentOrders, NodeInfo
+    from imgfarm.drivers.sim import SimBoot, node_dir
+
+    monkeypatch.setenv("IMGFARM_DATA_DIR", str(tmp_path))
+    get_settings.cache_clear()
+    node = NodeInfo(name="m1", mac=MAC, boot_driver="sim", power_driver="sim", disk="/tmp/m1.img")
+    SimBoot().boot_agent(node, AgentOrders(api_url="http://127.0.0.1:1", job_id=5))
+    cmdline = (node_dir("m1") / "cmdline").read_text()
+    assert machine_macs(cmdline, sys_net=tmp_path / "none")[0] == MAC
+    get_settings.cache_clear()
