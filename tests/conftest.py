@@ -20,6 +20,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# pytest-xdist workers get COLUMNS=80 from execnet, and Rich fixes a console's width at
+# import when COLUMNS is set: the CLI tests would wrap at 80 whatever they pass.
+os.environ.pop("COLUMNS", None)
+os.environ.pop("LINES", None)
+
 from tests.farm import Farm, running_farm  # noqa: E402
 from tests.support import PROCESS_PREFIX  # noqa: E402
 

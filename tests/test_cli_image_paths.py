@@ -20,7 +20,8 @@ runner = CliRunner()
 
 
 def _cli(*args: str) -> tuple[int, str]:
-    result = runner.invoke(app, ["image", *args])
+    # wide enough that a path under a long temporary directory stays on one line
+    result = runner.invoke(app, ["image", *args], env={"COLUMNS": "300"})
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     return result.exit_code, " ".join(result.output.split())
 

@@ -12,7 +12,7 @@ runner = CliRunner()
 
 
 def _cli(*args: str) -> tuple[int, str]:
-    result = runner.invoke(app, ["window", *args])
+    result = runner.invoke(app, ["window", *args], env={"COLUMNS": "300"})
     return result.exit_code, " ".join(result.output.split())  # rich wraps long lines
 
 
