@@ -13,8 +13,14 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from imgfarm.agent.selfcheck import REQUIRED
 from tests.vm.vmlib import FirstCallListener, Qemu, direct_boot_args
+
+# one VM at a time: the tests of tests/vm share one pytest-xdist worker (a mark added by
+# conftest.py at collection comes too late for xdist's --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("vm")
 
 
 def test_self_check_on_the_console_names_every_tool(boot_image: Any, tmp_path: Path) -> None:

@@ -24,6 +24,10 @@ from tests.support import wait_for
 from tests.vm import vmlib
 from tests.vm.site import VmSite, vm_site
 
+# one VM at a time: the tests of tests/vm share one pytest-xdist worker (a mark added by
+# conftest.py at collection comes too late for xdist's --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("vm")
+
 LEGACY = Path(__file__).resolve().parents[1] / "data" / "legacy"
 
 

@@ -15,6 +15,10 @@ import pytest
 from imgfarm.drivers.base import BootTarget
 from tests.vm.site import VmSite, vm_site
 
+# one VM at a time: the tests of tests/vm share one pytest-xdist worker (a mark added by
+# conftest.py at collection comes too late for xdist's --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("vm")
+
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmSite]:

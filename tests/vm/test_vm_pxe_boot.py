@@ -25,6 +25,10 @@ from imgfarm.drivers.pxe import PxeBoot
 from tests.support import wait_for
 from tests.vm import vmlib
 
+# one VM at a time: the tests of tests/vm share one pytest-xdist worker (a mark added by
+# conftest.py at collection comes too late for xdist's --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("vm")
+
 INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
