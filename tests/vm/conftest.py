@@ -17,6 +17,12 @@ from tests.vm import vmlib
 
 WHY_NOT = vmlib.missing_tools()
 
+# The whole-job VM tests (a capture and two restores, the store dying, the legacy image, the
+# plain pxelinux boot) take most of the suite's 15-minute budget under TCG on 2 cores:
+# `make test-vm` runs them, `make test` runs the quick VM proofs (the boot image's
+# self-check, the agent's first call, a dead BMC).
+LONG = {"test_vm_jobs.py", "test_vm_pxe_boot.py"}
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     here = Path(__file__).parent
@@ -26,6 +32,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             # A TCG boot on 2 shared cores takes minutes; module fixtures boot too.
             item.add_marker(pytest.mark.timeout(1200))
             item.add_marker(pytest.mark.xdist_group("vm"))  # one VM at a time under xdist
+            if Path(str(item.fspath)).name in LONG:
+                item.add_marker(pytest.mark.vm_long)
             if WHY_NOT:
                 item.add_marker(pytest.mark.skip(reason=f"VM tests need: {WHY_NOT}"))
 
