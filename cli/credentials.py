@@ -42,19 +42,24 @@ def operator_token() -> str:
     except OSError as exc:
         raise InvalidInput(f"token file {path}: {exc.strerror}",
                            hint="a regular file of yours, mode 0600") from None
+    return _read_open_private(fd, path, "token file", "it holds one token on one line").strip()
+
+
+def _read_open_private(fd: int, path: Path, what: str, too_big_hint: str) -> str:
+    """The text of an opened file, refused unless it is a small regular file others
+    cannot read: one rule for token and credential files alike."""
     with os.fdopen(fd, "rb") as fh:
         st = os.fstat(fh.fileno())
         if not stat.S_ISREG(st.st_mode):
-            raise InvalidInput(f"token file {path} is not a regular file", hint="a file, mode 0600")
+            raise InvalidInput(f"{what} {path} is not a regular file", hint="a file, mode 0600")
         if st.st_mode & 0o077:
             raise InvalidInput(
-                f"token file {path} is readable by others (mode {stat.S_IMODE(st.st_mode):04o})",
+                f"{what} {path} is readable by others (mode {stat.S_IMODE(st.st_mode):04o})",
                 hint=f"chmod 600 {path}")
         data = fh.read(MAX_TOKEN_FILE + 1)
     if len(data) > MAX_TOKEN_FILE:
-        raise InvalidInput(f"token file {path} is larger than {MAX_TOKEN_FILE} bytes",
-                           hint="it holds one token on one line")
-    return data.decode("utf-8", "replace").strip()
+        raise InvalidInput(f"{what} {path} is larger than {MAX_TOKEN_FILE} bytes", hint=too_big_hint)
+    return data.decode("utf-8", "replace")
 
 
 def read_private_file(named: str) -> str:
@@ -65,19 +70,7 @@ def read_private_file(named: str) -> str:
     except OSError as exc:
         raise InvalidInput(f"credential file {path}: {exc.strerror}",
                            hint="a regular file of yours, mode 0600") from None
-    with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fh.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise InvalidInput(f"credential file {path} is not a regular file", hint="a file, mode 0600")
-        if st.st_mode & 0o077:
-            raise InvalidInput(
-                f"credential file {path} is readable by others (mode {stat.S_IMODE(st.st_mode):04o})",
-                hint=f"chmod 600 {path}")
-        data = fh.read(MAX_TOKEN_FILE + 1)
-    if len(data) > MAX_TOKEN_FILE:
-        raise InvalidInput(f"credential file {path} is larger than {MAX_TOKEN_FILE} bytes",
-                           hint="it holds a few short lines")
-    return data.decode("utf-8", "replace")
+    return _read_open_private(fd, path, "credential file", "it holds a few short lines")
 
 
 def write_token_file(path: Path, token: str) -> None:
