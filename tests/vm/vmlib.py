@@ -590,12 +590,14 @@ class Console:
         return "\n".join(self.text().splitlines()[-lines:])
 
     def wait_for(self, pattern: str, timeout: float, what: str = "") -> re.Match[str]:
-        """The first match of `pattern` (a regex, multiline) on the console; fail at the
-        deadline, or as soon as the machine is gone, with the console's tail."""
+        """The first match of `pattern` (a regex, multiline) in the console's finished lines;
+        fail at the deadline, or as soon as the machine is gone, with the console's tail."""
         rx = re.compile(pattern, re.M)
         deadline = time.monotonic() + timeout
         while True:
-            m = rx.search(self.text())
+            # Only whole lines: a `.*$` must not match a line the serial port is still writing.
+            text = self.text()
+            m = rx.search(text, 0, text.rfind("\n") + 1)
             if m:
                 return m
             if self.proc is not None and self.proc.poll() is not None:
