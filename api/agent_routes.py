@@ -20,6 +20,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Request
 from pydantic import BaseModel, Field, PlainValidator
 from sqlalchemy import update
+from sqlalchemy.orm import Session
 
 from imgfarm.api.auth import authorized_job
 from imgfarm.api.limits import JobIdPath
@@ -84,16 +85,27 @@ def claim_token(job_id: JobIdPath, body: TokenClaim, request: Request) -> dict[s
                    hint="each job's token is given once; the job has failed, submit it again")
 
 
-def _open_job(job: Job) -> None:
+def open_job(s: Session, job_id: int, authorization: str | None) -> Job:
+    """The job this agent's token is for, while it still takes reports (a finished job's
+    token opens nothing)."""
+    job = authorized_job(s, job_id, authorization)
     if job.state not in (states.BOOTING, states.RUNNING):
         raise Conflict(f"job {job.id} is {job.state}; reports are no longer accepted")
+    return job
+
+
+def _reporting_job(s: Session, job_id: int, authorization: str | None, why: str) -> Job:
+    """An open job whose agent has reported: the first report is what moves it to running."""
+    job = open_job(s, job_id, authorization)
+    if job.state == states.BOOTING:
+        transition(s, job_id, states.BOOTING, states.RUNNING, why)
+    return job
 
 
 @router.get("/jobs/{job_id}")
 def get_spec(job_id: JobIdPath, authorization: str | None = Header(None)) -> dict[str, Any]:
     with session_scope() as s:
-        job = authorized_job(s, job_id, authorization)
-        _open_job(job)
+        job = open_job(s, job_id, authorization)
         image = get_image(s, job.image_name) if job.kind == JobKind.RESTORE else None
         try:
             return job_spec(job, image).to_json()
@@ -108,10 +120,7 @@ def get_spec(job_id: JobIdPath, authorization: str | None = Header(None)) -> dic
 def post_progress(job_id: JobIdPath, report: ProgressBody, authorization: str | None = Header(None)) -> dict[str, str]:
     now = utcnow()
     with session_scope() as s:
-        job = authorized_job(s, job_id, authorization)
-        _open_job(job)
-        if job.state == states.BOOTING:
-            transition(s, job_id, states.BOOTING, states.RUNNING, "agent reported: running")
+        job = _reporting_job(s, job_id, authorization, "agent reported: running")
         s.execute(
             update(Job)
             .where(Job.id == job_id, Job.state == states.RUNNING)
@@ -134,10 +143,7 @@ def post_progress(job_id: JobIdPath, report: ProgressBody, authorization: str | 
 def post_result(job_id: JobIdPath, report: ResultBody, authorization: str | None = Header(None)) -> dict[str, str]:
     now = utcnow()
     with session_scope() as s:
-        job = authorized_job(s, job_id, authorization)
-        _open_job(job)
-        if job.state == states.BOOTING:
-            transition(s, job_id, states.BOOTING, states.RUNNING, "agent reported")
+        job = _reporting_job(s, job_id, authorization, "agent reported")
         result = report.to_json()
         res = s.execute(
             update(Job).where(Job.id == job_id, Job.state == states.RUNNING).values(

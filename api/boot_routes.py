@@ -37,7 +37,8 @@ def boot_file(root: Path, path: str) -> Path:
     return target
 
 
-@router.api_route("/tftp/{path:path}", methods=["GET", "HEAD"], response_class=FileResponse)
+@router.get("/tftp/{path:path}", response_class=FileResponse, operation_id="get_boot_file")
+@router.head("/tftp/{path:path}", response_class=FileResponse, operation_id="head_boot_file")
 def get_boot_file(path: str) -> FileResponse:
     target = boot_file(get_settings().pxe.tftp_root, path)
     return FileResponse(target, media_type="application/octet-stream")

@@ -26,8 +26,7 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from imgfarm.api.agent_routes import _open_job
-from imgfarm.api.auth import authorized_job
+from imgfarm.api.agent_routes import open_job
 from imgfarm.api.limits import STORE_PIECE, JobIdPath
 from imgfarm.errors import Conflict, InvalidInput, NotFound
 from imgfarm.models.db import session_scope
@@ -45,8 +44,7 @@ def _job_file(job_id: int, path: str, authorization: str | None, write: bool) ->
     if not STORE_PATH.match(path):
         raise InvalidInput(f"bad store path {path!r}", hint="a relative path inside the store")
     with session_scope() as s:
-        job = authorized_job(s, job_id, authorization)
-        _open_job(job)
+        job = open_job(s, job_id, authorization)
         if write:
             if job.kind != JobKind.CAPTURE:
                 raise Conflict(f"job {job_id} is a {job.kind}; only a capture writes to the store")
@@ -60,7 +58,8 @@ def _job_file(job_id: int, path: str, authorization: str | None, write: bool) ->
     return store_root() / path
 
 
-@router.api_route("/jobs/{job_id}/store/{path:path}", methods=["GET", "HEAD"])
+@router.get("/jobs/{job_id}/store/{path:path}", operation_id="get_store_file")
+@router.head("/jobs/{job_id}/store/{path:path}", operation_id="head_store_file")
 def get_store_file(job_id: JobIdPath, path: str, authorization: str | None = Header(None)) -> FileResponse:
     target = _job_file(job_id, path, authorization, write=False)
     if not target.is_file():

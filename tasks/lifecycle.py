@@ -113,9 +113,9 @@ def _start(job_id: int) -> float | None:
         )
         info = NodeInfo(name=node.name, mac=node.mac, ip=node.ip, boot_driver=node.boot_driver,
                         power_driver=node.power_driver,
-                        driver_info={**(node.driver_info or {}), **dict(s.execute(
+                        driver_info={**(node.driver_info or {}), **{key: value for key, value in s.execute(
                             select(NodeSecret.key, NodeSecret.value)
-                            .where(NodeSecret.node_id == job.node_id)).tuples().all())},
+                            .where(NodeSecret.node_id == job.node_id))}},
                         disk=node.disk)
         if won:  # what we are about to ask of the node; finalize sets local again
             s.execute(update(Node).where(Node.id == job.node_id).values(boot_target=BootTarget.AGENT,

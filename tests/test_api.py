@@ -15,33 +15,23 @@ from sqlalchemy import func, select
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
 from imgfarm.models.images import register_image
-from imgfarm.models.jobs import hash_token
 from imgfarm.models.tables import Job, JobEvent
 from imgfarm.tasks.nodes import add_node
+from tests.apitest import local_client, running_job
 
 TOKEN = "t" * 43
 
-# a loopback peer: with no operator token in the database, only this machine may call
-LOCAL = ("127.0.0.1", 50000)
-
-
 @pytest.fixture
 def client(settings_env: str) -> Iterator[TestClient]:
-    from imgfarm.api.app import create_app
-
-    with TestClient(create_app(), client=LOCAL) as c:
+    with local_client() as c:
         yield c
 
 
 def _running_job(state: str = states.RUNNING) -> int:
     with session_scope() as s:
-        node = add_node(s, "n1", disk="/tmp/n1.img")
+        add_node(s, "n1", disk="/tmp/n1.img")
         register_image(s, "base", "partimage-ng", "base", size_bytes=1, checksums={})
-        job = Job(kind="restore", node_id=node.id, image_name="base", state=state,
-                  token_hash=hash_token(TOKEN))
-        s.add(job)
-        s.flush()
-        return job.id
+    return running_job(TOKEN, state)
 
 
 def _counts(job_id: int) -> tuple[int, float, str]:

@@ -21,17 +21,15 @@ from imgfarm.models.images import register_image
 from imgfarm.models.tables import ApiToken, Job
 from imgfarm.models.tokens import create_token
 from imgfarm.tasks.nodes import add_node
+from tests.apitest import local_client
 from tests.farm import free_port
 
-LOCAL = ("127.0.0.1", 50000)
 BIN = Path(sys.executable).parent
 
 
 @pytest.fixture
 def client(settings_env: str) -> Iterator[TestClient]:
-    from imgfarm.api.app import create_app
-
-    with TestClient(create_app(), client=LOCAL) as c:
+    with local_client() as c:
         yield c
 
 

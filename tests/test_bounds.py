@@ -20,11 +20,11 @@ from sqlalchemy import func, select, update
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
 from imgfarm.models.images import register_image
-from imgfarm.models.jobs import hash_token
-from imgfarm.models.nodes import get_node, range_size
+from imgfarm.models.nodes import range_size
 from imgfarm.models.tables import Job, JobEvent
 from imgfarm.models.windows import Window
 from imgfarm.tasks.nodes import add_node
+from tests.apitest import local_client, running_job
 
 TOKEN = "b" * 43
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -32,23 +32,16 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture
 def client(settings_env: str) -> Iterator[TestClient]:
-    from imgfarm.api.app import create_app
-
     with session_scope() as s:
         for i in range(1, 4):
             add_node(s, f"n{i}", disk=f"/tmp/n{i}.img", groups=["lab"])
         register_image(s, "base", "partimage-ng", "base", size_bytes=1, checksums={})
-    with TestClient(create_app(), client=("127.0.0.1", 50000)) as c:  # loopback: no operator token needed
+    with local_client() as c:
         yield c
 
 
 def _running_job() -> int:
-    with session_scope() as s:
-        job = Job(kind="restore", node_id=get_node(s, "n1").id, image_name="base",
-                  state=states.RUNNING, token_hash=hash_token(TOKEN))
-        s.add(job)
-        s.flush()
-        return job.id
+    return running_job(TOKEN)
 
 
 def _count(model: type, *where: object) -> int:

@@ -19,11 +19,11 @@ from imgfarm.cli.main import app as cli_app
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
 from imgfarm.models.images import register_image
-from imgfarm.models.jobs import hash_token
 from imgfarm.models.nodes import get_node
 from imgfarm.models.tables import Group, Job, JobEvent, Node
 from imgfarm.models.windows import Window
 from imgfarm.tasks.nodes import add_node
+from tests.apitest import local_client, running_job
 
 TOKEN = "n" * 43
 AUTH = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
@@ -32,12 +32,10 @@ BIG = 2**70
 
 @pytest.fixture
 def client(settings_env: str) -> Iterator[TestClient]:
-    from imgfarm.api.app import create_app
-
     with session_scope() as s:
         add_node(s, "n1", disk="/tmp/n1.img")
         register_image(s, "base", "partimage-ng", "base", size_bytes=1, checksums={})
-    with TestClient(create_app(), client=("127.0.0.1", 50000)) as c:  # loopback: no operator token
+    with local_client() as c:
         yield c
 
 
@@ -47,12 +45,7 @@ def _count(model: type) -> int:
 
 
 def _running_job() -> int:
-    with session_scope() as s:
-        job = Job(kind="restore", node_id=get_node(s, "n1").id, image_name="base",
-                  state=states.RUNNING, token_hash=hash_token(TOKEN))
-        s.add(job)
-        s.flush()
-        return job.id
+    return running_job(TOKEN)
 
 
 @pytest.mark.parametrize("timeout", [b"NaN", b"Infinity", b"-Infinity", b"1e300", b"-1"])

@@ -21,16 +21,14 @@ from imgfarm.models.db import session_scope
 from imgfarm.models.names import is_secret_key
 from imgfarm.models.tables import Node, NodeSecret
 from imgfarm.tasks.nodes import node_info
+from tests.apitest import local_client
 
-LOCAL = ("127.0.0.1", 50000)
 BIN = Path(sys.executable).parent
 
 
 @pytest.fixture
 def client(settings_env: str) -> Iterator[TestClient]:
-    from imgfarm.api.app import create_app
-
-    with TestClient(create_app(), client=LOCAL) as c:
+    with local_client() as c:
         yield c
 
 
