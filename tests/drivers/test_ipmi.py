@@ -1,18 +1,14 @@
 """The ipmi power driver against a real BMC simulator (OpenIPMI's ipmi_sim).
 
-Each test runs `ipmi_sim` on 127.0.0.1 with a lan.conf (a lanplus channel, an
-admin user with a password) and an emu file written here. Its chassis is a
-`chassis_control` script (ipmi_sim's extcmd contract: `PROG get power` prints
-`power:1`, `PROG set power "0"` / `set reset "1"` / `set boot "pxe"`), which
-keeps the power state in files, so power really changes and every request the
-BMC got can be read back. The simulator is killed in a finally.
+Each test runs `ipmi_sim` on 127.0.0.1 (tests/ipmisim.py: a lanplus channel, an
+admin user with a password) whose `chassis_control` script, written here, keeps
+the power state in files, so power really changes and every request the BMC
+got can be read back. The simulator is killed when the test ends.
 """
 
 from __future__ import annotations
 
 import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +19,7 @@ import pytest
 from imgfarm.drivers.base import NodeInfo, PowerState
 from imgfarm.drivers.ipmi import IpmiPower
 from imgfarm.errors import DriverError, DriverSettingsError
-from tests.support import stop_process, wait_for
+from tests.ipmisim import SimBmc
 
 pytestmark = pytest.mark.skipif(not (shutil.which("ipmi_sim") and shutil.which("ipmitool")),
                                 reason="openipmi (ipmi_sim) / ipmitool not installed")
@@ -49,27 +45,6 @@ set) while [ $# -gt 1 ]; do
 esac
 """
 
-LAN_CONF = """name "imgfarm-test-bmc"
-set_working_mc 0x20
-  startlan 1
-    addr 127.0.0.1 {port}
-    priv_limit admin
-    allowed_auths_callback none md2 md5 straight
-    allowed_auths_user none md2 md5 straight
-    allowed_auths_operator none md2 md5 straight
-    allowed_auths_admin none md2 md5 straight
-    guid a123456789abcdefa123456789abcdef
-  endlan
-  chassis_control "{chassis}"
-  user 2 true "admin" "{password}" admin 10 none md2 md5 straight
-"""
-
-EMU = """mc_setbmc 0x20
-mc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f 0x1291 0xf02 persist_sdr
-sel_enable 0x20 1000 0x0a
-mc_enable 0x20
-"""
-
 
 @dataclass
 class Bmc:
@@ -87,12 +62,6 @@ class Bmc:
         return NodeInfo(name="b1", power_driver="ipmi", driver_info=di)
 
 
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def bmc(tmp_path: Path, settings_env) -> Iterator[Bmc]:
     settings_env.set("IMGFARM_IPMI__TIMEOUT", "5")
@@ -102,26 +71,11 @@ def bmc(tmp_path: Path, settings_env) -> Iterator[Bmc]:
     settings_env.set("IMGFARM_IPMI__CIPHER_SUITE", "3")
     d = tmp_path / "bmc"
     (d / "chassis").mkdir(parents=True)
-    (d / "state").mkdir()
     script = d / "chassis.sh"
     script.write_text(CHASSIS)
     script.chmod(0o755)
-    port = _free_udp_port()
-    (d / "lan.conf").write_text(LAN_CONF.format(port=port, chassis=script, password=PASSWORD))
-    (d / "bmc.emu").write_text(EMU)
-    pw = d / "bmc.pw"
-    pw.write_text(PASSWORD + "\n")
-    pw.chmod(0o600)
-    proc = subprocess.Popen(
-        ["ipmi_sim", "-c", str(d / "lan.conf"), "-f", str(d / "bmc.emu"), "-s", str(d / "state"),
-         "-n"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: proc.poll() is None
-                 and f"0100007F:{port:04X}" in Path("/proc/net/udp").read_text(),
-                 timeout=10, interval=0.05, what=f"ipmi_sim on udp port {port}")
-        yield Bmc(port, d / "chassis", pw)
-    finally:
-        stop_process(proc)
+    with SimBmc(d, script, PASSWORD) as sim:
+        yield Bmc(sim.port, d / "chassis", sim.password_file)
 
 
 def test_power_really_changes(bmc):

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.ipmisim import SimBmc
 from tests.support import wait_for
 
 HOST_FROM_GUEST = "10.0.2.2"  # QEMU user networking: the host's 127.0.0.1
@@ -239,28 +240,6 @@ set) while [ $# -gt 1 ]; do
 esac
 """
 
-LAN_CONF = """name "{name}-bmc"
-set_working_mc 0x20
-  startlan 1
-    addr 127.0.0.1 {port}
-    priv_limit admin
-    allowed_auths_callback none md2 md5 straight
-    allowed_auths_user none md2 md5 straight
-    allowed_auths_operator none md2 md5 straight
-    allowed_auths_admin none md2 md5 straight
-    guid a123456789abcdefa123456789abcdef
-  endlan
-  chassis_control "{chassis}"
-  user 2 true "admin" "{password}" admin 10 none md2 md5 straight
-"""
-
-EMU = """mc_setbmc 0x20
-mc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f 0x1291 0xf02 persist_sdr
-sel_enable 0x20 1000 0x0a
-mc_enable 0x20
-"""
-
-
 @dataclass
 class VmNode:
     """One QEMU machine: its disk, NIC, console log, and the ipmi_sim BMC that powers it."""
@@ -273,8 +252,14 @@ class VmNode:
     bootfile: str  # what QEMU's DHCP tells the ROM to fetch: boot.ipxe or pxelinux.0
     disk_bus: str = "virtio"  # virtio | nvme
     memory_mib: int = 1024
-    bmc_port: int = 0
-    bmc_proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    bmc: SimBmc = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.bmc = SimBmc(self.dir, self.dir / "chassis.sh", BMC_PASSWORD, name=f"{self.name}-bmc")
+
+    @property
+    def bmc_port(self) -> int:
+        return self.bmc.port
 
     @property
     def console(self) -> Path:
@@ -286,7 +271,7 @@ class VmNode:
 
     @property
     def password_file(self) -> Path:
-        return self.dir / "bmc.pw"
+        return self.bmc.password_file
 
     def console_text(self) -> str:
         return self.console.read_text(errors="replace") if self.console.exists() else ""
@@ -315,37 +300,18 @@ class VmNode:
             "setsid " + " ".join(_sh(a) for a in self.qemu_argv())
             + " </dev/null >>" + _sh(str(self.dir / "qemu.out")) + " 2>&1 &\n"
             "echo $! > " + _sh(str(self.pidfile)) + "\n")
-        chassis = self.dir / "chassis.sh"
-        chassis.write_text(CHASSIS.format(dir=self.dir))
-        for p in (start, chassis):
+        self.bmc.chassis.write_text(CHASSIS.format(dir=self.dir))
+        for p in (start, self.bmc.chassis):
             p.chmod(0o755)
-        self.bmc_port = self.bmc_port or free_port(socket.SOCK_DGRAM)
-        (self.dir / "lan.conf").write_text(LAN_CONF.format(
-            name=self.name, port=self.bmc_port, chassis=chassis, password=BMC_PASSWORD))
-        (self.dir / "bmc.emu").write_text(EMU)
-        self.password_file.write_text(BMC_PASSWORD + "\n")
-        self.password_file.chmod(0o600)
-        (self.dir / "state").mkdir(exist_ok=True)
+        self.bmc.write()
 
     # ---------------------------------------------------------------- the BMC
     def start_bmc(self) -> None:
         self.write_scripts()
-        self.bmc_proc = subprocess.Popen(
-            ["ipmi_sim", "-c", str(self.dir / "lan.conf"), "-f", str(self.dir / "bmc.emu"),
-             "-s", str(self.dir / "state"), "-n"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-            start_new_session=True)
-        port = self.bmc_port
-        wait_for(lambda: self.bmc_proc is not None and self.bmc_proc.poll() is None
-                 and f"0100007F:{port:04X}" in Path("/proc/net/udp").read_text(),
-                 15, interval=0.05, what=f"ipmi_sim of {self.name} on udp port {port}")
+        self.bmc.start()
 
     def stop_bmc(self) -> None:
-        if self.bmc_proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.bmc_proc.pid, signal.SIGKILL)
-            self.bmc_proc.wait(10)
-            self.bmc_proc = None
+        self.bmc.stop()
 
     # ---------------------------------------------------------------- the machine
     def power_on(self) -> None:
