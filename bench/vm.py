@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from imgfarm.bootimage.build import build  # noqa: E402
 from tests.vm import vmlib  # noqa: E402
-from tests.vm.site import vm_site  # noqa: E402
+from tests.vm.site import VmSite, vm_site  # noqa: E402
 
 
 def _when(text: str) -> float:
@@ -55,10 +55,17 @@ def _first_report(job: dict[str, Any]) -> float:
     return next(_when(e["at"]) for e in job["events"] if e["kind"] == "state" and e["state"] == "running")
 
 
-def _loop(disk: Path, part: vmlib.Part) -> str:
-    return subprocess.run(["losetup", "-f", "--show", "--offset", str(part.start), "--sizelimit",
-                           str(part.size), str(disk)], capture_output=True, text=True,
-                          check=True).stdout.strip()
+def _timed_on_loop(disk: Path, part: vmlib.Part, command: str) -> float:
+    """Seconds `command` (a shell line; {dev} is the partition's loop device) takes."""
+    dev = subprocess.run(["losetup", "-f", "--show", "--offset", str(part.start), "--sizelimit",
+                          str(part.size), str(disk)], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    try:
+        t0 = time.monotonic()
+        subprocess.run(command.format(dev=dev), shell=True, check=True)
+        return time.monotonic() - t0
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
 
 
 def _host_partclone(src: Path, parts: list[vmlib.Part], manifest: dict[str, Any],
@@ -67,25 +74,23 @@ def _host_partclone(src: Path, parts: list[vmlib.Part], manifest: dict[str, Any]
     target = vmlib.blank_disk(work / "host-target.img", src.stat().st_size >> 20)
     cap = res = 0.0
     for part, entry in zip(parts, manifest["partitions"], strict=True):
-        tool = entry["tool"]
         out = work / f"host-{part.number}.ptcl.zst"
-        dev = _loop(src, part)
-        try:
-            t0 = time.monotonic()
-            subprocess.run(f"partclone.{tool} -c -s {dev} -o - 2>/dev/null | zstd -q -T0 -3 -c > {out}",
-                           shell=True, check=True)
-            cap += time.monotonic() - t0
-        finally:
-            subprocess.run(["losetup", "-d", dev], check=False)
-        dev = _loop(target, part)
-        try:
-            t0 = time.monotonic()
-            subprocess.run(f"zstd -q -dc {out} | partclone.restore -s - -O {dev} 2>/dev/null",
-                           shell=True, check=True)
-            res += time.monotonic() - t0
-        finally:
-            subprocess.run(["losetup", "-d", dev], check=False)
+        cap += _timed_on_loop(src, part, f"partclone.{entry['tool']} -c -s {{dev}} -o - 2>/dev/null "
+                              f"| zstd -q -T0 -3 -c > {out}")
+        res += _timed_on_loop(target, part, f"zstd -q -dc {out} | partclone.restore -s - -O {{dev}} 2>/dev/null")
     return {"capture_s": cap, "restore_s": res}
+
+
+def _run_job(site: VmSite, kind: str, node: str) -> tuple[dict[str, Any], float]:
+    """One job on `node`, to its end; the job and the seconds from power-on to its first
+    report. The node is killed afterwards (it idles at local boot): its core is given back."""
+    t0 = time.time()
+    [job_id] = site.farm.cli_json(kind, node, "--image", "bench")["job_ids"]
+    [job] = site.wait_final([job_id], 1200)
+    site.nodes[node].kill()
+    if job["state"] != "succeeded":
+        raise RuntimeError(f"{kind} failed: {job.get('error')}\n{site.diagnostics()}")
+    return job, _first_report(job) - _power_on_at(site.nodes[node].dir / "chassis.log", t0)
 
 
 def main() -> int:
@@ -104,24 +109,13 @@ def main() -> int:
         with vm_site(work / "site", image, user="bench") as site:
             a = site.add_node("vma", 0x51, table="dos", size_mib=160, random_kib=args.random_mib << 10)
             site.add_node("vmb", 0x52, table=None, size_mib=160)
-            t0 = time.time()
-            [cap_id] = site.farm.cli_json("capture", "vma", "--image", "bench")["job_ids"]
-            [cap] = site.wait_final([cap_id], 1200)
-            site.nodes["vma"].kill()
-            if cap["state"] != "succeeded":
-                print(f"capture failed: {cap.get('error')}\n{site.diagnostics()}", file=sys.stderr)
+            try:
+                cap, cap_boot = _run_job(site, "capture", "vma")
+                res, res_boot = _run_job(site, "restore", "vmb")
+            except RuntimeError as exc:
+                print(exc, file=sys.stderr)
                 return 1
-            t1 = time.time()
-            [res_id] = site.farm.cli_json("restore", "vmb", "--image", "bench")["job_ids"]
-            [res] = site.wait_final([res_id], 1200)
-            site.nodes["vmb"].kill()
-            if res["state"] != "succeeded":
-                print(f"restore failed: {res.get('error')}\n{site.diagnostics()}", file=sys.stderr)
-                return 1
-            boot = {
-                "capture": _first_report(cap) - _power_on_at(site.nodes["vma"].dir / "chassis.log", t0),
-                "restore": _first_report(res) - _power_on_at(site.nodes["vmb"].dir / "chassis.log", t1),
-            }
+            boot = {"capture": cap_boot, "restore": res_boot}
             img = next(i for i in site.farm.cli_json("image", "list") if i["name"] == "bench")
             manifest = json.loads((site.store / img["location"] / "manifest.json").read_text())
             used = sum(p["used_bytes"] for p in manifest["partitions"])
