@@ -12,21 +12,26 @@ from typing import Any
 import typer
 
 from imgfarm.cli.output import (
-    console,
     echo,
     handles_errors,
     human_bytes,
     json_option,
-    line,
     plain,
     print_json,
     say,
+    status,
     table,
 )
 from imgfarm.errors import Conflict, InvalidInput, NotFound
 from imgfarm.models.names import check_image_name, converted_name
 from imgfarm.models.views import image_view
-from imgfarm.protocol import ImageFormat, JobKind, sha256_file
+from imgfarm.protocol import (
+    CONVERT_VERIFY,
+    CONVERT_VERIFY_DEFAULT,
+    ImageFormat,
+    JobKind,
+    sha256_file,
+)
 
 app = typer.Typer(help="List, import, inspect, convert and verify images.", no_args_is_help=True)
 
@@ -100,14 +105,14 @@ def import_legacy(
         if find_image(s, name) is not None:
             raise Conflict(f"image {name!r} exists already", hint="choose another --name")
     vols = _legacy_volumes(path)
-    with console.status(line(f"checking every CRC of {path.name} ...")):
+    with status(f"checking every CRC of {path.name} ..."):
         verify_image(vols[0])  # every CRC, before anything is copied
     dest = image_dir(name)
     tmp = store_root() / f".import-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        with console.status(f"copying {len(vols)} volume(s) into the store ..."):
+        with status(f"copying {len(vols)} volume(s) into the store ..."):
             for v in vols:
                 shutil.copyfile(v, tmp / v.name)
             checksums = {v.name: sha256_file(tmp / v.name).sha256 for v in vols}
@@ -301,11 +306,15 @@ def convert(
                                  "Clonezilla image directory"),
     out: Path | None = typer.Option(None, "--out", help="write the image under DIR, do not register it"),
     name: str = typer.Option("", "--name", help="name of the new image (registered in the store)"),
-    verify: str = typer.Option("stream", "--verify", help="what must hold before the image is "
-                               "renamed into place: 'stream' (every input check, sha256 of the "
-                               "bytes written, every zstd frame decoded again), 'written' "
-                               "(the same without decoding the zstd output again: ~20% less "
-                               "CPU), 'full' (stream, then a read-back of the new image)"),
+    verify: str = typer.Option(CONVERT_VERIFY_DEFAULT, "--verify", help="what must hold before "
+                               "the image gets its name: 'written' (every input check: volume "
+                               "headers, header sums, every CHK CRC, the tail; sha256 of exactly "
+                               "the bytes written; fsync; size on disk), 'stream' (also every "
+                               "zstd frame decoded again: ~15% more CPU, catches a fault of the "
+                               "compressor itself), 'full' (stream, then a read-back of the new "
+                               "image). 'written' is enough because zstd's own frame checksums "
+                               "and partclone's CRCs are in the file: `imgfarm image verify` "
+                               "and every restore check them (docs/formats.md)"),
     json_out: bool = json_option(),
 ) -> None:
     """Convert a legacy partimage image to partimage-ng here and now (no broker needed).
@@ -319,8 +328,8 @@ def convert(
     # lazy: the image formats (zstandard, ISA-L) load only for the commands that read images
     from imgfarm.imageformats.convert import convert_legacy
 
-    if verify not in ("stream", "written", "full"):
-        raise InvalidInput(f"--verify {verify!r}: not one of stream, written, full")
+    if verify not in CONVERT_VERIFY:
+        raise InvalidInput(f"--verify {verify!r}: not one of {', '.join(CONVERT_VERIFY)}")
     path = _resolve_source(source)
     if _is_clonezilla(path):
         _convert_clonezilla(path, name or converted_name(path.resolve().name), out=out,
@@ -350,10 +359,10 @@ def convert(
                 raise Conflict(f"image {target!r} exists already", hint="choose another --name")
         dest_dir = store_root()
     started = time.monotonic()
-    with console.status(line(f"converting {path.name} ...")) as status:
+    with status(f"converting {path.name} ...") as update:
         def progress(done: int, total: int) -> None:
-            status.update(line(f"converting {path.name}: {100.0 * done / max(total, 1):.0f}% "
-                               f"({human_bytes(done)} of {human_bytes(total)})"))
+            update(f"converting {path.name}: {100.0 * done / max(total, 1):.0f}% "
+                   f"({human_bytes(done)} of {human_bytes(total)})")
 
         manifest = convert_legacy(path, dest_dir, name=target, progress=progress, verify=verify)
     if out is None:
@@ -379,7 +388,7 @@ def _is_clonezilla(path: Path) -> bool:
 
 
 def _convert_clonezilla(path: Path, target: str, *, out: Path | None, json_out: bool,
-                        verify: str = "stream") -> None:
+                        verify: str = CONVERT_VERIFY_DEFAULT) -> None:
     """A Clonezilla disk directory -> one partimage-ng image, under --out or registered.
 
     Every partition listed in `parts` is converted and checked before the image
@@ -403,9 +412,9 @@ def _convert_clonezilla(path: Path, target: str, *, out: Path | None, json_out: 
                 raise Conflict(f"image {target!r} exists already", hint="choose another --name")
         dest_dir = store_root()
     started = time.monotonic()
-    with console.status(line(f"converting {path.name} ...")) as status:
+    with status(f"converting {path.name} ...") as update:
         def progress(done: int, total: int) -> None:
-            status.update(line(f"converting {path.name}: {100.0 * done / max(total, 1):.0f}%"))
+            update(f"converting {path.name}: {100.0 * done / max(total, 1):.0f}%")
 
         manifest = convert_dir(path, dest_dir, name=target, progress=progress, verify=verify)
     if out is None:

@@ -8,31 +8,53 @@ is a message, not a closing tag), with control characters shown escaped
 escaping; `line()`, `echo()`, `table()` and `styled_state()` use it, so a
 command that prints through them cannot get it wrong.
 
-This module is imported by every command, so it imports only typer and Rich's
-console: see cli/main.py on start-up time.
+This module is imported by every command, so it imports only typer: Rich (~20
+ms of start-up, a third of Typer's own) loads at the first thing printed
+through it, so a command that only echoes plain lines (`image convert` into a
+pipe, a script's `--json`) never loads it. See cli/main.py on start-up time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import re
 import sys
-from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import typer
-from rich.console import Console
-from rich.text import Text
 
 from imgfarm.errors import ImgfarmError
 from imgfarm.models.dbapi import explain_db_error
 from imgfarm.units import format_bytes
 
-console = Console()
-err_console = Console(stderr=True)
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.text import Text
+
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _LazyConsole:
+    """A Rich console made at its first use (Rich is imported then, not at start-up)."""
+
+    def __init__(self, stderr: bool) -> None:
+        self._stderr = stderr
+        self._real: Console | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._real is None:
+            from rich.console import Console  # lazy: see the module docstring
+
+            self._real = Console(stderr=self._stderr)
+        return getattr(self._real, name)
+
+
+console = cast("Console", _LazyConsole(stderr=False))
+err_console = cast("Console", _LazyConsole(stderr=True))
 
 # C0 and C1 control characters, DEL, and the Unicode line separators and
 # bidirectional overrides that can make a terminal show something else than
@@ -64,6 +86,8 @@ def plain(value: Any) -> str:
 def line(*parts: Any) -> Text:
     """One line to print with Rich, never parsed as markup: str parts go through plain(),
     Text parts keep their style (see styled_state)."""
+    from rich.text import Text  # lazy: see the module docstring
+
     out = Text()
     for part in parts:
         out.append(part if isinstance(part, Text) else plain(part))
@@ -73,6 +97,19 @@ def line(*parts: Any) -> Text:
 def say(*parts: Any) -> None:
     """Print line(*parts) on stdout."""
     console.print(line(*parts), highlight=False)
+
+
+@contextlib.contextmanager
+def status(text: str) -> Iterator[Callable[[str], None]]:
+    """A spinner with `text` (shown through line()) while the block runs; yields update(text).
+
+    Only on a terminal: elsewhere Rich's spinner prints nothing, so a pipe or a script
+    gets no spinner and does not load Rich for it."""
+    if not sys.stdout.isatty():
+        yield lambda _text: None
+        return
+    with console.status(line(text)) as spinner:
+        yield lambda new: spinner.update(line(new))
 
 
 def echo(text: Any = "", err: bool = False) -> None:
@@ -121,6 +158,7 @@ def print_json(data: Any) -> None:
 def table(columns: Iterable[str], rows: Iterable[Iterable[Any]], title: str | None = None) -> None:
     """A table of plain-text cells (Text cells keep their style)."""
     from rich.table import Table  # lazy: loads only for the commands that draw a table
+    from rich.text import Text
 
     t = Table(title=title, header_style="bold")
     for c in columns:
@@ -138,10 +176,14 @@ STATE_STYLE = {
 
 def styled_state(state: str) -> Text:
     """A job state in its colour, as Text (never markup)."""
+    from rich.text import Text  # lazy: see the module docstring
+
     return Text(plain(state), style=STATE_STYLE.get(state, "white"))
 
 
 def _fail(exc: ImgfarmError) -> None:
+    from rich.text import Text  # lazy: see the module docstring
+
     err_console.print(line(Text("error:", style="red"), " ", exc.message), highlight=False)
     if exc.hint:
         err_console.print(line("  hint: ", exc.hint), highlight=False)

@@ -45,6 +45,7 @@ from imgfarm.errors import ImageError
 from imgfarm.imageformats import convert, layers, ng, partclone, partimage
 from imgfarm.imageformats.convert import ZSTD_LEVEL, compress_into
 from imgfarm.protocol import (
+    CONVERT_VERIFY_DEFAULT,
     HEAD_FILE,
     IMAGE_NAME,
     IMAGE_NAME_HINT,
@@ -427,13 +428,13 @@ def _partimage_part(part: CzPart, out_path: Path, level: int,
 
 def convert_dir(directory: str | os.PathLike[str], dest_dir: Path, *, name: str,
                 progress: Callable[[int, int], None] | None = None,
-                level: int = ZSTD_LEVEL, verify: str = "stream") -> Manifest:
+                level: int = ZSTD_LEVEL, verify: str = CONVERT_VERIFY_DEFAULT) -> Manifest:
     """Convert the Clonezilla disk directory `directory` into ``dest_dir/NAME``.
 
     Every partition in ``parts`` is converted and checked before the new image is
     renamed into place; on any failure nothing is left in `dest_dir`.
     `progress(done, total)` counts compressed input bytes over all partitions.
-    `verify`: as :func:`convert.convert_legacy`'s ("stream", "written", "full").
+    `verify`: as :func:`convert.convert_legacy`'s ("written", "stream", "full").
     """
     if verify not in convert.VERIFY_MODES:
         raise ValueError(f"verify must be one of {convert.VERIFY_MODES}, not {verify!r}")

@@ -6,13 +6,13 @@ every CRC and writes the partclone stream through zstd, with the work spread
 over threads whose C calls release the GIL: gzip/bzip2 decoding (ISA-L's
 inflate when python-isal is installed) in the reader's decode thread; CHK
 CRCs, byte sum and stream assembly in the calling thread; zstd compression
-(level 1 by default) in a thread of its own; file writes, sha256 and the zstd
-round trip check in the writer thread.  Queues are bounded and the data moves
+(level 1 by default) in a thread of its own; file writes, sha256 (and, with
+``verify="stream"``, the zstd round trip) in the writer thread.  Queues are bounded and the data moves
 as 1 MiB pieces, so memory stays flat whatever the image size.
 
 Atomicity: everything is written into ``dest_dir/.NAME.tmp-XXXX/``, checked
-(``verify=``: in-line by default, optionally with a full read-back), fsynced,
-and only then renamed to ``dest_dir/NAME``.  On any failure the temporary
+(``verify=``: in-line, see :func:`convert_legacy`), fsynced, and only then
+renamed to ``dest_dir/NAME``.  On any failure the temporary
 directory is removed and nothing that looks like an image is left behind.
 """
 
@@ -35,6 +35,8 @@ import zstandard
 from imgfarm.errors import ImageError
 from imgfarm.imageformats import ng, partclone, partimage
 from imgfarm.protocol import (
+    CONVERT_VERIFY,
+    CONVERT_VERIFY_DEFAULT,
     IMAGE_NAME,
     IMAGE_NAME_HINT,
     ConvertOrigin,
@@ -53,7 +55,7 @@ PART_FILE = part_file(0)  # a legacy image is one partition: the whole "disk" is
 # than 3 (ratio 2.31 vs 2.26) at half the CPU (0.55 s vs 1.03 s for 373 MiB); figures for
 # levels -5..3 in bench/README.md ("convert").  Pass level= for another trade-off.
 ZSTD_LEVEL = 1
-VERIFY_MODES = ("stream", "written", "full")
+VERIFY_MODES = CONVERT_VERIFY
 
 
 class _ZstdFrames:
@@ -252,7 +254,7 @@ def build_manifest(info: partimage.LegacyInfo, *, name: str, source: Path, sha25
 
 def convert_legacy(source: Path, dest_dir: Path, *, name: str | None = None,
                    progress: Callable[[int, int], None] | None = None,
-                   zstd_threads: int = 1, verify: bool | str = "stream",
+                   zstd_threads: int = 1, verify: bool | str = CONVERT_VERIFY_DEFAULT,
                    level: int = ZSTD_LEVEL) -> Manifest:
     """Convert the legacy image `source` (``NAME.000`` or an unsplit file) to ``dest_dir/NAME``.
 
@@ -264,22 +266,21 @@ def convert_legacy(source: Path, dest_dir: Path, *, name: str | None = None,
     0 = in the calling thread; N >= 2 = zstd's own N worker threads.
     `level`: zstd compression level (default ZSTD_LEVEL = 1; negative = faster).
 
-    `verify` -- what must hold before the image is renamed into place:
+    `verify` -- what must hold before the image is renamed into place (the
+    choice, and the figures behind it: docs/formats.md, "Conversion checks"):
 
-    * ``"stream"`` (default): checked while writing, no second pass.  Input:
-      every volume header, header sum, CHK CRC + position and the tail; the
-      partclone CRCs are folded from those checked CRCs.  Output: every byte
-      handed to the file is sha256-hashed (the manifest's digest) and
-      decompressed again in the writer thread, where zstd checks each frame's
-      content checksum, the frame structure is walked (whole frames, each
-      with its checksum, nothing else) and the round trip must give exactly
-      the partclone stream's length; then fsync, and the file size on disk
-      must equal the bytes written.
+    * ``"written"`` (default, or False): checked while writing, no second pass.
+      Input: every volume header, header sum, CHK CRC + position and the tail;
+      the partclone CRCs are folded from those checked CRCs.  Output: every
+      byte handed to the file is sha256-hashed (the manifest's digest); then
+      fsync, and the file size on disk must equal the bytes written.
+    * ``"stream"``: "written", and every byte written is decompressed again in
+      the writer thread, where zstd checks each frame's content checksum, the
+      frame structure is walked (whole frames, each with its checksum, nothing
+      else) and the round trip must give exactly the partclone stream's length.
     * ``"full"`` (or True): "stream", then a read-back of the finished
       directory with :func:`ng.verify_image` (sha256 of the file, every
       partclone CRC through zstd) -- ~0.2-0.3 s more per 373 MiB on 2 cores.
-    * ``"written"`` (or False): "stream" without the zstd round trip: the input
-      checks, sha256 of the bytes written, fsync and the size on disk.
     """
     if verify is True or verify is False:
         verify = "full" if verify else "written"

@@ -24,6 +24,9 @@ if str(ROOT) not in sys.path:
 # import when COLUMNS is set: the CLI tests would wrap at 80 whatever they pass.
 os.environ.pop("COLUMNS", None)
 os.environ.pop("LINES", None)
+from imgfarm.cli import output as _cli_output  # noqa: E402
+
+_ = _cli_output.console.size, _cli_output.err_console.size  # made now (they are lazy), without COLUMNS
 
 from tests.farm import Farm, running_farm  # noqa: E402
 from tests.support import PROCESS_PREFIX  # noqa: E402

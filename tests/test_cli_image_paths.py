@@ -97,11 +97,11 @@ def test_split_set_is_found_imported_and_converted(settings_env: str, tmp_path: 
 
 def test_convert_verify_modes(settings_env: str, images: Path, tmp_path: Path) -> None:
     code, out = _cli("convert", str(images / "lab.000"), "--out", str(tmp_path / "w"),
-                     "--verify", "written")
+                     "--verify", "stream")
     assert code == 0 and (tmp_path / "w" / "lab-ng" / "manifest.json").is_file(), out
     code, out = _cli("convert", str(images / "lab.000"), "--out", str(tmp_path / "x"),
                      "--verify", "quick")
-    assert code == 2 and "--verify 'quick': not one of stream, written, full" in out, out
+    assert code == 2 and "--verify 'quick': not one of written, stream, full" in out, out
     assert not (tmp_path / "x").exists()
 
 

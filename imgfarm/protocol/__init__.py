@@ -35,6 +35,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from imgfarm.protocol._vocabulary import (
+    CONVERT_VERIFY,
+    CONVERT_VERIFY_DEFAULT,
     DEVICE_PATH,
     HEAD_FILE,
     IMAGE_NAME,
@@ -119,6 +121,8 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "CMDLINE_PREFIX",
+    "CONVERT_VERIFY",
+    "CONVERT_VERIFY_DEFAULT",
     "DEVICE_PATH",
     "HEAD_FILE",
     "IMAGE_NAME",

@@ -101,6 +101,13 @@ MANIFEST_VERSION = 1
 MANIFEST_VERSIONS = (1,)  # what this code reads
 HEAD_FILE = "disk-head.bin"  # the bytes before the first partition (boot code)
 COMPRESSIONS = ("zstd",)
+# What a conversion checks before the new image gets its name (imageformats/convert.py and
+# docs/formats.md "Conversion checks"): "written" = every input check, sha256 of exactly the
+# bytes written, fsync and the size on disk; "stream" adds decoding every zstd frame again;
+# "full" adds a read-back of the finished image. "written" is the default: the CLI, the
+# workers and Clonezilla directories share it.
+CONVERT_VERIFY = ("written", "stream", "full")
+CONVERT_VERIFY_DEFAULT = "written"
 
 
 def part_name(index: int) -> str:

@@ -392,7 +392,7 @@ def test_convert_levels_and_verify_modes(tmp_path: Path) -> None:
 def test_stream_verify_catches_bad_compressed_bytes(tmp_path: Path, dest: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """A byte changed between zstd and the file (sha256 would match it!) is caught by the
-    in-line zstd round trip of the default verify, and nothing is left behind."""
+    in-line zstd round trip of verify="stream", and nothing is left behind."""
     from imgfarm.imageformats import convert as cv
 
     real_write = cv._HashingFile.write
@@ -407,14 +407,14 @@ def test_stream_verify_catches_bad_compressed_bytes(tmp_path: Path, dest: Path,
 
     monkeypatch.setattr(cv._HashingFile, "write", corrupting_write)
     with pytest.raises(ImageError, match="zstd round trip"):
-        convert_legacy(SAMPLE, dest)
+        convert_legacy(SAMPLE, dest, verify="stream")
     assert list(dest.iterdir()) == []
     seen[0] = 0
     with pytest.raises(ImageError, match="zstd round trip"):
         convert_legacy(SAMPLE, dest, verify="full")
     assert list(dest.iterdir()) == []
-    seen[0] = 0  # verify="written" stores it (the sha256 is of the bytes written) ...
-    convert_legacy(SAMPLE, dest, verify="written")
+    seen[0] = 0  # verify="written", the default, stores it (the sha256 is of the bytes
+    convert_legacy(SAMPLE, dest)  # written) ...
     with pytest.raises(ImageError, match="corrupt zstd stream"):  # ... image verify finds it
         verify_image(dest / "sample-ext2")
 
