@@ -6,8 +6,9 @@ import dataclasses
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -32,6 +33,9 @@ from imgfarm.protocol import (
     JobKind,
     sha256_file,
 )
+
+if TYPE_CHECKING:
+    from imgfarm.protocol import Manifest
 
 app = typer.Typer(help="List, import, inspect, convert and verify images.", no_args_is_help=True)
 
@@ -346,6 +350,29 @@ def convert(
     stem = default_name(path) if "/" in source or typed.exists() else source
     target = name or converted_name(stem)
     check_image_name(target)
+    started = time.monotonic()
+    manifest, dest_dir = _convert_here(
+        path, target, out, lambda dest, progress: convert_legacy(
+            path, dest, name=target, progress=progress, verify=verify))
+    if json_out:
+        print_json(manifest.to_json())
+    else:
+        part = manifest.partitions[0]
+        echo(f"converted {path.name} -> {dest_dir / target} ({part.filesystem}, "
+             f"{human_bytes(part.used_bytes)} used -> {human_bytes(part.stream_bytes)} "
+             f"zstd, {time.monotonic() - started:.1f} s; every CRC checked"
+             f"{'' if out is not None else f', registered as {target}'})")
+
+
+def _convert_here(path: Path, target: str, out: Path | None,
+                  run: Callable[[Path, Callable[[int, int], None]], Manifest]
+                  ) -> tuple[Manifest, Path]:
+    """`run(dest_dir, progress)` into --out DIR, or into the store and registered as `target`.
+
+    One copy of the rule for both kinds of source: the name must be free in the
+    registry before any work, the spinner shows the progress, and an image that
+    cannot be registered (the name was taken meanwhile) is removed again, so no
+    unregistered image is left in the store. Returns (manifest, dest_dir)."""
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         dest_dir = out
@@ -358,13 +385,12 @@ def convert(
             if find_image(s, target) is not None:
                 raise Conflict(f"image {target!r} exists already", hint="choose another --name")
         dest_dir = store_root()
-    started = time.monotonic()
     with status(f"converting {path.name} ...") as update:
         def progress(done: int, total: int) -> None:
             update(f"converting {path.name}: {100.0 * done / max(total, 1):.0f}% "
                    f"({human_bytes(done)} of {human_bytes(total)})")
 
-        manifest = convert_legacy(path, dest_dir, name=target, progress=progress, verify=verify)
+        manifest = run(dest_dir, progress)
     if out is None:
         try:
             with session_scope() as s:
@@ -373,14 +399,7 @@ def convert(
         except BaseException:  # e.g. the name was taken meanwhile: no unregistered leftovers
             shutil.rmtree(dest_dir / target, ignore_errors=True)
             raise
-    if json_out:
-        print_json(manifest.to_json())
-    else:
-        part = manifest.partitions[0]
-        echo(f"converted {path.name} -> {dest_dir / target} ({part.filesystem}, "
-             f"{human_bytes(part.used_bytes)} used -> {human_bytes(part.stream_bytes)} "
-             f"zstd, {time.monotonic() - started:.1f} s; every CRC checked"
-             f"{'' if out is not None else f', registered as {target}'})")
+    return manifest, dest_dir
 
 
 def _is_clonezilla(path: Path) -> bool:
@@ -399,32 +418,10 @@ def _convert_clonezilla(path: Path, target: str, *, out: Path | None, json_out: 
 
     check_image_name(target)
     read_dir(path)  # the refusals that need no data, before the database is touched
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        dest_dir = out
-    else:
-        # lazy: SQLAlchemy loads only for the commands that use the job database
-        from imgfarm.models.db import session_scope
-        from imgfarm.models.images import find_image, register_converted, store_root
-
-        with session_scope() as s:
-            if find_image(s, target) is not None:
-                raise Conflict(f"image {target!r} exists already", hint="choose another --name")
-        dest_dir = store_root()
     started = time.monotonic()
-    with status(f"converting {path.name} ...") as update:
-        def progress(done: int, total: int) -> None:
-            update(f"converting {path.name}: {100.0 * done / max(total, 1):.0f}%")
-
-        manifest = convert_dir(path, dest_dir, name=target, progress=progress, verify=verify)
-    if out is None:
-        try:
-            with session_scope() as s:
-                register_converted(s, target, manifest,
-                                   origin={"kind": JobKind.CONVERT, "source": str(path)})
-        except BaseException:  # e.g. the name was taken meanwhile: no unregistered leftovers
-            shutil.rmtree(dest_dir / target, ignore_errors=True)
-            raise
+    manifest, dest_dir = _convert_here(
+        path, target, out, lambda dest, progress: convert_dir(
+            path, dest, name=target, progress=progress, verify=verify))
     if json_out:
         print_json(manifest.to_json())
         return

@@ -34,15 +34,13 @@ import base64
 import hashlib
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from imgfarm.errors import ImageError
-from imgfarm.imageformats import convert, layers, ng, partclone, partimage
+from imgfarm.imageformats import convert, layers, partclone, partimage
 from imgfarm.imageformats.convert import ZSTD_LEVEL, compress_into
 from imgfarm.protocol import (
     CONVERT_VERIFY_DEFAULT,
@@ -274,30 +272,6 @@ def read_dir(directory: str | os.PathLike[str]) -> CzDir:
     return out
 
 
-class _Tee:
-    """A read() source over decoded pieces that hands every byte it returns to `out` too."""
-
-    def __init__(self, pieces: Any, out: Any) -> None:
-        self._it = iter(pieces)
-        self._buf = b""
-        self._out = out
-        self.count = 0
-
-    def read(self, n: int = -1) -> bytes:
-        while not self._buf:
-            try:
-                self._buf = next(self._it)
-            except StopIteration:
-                return b""
-        if n < 0 or n >= len(self._buf):
-            b, self._buf = self._buf, b""
-        else:
-            b, self._buf = self._buf[:n], self._buf[n:]
-        self._out.write(b)
-        self.count += len(b)
-        return b
-
-
 class _Reader:
     """read(n) over an iterator of byte pieces (partclone's readers take a file-like)."""
 
@@ -315,6 +289,22 @@ class _Reader:
             b, self._buf = self._buf, b""
         else:
             b, self._buf = self._buf[:n], self._buf[n:]
+        return b
+
+
+class _Tee(_Reader):
+    """A :class:`_Reader` that hands every byte it returns to `out` too (and counts them)."""
+
+    def __init__(self, pieces: Any, out: Any) -> None:
+        super().__init__(pieces)
+        self._out = out
+        self.count = 0
+
+    def read(self, n: int = -1) -> bytes:
+        b = super().read(n)
+        if b:
+            self._out.write(b)
+            self.count += len(b)
         return b
 
 
@@ -398,18 +388,7 @@ def _partimage_part(part: CzPart, out_path: Path, level: int,
 
     def fill(out: Any) -> int:
         with reader:
-            writer = partclone.PartcloneWriter(
-                out, fs_type=pc_fs, device_size=info.partition_size,
-                total_blocks=info.block_count, block_size=bs, bitmap=reader.bitmap,
-                used_blocks=info.used_blocks)
-            done = 0
-            for piece in reader.data():
-                writer.write(piece, reader.chunk_crc)
-                done += len(piece)
-                if progress is not None:
-                    progress(done)
-            writer.close()
-            return writer.stream_bytes
+            return convert.write_partclone(reader, out, pc_fs, progress)
 
     try:
         sha, count = compress_into(out_path, fill, level=level, roundtrip=roundtrip)
@@ -436,31 +415,21 @@ def convert_dir(directory: str | os.PathLike[str], dest_dir: Path, *, name: str,
     `progress(done, total)` counts compressed input bytes over all partitions.
     `verify`: as :func:`convert.convert_legacy`'s ("written", "stream", "full").
     """
-    if verify not in convert.VERIFY_MODES:
-        raise ValueError(f"verify must be one of {convert.VERIFY_MODES}, not {verify!r}")
-    roundtrip = verify != "written"
+    mode = convert.verify_mode(verify)
+    roundtrip = mode != "written"
     src_dir = Path(directory)
     if not IMAGE_NAME.match(name):
         raise ImageError(f"invalid image name {name!r}", hint=IMAGE_NAME_HINT)
     cz = read_dir(src_dir)  # every refusal that needs no data comes before any work
-    final = dest_dir / name
-    if final.exists():
-        raise ImageError(f"{final} already exists", hint="choose another name")
-    if not dest_dir.is_dir():
-        raise ImageError(f"{dest_dir} is not a directory")
     sizes = [sum(f.stat().st_size for f in p.files) for p in cz.parts]
     total = sum(sizes)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=dest_dir))
-    try:
+
+    def build(tmp: Path) -> Manifest:
         parts: list[Partition] = []
         origins: list[dict[str, Any]] = []
         mbrs: list[LegacyMbr] = []
         base = 0
         for part, size in zip(cz.parts, sizes, strict=True):
-            def report(done: int, base: int = base, size: int = size) -> None:
-                if progress is not None:
-                    progress(base + min(done, size), total)
-
             out_path = tmp / part_file(part.number)
             if part.mode == "partimage":
                 p, origin, info = _partimage_part(part, out_path, level, None, roundtrip)
@@ -468,14 +437,15 @@ def convert_dir(directory: str | os.PathLike[str], dest_dir: Path, *, name: str,
                                    .decode(), size_kib=m.size_kib) for m in info.mbrs]
             else:
                 p, origin = _partclone_part(part, out_path, level, None, roundtrip)
-            report(size)
+            base += size
+            if progress is not None:
+                progress(base, total)
             parts.append(p)
             origins.append(origin)
-            base += size
         (tmp / HEAD_FILE).write_bytes(cz.head)
         now = timestamp()
         ident = hashlib.sha256(cz.sfdisk.encode() + cz.mbr).hexdigest()[:16]
-        manifest = Manifest(
+        return Manifest(
             created=now, name=name,
             origin=ConvertOrigin(
                 source_path=str(src_dir.resolve()), identifier=f"0x{ident}",
@@ -488,21 +458,5 @@ def convert_dir(directory: str | os.PathLike[str], dest_dir: Path, *, name: str,
                                     sha256=hashlib.sha256(cz.head).hexdigest()),
                       legacy_mbr=tuple(mbrs)),
             partitions=tuple(parts))
-        ng.write_manifest(tmp, manifest)
-        if verify == "full":
-            ng.verify_image(tmp)
-        if final.exists():
-            raise ImageError(f"{final} already exists", hint="choose another name")
-        os.chmod(tmp, 0o755)
-        os.rename(tmp, final)
-        ng.fsync_dir(dest_dir)
-        return manifest
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, ImageError | KeyboardInterrupt | SystemExit):
-            raise
-        if isinstance(exc, OSError):
-            raise ImageError(f"converting {src_dir.name}: {exc.strerror or exc} "
-                             f"({exc.filename or dest_dir})") from exc
-        raise
 
+    return convert.build_image(Path(dest_dir), name, src_dir.name, build, full=mode == "full")

@@ -282,13 +282,37 @@ def convert_legacy(source: Path, dest_dir: Path, *, name: str | None = None,
       directory with :func:`ng.verify_image` (sha256 of the file, every
       partclone CRC through zstd) -- ~0.2-0.3 s more per 373 MiB on 2 cores.
     """
+    mode = verify_mode(verify)
+    source = Path(source)
+    name = name or default_name(source)
+
+    def build(tmp: Path) -> Manifest:
+        return _convert_into(source, tmp, name, progress, zstd_threads, level,
+                             roundtrip=mode != "written")
+
+    return build_image(Path(dest_dir), name, source.name, build, full=mode == "full")
+
+
+def verify_mode(verify: bool | str) -> str:
+    """`verify` as one of CONVERT_VERIFY (True = "full", False = "written"); ValueError else."""
     if verify is True or verify is False:
         verify = "full" if verify else "written"
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify must be one of {VERIFY_MODES} or a bool, not {verify!r}")
-    source = Path(source)
-    dest_dir = Path(dest_dir)
-    name = name or default_name(source)
+    return verify
+
+
+def build_image(dest_dir: Path, name: str, what: str, build: Callable[[Path], Manifest], *,
+                full: bool) -> Manifest:
+    """``build(tmp)`` in a fresh ``dest_dir/.NAME.tmp-XXXX``, then renamed to ``dest_dir/NAME``.
+
+    Why one function: nothing may appear at the image's final name before all of
+    it is written and checked, whatever was converted.  `build` writes the
+    partition files into `tmp` and returns the manifest; this writes the manifest,
+    reads the image back with :func:`ng.verify_image` when `full`, and renames it
+    into place.  On any failure the temporary directory is removed; an OSError
+    becomes an ImageError naming `what` (the source).
+    """
     if not IMAGE_NAME.match(name):
         raise ImageError(f"invalid image name {name!r}", hint=IMAGE_NAME_HINT)
     final = dest_dir / name
@@ -298,10 +322,9 @@ def convert_legacy(source: Path, dest_dir: Path, *, name: str | None = None,
         raise ImageError(f"{dest_dir} is not a directory")
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=dest_dir))
     try:
-        manifest = _convert_into(source, tmp, name, progress, zstd_threads, level,
-                                 roundtrip=verify != "written")
+        manifest = build(tmp)
         ng.write_manifest(tmp, manifest)
-        if verify == "full":
+        if full:
             ng.verify_image(tmp)
         if final.exists():
             raise ImageError(f"{final} already exists", hint="choose another name")
@@ -314,7 +337,7 @@ def convert_legacy(source: Path, dest_dir: Path, *, name: str | None = None,
         if isinstance(exc, ImageError | KeyboardInterrupt | SystemExit):
             raise
         if isinstance(exc, OSError):
-            raise ImageError(f"converting {source.name}: {exc.strerror or exc} "
+            raise ImageError(f"converting {what}: {exc.strerror or exc} "
                              f"({exc.filename or dest_dir})") from exc
         raise
 
@@ -330,30 +353,14 @@ def _convert_into(source: Path, tmp: Path, name: str,
             raise ImageError(f"{source.name}: {info.block_count} blocks of {bs} bytes do not fit "
                              f"the partition size {info.partition_size}")
         total = info.used_bytes
-        out_path = tmp / PART_FILE
-        with open(out_path, "wb") as fh:
-            sink = _HashingFile(fh, roundtrip=roundtrip)
-            try:
-                pc_bytes = _write_stream(reader, sink, pc_fs, progress, zstd_threads, level)
-            except BaseException:
-                sink.abort()  # the first error is the one to report
-                raise
-            sink.close()
-            fh.flush()
-            os.fsync(fh.fileno())
-            on_disk = os.fstat(fh.fileno()).st_size
-        if on_disk != sink.count:
-            raise ImageError(f"{out_path.name}: {on_disk} bytes on disk, {sink.count} written")
-        if roundtrip and sink.restored != pc_bytes:
-            raise ImageError(f"zstd round trip of the new image gave {sink.restored} bytes, "
-                             f"expected {pc_bytes}", hint="nothing was stored; report this")
+        report = None if progress is None else (lambda done: progress(done, total))
+        sha, count = compress_into(
+            tmp / PART_FILE, lambda out: write_partclone(reader, out, pc_fs, report),
+            roundtrip=roundtrip, zstd_threads=zstd_threads, level=level)
         if progress is not None:
             progress(total, total)
-        with contextlib.suppress(OSError):
-            os.chmod(out_path, 0o644)
-        return build_manifest(info, name=name, source=source.resolve(),
-                              sha256=sink.sha.hexdigest(), stream_bytes=sink.count,
-                              fs=fs, pc_fs=pc_fs)
+        return build_manifest(info, name=name, source=source.resolve(), sha256=sha,
+                              stream_bytes=count, fs=fs, pc_fs=pc_fs)
 
 
 def _as_file(sink: _HashingFile) -> IO[bytes]:
@@ -415,43 +422,27 @@ class _CompressThread:
         self._zw.flush(zstandard.FLUSH_FRAME)
 
 
-def _write_stream(reader: partimage.PartimageReader, sink: _HashingFile, pc_fs: str,
-                  progress: Callable[[int, int], None] | None, zstd_threads: int,
-                  level: int = ZSTD_LEVEL) -> int:
-    """The partclone stream of the reader's blocks, through zstd, into `sink`.
+def write_partclone(reader: partimage.PartimageReader, out: Any, pc_fs: str,
+                    progress: Callable[[int], None] | None = None) -> int:
+    """The partclone 0002 stream of the reader's blocks, written to `out` (``write()``).
 
-    `zstd_threads`: 0 = compress in the calling thread; 1 = in one thread of
-    ours (:class:`_CompressThread`); N >= 2 = zstd's own N worker threads.
-    Returns the length of the (uncompressed) partclone stream."""
+    Every CHK CRC is checked by the reader as the data passes and handed on as the
+    partclone CRC of its group.  `progress(done_bytes)` is called about every 16 MiB
+    of block data.  Returns the length of the partclone stream."""
     info = reader.info
-    total = info.used_bytes
-    params = zstandard.ZstdCompressionParameters.from_level(
-        level, threads=zstd_threads if zstd_threads >= 2 else 0, write_checksum=True)
-    cctx = zstandard.ZstdCompressor(compression_params=params)
-    out: Any = (_CompressThread(cctx, sink) if zstd_threads == 1
-                else cctx.stream_writer(_as_file(sink), closefd=False, write_size=1 << 20))
-    try:
-        writer = partclone.PartcloneWriter(
-            out, fs_type=pc_fs, device_size=info.partition_size, total_blocks=info.block_count,
-            block_size=info.block_size, bitmap=reader.bitmap, used_blocks=info.used_blocks)
-        done = 0
-        step = 16 << 20
-        next_report = step
-        for piece in reader.data():
-            writer.write(piece, reader.chunk_crc)
-            done += len(piece)
-            if progress is not None and done >= next_report:
-                progress(done, total)
-                next_report = done + step
-        writer.close()
-        if isinstance(out, _CompressThread):
-            out.close()
-        else:
-            out.flush(zstandard.FLUSH_FRAME)
-    finally:
-        if isinstance(out, _CompressThread):
-            with contextlib.suppress(BaseException):
-                out.stop()
+    writer = partclone.PartcloneWriter(
+        out, fs_type=pc_fs, device_size=info.partition_size, total_blocks=info.block_count,
+        block_size=info.block_size, bitmap=reader.bitmap, used_blocks=info.used_blocks)
+    done = 0
+    step = 16 << 20
+    next_report = step
+    for piece in reader.data():
+        writer.write(piece, reader.chunk_crc)
+        done += len(piece)
+        if progress is not None and done >= next_report:
+            progress(done)
+            next_report = done + step
+    writer.close()
     return writer.stream_bytes
 
 
@@ -459,11 +450,13 @@ def compress_into(path: Path, fill: Callable[[Any], int], *, roundtrip: bool = T
                   zstd_threads: int = 1, level: int = ZSTD_LEVEL) -> tuple[str, int]:
     """Write the stream `fill(out)` produces (through ``out.write``) to `path` as zstd.
 
-    The same checks as a legacy conversion's output (see :func:`convert_legacy`,
-    ``verify="stream"``): sha256 of every byte handed to the file, the zstd round
-    trip with every frame checksum and the frame structure, the round trip's
-    length equal to what `fill` returns (its stream length), fsync, and the size
-    on disk.  Returns (sha256, compressed bytes).
+    The checks of a conversion's output (see :func:`convert_legacy`): sha256 of
+    every byte handed to the file, fsync and the size on disk; with `roundtrip`
+    (``verify="stream"``) also the zstd round trip with every frame checksum and
+    the frame structure, whose length must equal what `fill` returns (its stream
+    length).  `zstd_threads`: 1 (default) = compress in one background thread of
+    ours (:class:`_CompressThread`); 0 = in the calling thread; N >= 2 = zstd's own
+    N worker threads.  Returns (sha256, compressed bytes).
     """
     params = zstandard.ZstdCompressionParameters.from_level(
         level, threads=zstd_threads if zstd_threads >= 2 else 0, write_checksum=True)
