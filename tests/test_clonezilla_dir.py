@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.farm import Farm
-from tests.support import loop_device_at, run
+from tests.support import loop_device_at, run, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0, reason="needs root (loop devices)")]
 
@@ -136,10 +136,12 @@ def test_refusals_register_nothing(farm: Farm, saved: tuple[Path, Path]) -> None
     shutil.rmtree(cz)
 
 
-def test_split_set_restores_with_partimage_and_with_convert(farm: Farm, saved: tuple[Path, Path],
-                                                            tmp_path: Path) -> None:
+def test_split_set_restores_with_partimage_and_in_a_window_with_convert(
+        farm: Farm, saved: tuple[Path, Path], tmp_path: Path) -> None:
     """One partimage-mode partition (gzip, split) imported as a legacy image: the agent
-    restores it with partimage from stdin, and `restore --convert` converts it once."""
+    restores it with partimage from stdin, and a maintenance window with --convert whose
+    image it is converts it once and restores the result (its restores are submitted as
+    `restore --convert` submits them: submit_restore(convert=True)). Both at once."""
     import hashlib
 
     src, cz = saved
@@ -156,9 +158,25 @@ def test_split_set_restores_with_partimage_and_with_convert(farm: Farm, saved: t
     out = farm.cli("image", "import", str(old / "sda1.ab"), "--name", "old")
     assert "imported old" in out.stdout
     size_mib = P1[1] // 2048
-    disks = [farm.add_node(f"o{i}", size_mib=size_mib) for i in (1, 2)]
-    farm.cli("restore", "o1", "--image", "old", "--wait")
-    farm.cli("restore", "o2", "--image", "old", "--convert", "--wait")
+    disks = [farm.add_node("o1", size_mib=size_mib),
+             farm.add_node("w1", "--group", "win", size_mib=size_mib)]
+    farm.cli("restore", "o1", "--image", "old")
+    farm.cli("window", "add", "win-now", "--cron", "0 3 1 1 *", "--duration", "5",
+             "--group", "win", "--image", "old", "--convert")
+    opened = farm.cli_json("window", "run-now", "win-now")
+    assert list(opened["submitted"]) == ["w1"], opened
+
+    def all_ended() -> list[dict[str, object]] | None:
+        jobs = farm.cli_json("jobs")
+        return jobs if len(jobs) == 3 and all(j["state"] in ("succeeded", "failed")
+                                              for j in jobs) else None
+
+    jobs = wait_for(all_ended, 90, interval=0.5, what="the restore and the window's jobs to end")
+    assert sorted((j["kind"], j["node"] or "", j["submitted_by"] == "window:win-now", j["state"])
+                  for j in jobs) == [
+        ("convert", "", True, "succeeded"), ("restore", "o1", False, "succeeded"),
+        ("restore", "w1", True, "succeeded")], jobs
+    assert next(j["image"] for j in jobs if j["node"] == "w1") == "old-ng"
     for disk in disks:
         with open(disk, "rb") as fh:
             assert hashlib.sha256(fh.read(P1[1] * 512)).hexdigest() == want, disk
