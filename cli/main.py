@@ -8,8 +8,9 @@ unusable).
 Start-up time is part of the interface: scripts call this CLI in loops and
 windows call it from cron, so building the command tree must stay close to
 the cost of importing typer and rich (bench/cli_start.py measures it). The
-command modules therefore import only typer, Rich's console and the farm's
-stdlib-only modules at the top; SQLAlchemy, Celery, the settings, the image
+command modules therefore import only typer and the farm's stdlib-only
+modules at the top (Rich loads at the first thing printed through it, see
+cli/output.py); SQLAlchemy, Celery, the settings, the image
 formats and the servers are imported inside the command that needs them, each
 import marked `# lazy:`. tests/test_cli_start.py checks that importing this
 module loads none of them.
