@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +143,27 @@ class Farm:
         import json
 
         return json.loads(self.cli(*args, "--json").stdout)
+
+    # ------------------------------------------------------------ waiting on jobs
+    def job_states(self, submitted_by: str | None = None) -> dict[int, str]:
+        """Every job's state (or those `submitted_by`), read from the job database. Waits poll
+        this and not the CLI: each CLI call is a whole Python process, so polling through it
+        keeps a core busy."""
+        import sqlalchemy as sa
+
+        query = "SELECT id, state FROM jobs" + (" WHERE submitted_by = :by" if submitted_by else "")
+        eng = sa.create_engine(self.env["IMGFARM_DATABASE_URL"], poolclass=sa.pool.NullPool)
+        try:
+            with eng.connect() as conn:
+                return {row[0]: row[1] for row in conn.execute(sa.text(query), {"by": submitted_by})}
+        finally:
+            eng.dispose()
+
+    def wait_job(self, job_id: int, wanted: Collection[str], timeout: float) -> dict[str, Any]:
+        """The CLI's view of the job (`imgfarm job N --json`) once its state is one of `wanted`."""
+        wait_for(lambda: self.job_states().get(job_id) in wanted, timeout, interval=0.25,
+                 what=f"job {job_id} to be {' or '.join(wanted)}")
+        return self.cli_json("job", str(job_id))
 
     # ------------------------------------------------------------ sim nodes
     def make_disk(self, name: str, size_mib: int = 32, fill: bool = True) -> Path:

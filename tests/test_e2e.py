@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from tests.farm import Farm
-from tests.support import wait_for
 
 pytestmark = [
     pytest.mark.slow,
@@ -43,7 +42,7 @@ def restore_running(farm: Farm, node: str, delay: int) -> tuple[int, Path, Path]
     farm.cli("capture", "n1", "--image", "base", "--wait")
     disk = farm.add_node(node, "--set", f"kernel_args=imgfarm.delay={delay}")
     job_id = farm.cli_json("restore", node, "--image", "base")["job_ids"][0]
-    wait_for(lambda: job(farm, job_id)["state"] == "running", 30, what="the job to run")
+    farm.wait_job(job_id, ("running",), 30)
     return job_id, src, disk
 
 
@@ -107,8 +106,7 @@ def test_worker_killed_while_job_waits(farm: Farm) -> None:
     job_id, src, disk = restore_running(farm, "n2", delay=4)
     farm.kill("w1")
     farm.start_worker("w2")
-    final = wait_for(lambda: (j := job(farm, job_id))["state"] in ("succeeded", "failed") and j, 60,
-                     what="the job to end after the worker was killed")
+    final = farm.wait_job(job_id, ("succeeded", "failed"), 60)
     assert final["state"] == "succeeded", final["error"]
     assert any("is gone" in e["message"] for e in final["events"])
     assert sum(1 for e in final["events"] if e["state"] == "booting") == 1  # booted once
@@ -153,7 +151,7 @@ def test_cancel_resets_the_node(farm: Farm) -> None:
     job_id, _, _ = restore_running(farm, "slow", delay=60)
     power = json.loads((farm.root / "data" / "sim" / "slow" / "power.json").read_text())
     farm.cli("cancel", str(job_id))
-    final = wait_for(lambda: (j := job(farm, job_id))["state"] == "cancelled" and j, 30, what="cancelled")
+    final = farm.wait_job(job_id, ("cancelled",), 30)
     assert "cancelled by operator" in final["error"]
     assert boot_target(farm, "slow") == "local"
     with pytest.raises(ProcessLookupError):  # the stale agent was powered off
@@ -186,6 +184,6 @@ def test_agent_killed_mid_job_times_out_on_heartbeat(farm: Farm) -> None:
     job_id, _, _ = restore_running(farm, "dies", delay=60)
     pid = json.loads((farm.root / "data" / "sim" / "dies" / "power.json").read_text())["pid"]
     os.killpg(pid, 9)
-    final = wait_for(lambda: (j := job(farm, job_id))["state"] == "timed_out" and j, 30, what="timed_out")
+    final = farm.wait_job(job_id, ("timed_out",), 30)
     assert "no report from the agent for 3s" in final["error"]
     assert boot_target(farm, "dies") == "local"

@@ -159,22 +159,10 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         shutil.rmtree(pg.dir, ignore_errors=True)
 
 
-def states_of(farm: Farm) -> dict[int, str]:
-    """Every job's state, read from the job database (polling through the CLI is slow)."""
-    import sqlalchemy as sa
-
-    eng = sa.create_engine(farm.env["IMGFARM_DATABASE_URL"])
-    try:
-        with eng.connect() as conn:
-            return {row[0]: row[1] for row in conn.execute(sa.text("SELECT id, state FROM jobs"))}
-    finally:
-        eng.dispose()
-
-
 def all_in(farm: Farm, ids: list[int], wanted: tuple[str, ...], timeout: float, what: str) -> dict[int, str]:
     """Wait until every job of `ids` is in one of `wanted`; the failure shows the others."""
     def cond() -> dict[int, str]:
-        st = states_of(farm)
+        st = farm.job_states()
         others = {i: st.get(i) for i in ids if st.get(i) not in wanted}
         if others:
             raise AssertionError(f"not yet: {others}")
@@ -216,7 +204,7 @@ def test_redis_restarted_while_20_jobs_run(tmp_path: Path) -> None:
             detail = job(farm, i)
             boots = [e for e in detail["events"] if e["kind"] == "state" and e["state"] == "booting"]
             assert len(boots) == 1, detail["events"]
-        assert not [s for s in states_of(farm).values() if s not in FINAL]
+        assert not [s for s in farm.job_states().values() if s not in FINAL]
         assert all(boot_target(farm, f"n{i}") == "local" for i in range(1, 21))
         # and the farm takes new work on the restarted broker
         farm.cli("restore", "n1", "--image", "base", "--wait")
@@ -232,7 +220,7 @@ def test_api_down_while_the_agent_finishes_a_capture(farm: Farm) -> None:
     farm.start_worker()
     farm.add_node("n1", "--set", "kernel_args=imgfarm.delay=2", fill=True)
     job_id = farm.cli_json("capture", "n1", "--image", "kept")["job_ids"][0]
-    wait_for(lambda: job(farm, job_id)["state"] == "running", 60, what="the capture to run")
+    farm.wait_job(job_id, ("running",), 60)
 
     farm.kill("api")
     down_at = time.monotonic()
@@ -246,8 +234,7 @@ def test_api_down_while_the_agent_finishes_a_capture(farm: Farm) -> None:
     assert "done" not in agent_log.read_text().split("until the job's deadline", 1)[1]
     farm.start_api()
 
-    final = wait_for(lambda: (j := job(farm, job_id))["state"] in ("succeeded", "failed", "timed_out") and j,
-                     60, what="the job to end once the API is back")
+    final = farm.wait_job(job_id, FINAL, 60)
     assert final["state"] == "succeeded", final["error"]
     assert any("does not answer: waiting for it" in e["message"] for e in final["events"])
     image = {i["name"]: i for i in farm.cli_json("image", "list")}["kept"]
@@ -316,10 +303,10 @@ def test_postgres_restarted_mid_job(tmp_path: Path) -> None:
         pg.start()
 
         def window_done() -> dict[int, str]:
-            jobs = [j for j in farm.cli_json("jobs", "--limit", "100") if j["submitted_by"] == "window:lab1-now"]
-            if len(jobs) < 3 or any(j["state"] not in FINAL for j in jobs):
-                raise AssertionError(f"not yet: {[(j['node'], j['state']) for j in jobs]}")
-            return {j["id"]: j["state"] for j in jobs}
+            jobs = farm.job_states("window:lab1-now")
+            if len(jobs) < 3 or any(state not in FINAL for state in jobs.values()):
+                raise AssertionError(f"not yet: {jobs}")
+            return jobs
 
         window = wait_for(window_done, 240, interval=1, what="the window to go through its three nodes")
         assert set(window.values()) == {"succeeded"}, window
@@ -327,7 +314,7 @@ def test_postgres_restarted_mid_job(tmp_path: Path) -> None:
         detail = job(farm, solo)
         assert final[solo] == "succeeded", detail["error"]
         assert any("the job database did not answer" in e["message"] for e in detail["events"])
-        assert not [s for s in states_of(farm).values() if s not in FINAL]
+        assert not [s for s in farm.job_states().values() if s not in FINAL]
         assert all(boot_target(farm, n) == "local" for n in ("solo", "w1", "w2", "w3"))
 
 

@@ -25,7 +25,6 @@ from imgfarm.models.tables import Job
 from imgfarm.tasks.finalize import finalize_job
 from imgfarm.tasks.nodes import add_node
 from tests.farm import Farm
-from tests.support import wait_for
 
 TOKEN = "r" * 43
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -126,10 +125,7 @@ def test_a_manifest_changed_in_the_store_after_registration_fails_the_restore(fa
 
     def restore() -> dict[str, Any]:
         job_id = farm.cli_json("restore", "n2", "--image", "base")["job_ids"][0]
-        wait_for(lambda: farm.cli_json("job", str(job_id))["state"] in states.FINAL, 120,
-                 what="the restore to end")
-        view: dict[str, Any] = farm.cli_json("job", str(job_id))
-        return view
+        return farm.wait_job(job_id, states.FINAL, 120)
 
     # A stream's sha256 edited to match a substituted stream: the agent refuses before writing.
     edited = json.loads(original)

@@ -75,7 +75,7 @@ def test_window_caps_skips_busy_and_survives_beat_restarts(win_farm: Farm) -> No
                 if j["submitted_by"] == "window:lab1-now"]
 
     # mid-window: kill beat hard once the third job exists, then start two beats at once
-    wait_for(lambda: len(window_jobs()) >= 3, 60, what="a third window job")
+    wait_for(lambda: len(farm.job_states("window:lab1-now")) >= 3, 60, what="a third window job")
     farm.kill("beat")
     farm._start("beat", "beat")
     with open(farm.root / "beat2.log", "ab") as log:  # a second beat, by mistake
@@ -84,12 +84,9 @@ def test_window_caps_skips_busy_and_survives_beat_restarts(win_farm: Farm) -> No
              "-s", str(farm.root / "beat2-schedule")],
             env=farm.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
-    def six_done() -> list[dict[str, Any]] | None:
-        jobs = window_jobs()
-        done = [j for j in jobs if j["state"] == "succeeded"]
-        return jobs if len(done) >= 6 else None
-
-    jobs = wait_for(six_done, 90, interval=0.5, what="all six window nodes to succeed")
+    wait_for(lambda: list(farm.job_states("window:lab1-now").values()).count("succeeded") >= 6, 90,
+             interval=0.5, what="all six window nodes to succeed")
+    jobs = window_jobs()
     assert sorted(j["node"] for j in jobs) == [f"n{i}" for i in range(1, 7)], \
         "one job per node, none twice, busy node never queued"
     assert max_overlap(jobs) <= 2, jobs
