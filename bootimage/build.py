@@ -38,8 +38,7 @@ from imgfarm.bootimage import cpio
 from imgfarm.errors import ImgfarmError, InvalidInput
 
 # Bump when the image's layout or contents change for the same host files.
-BUILDER_VERSION = "2"
-MODULE_LEVEL = 19  # zstd level of each .ko.zst
+BUILDER_VERSION = "3"
 INITRD_BUDGET = 100 << 20
 FILES = Path(__file__).with_name("files")
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent / "imgfarm"  # the installed imgfarm package
@@ -55,6 +54,7 @@ PROGRAMS = (
     "dumpe2fs", "mkfs.fat", "mkfs.vfat", "fsck.fat", "fsck.vfat", "fatlabel",
     "ntfs-3g", "ntfsclone", "ntfsresize", "mkntfs", "ntfsfix", "ntfslabel",
     "kmod", "modprobe", "insmod", "rmmod", "lsmod", "modinfo",
+    "nice",  # coreutils: /init loads the drivers a boot does not wait for at the lowest priority
 )
 PROGRAM_GLOBS = ("partclone.*",)
 # Opened by glibc with dlopen, so ldd never names them (pthread_cancel needs libgcc_s).
@@ -278,19 +278,6 @@ def _depmod(c: Collector, kernel: Kernel) -> None:
                 c.add_data(prefix + f.name, f.read_bytes())
 
 
-def _compress_modules(c: Collector, kernel: Kernel) -> None:
-    """Each module as .ko.zst: the kernel unpacks a third less at boot, and modprobe (kmod,
-    built with zstd) decompresses only the modules a machine loads."""
-    # lazy: zstandard is needed only when a build is not in the cache
-    import zstandard
-
-    compressor = zstandard.ZstdCompressor(level=MODULE_LEVEL, write_checksum=True)
-    prefix = f"usr/lib/modules/{kernel.version}/"
-    for path in sorted(p for p in c.entries if p.startswith(prefix) and p.endswith(".ko")):
-        entry = c.entries.pop(path)
-        c.add(cpio.Entry(path + ".zst", entry.mode, data=compressor.compress(entry.content())))
-
-
 def _python(c: Collector) -> dict[str, str]:
     """The image's Python and the stdlib files the agent imports; its version facts."""
     if not Path(PYTHON).is_file():
@@ -455,7 +442,6 @@ def build(out: Path | None = None, *, cache_dir: Path | None = None, kernel_vers
     cached = use_cache and (slot / "manifest.json").is_file()
     if not cached:
         c.add_data("etc/imgfarm-image", f"{key[:12]}\n".encode())  # the console's first line names it
-        _compress_modules(c, kernel)
         _depmod(c, kernel)
         _compile(c)
         buf = io.BytesIO()

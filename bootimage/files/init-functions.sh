@@ -16,6 +16,15 @@ cmdline_value() {
     echo "$_found"
 }
 
+# The modaliases of the devices whose drivers bring up a NIC: PCI network
+# controllers (class 02), virtio PCI devices (their transport) and virtio NICs.
+NIC_ALIASES='^pci:.*bc02|^pci:v00001AF4|^virtio:d00000001v'
+
+# device_aliases [ERE]: the devices' modaliases (each once, sorted), those ERE matches if given.
+device_aliases() {
+    cat "$SYS"/bus/*/devices/*/modalias 2>/dev/null | sort -u | grep -E "${1:-.}"
+}
+
 # bootif_mac 01-AA-BB-CC-DD-EE-FF -> aa:bb:cc:dd:ee:ff (pxelinux IPAPPEND 2 form; empty if not one).
 bootif_mac() {
     _v=$(echo "$1" | tr 'A-F' 'a-f')

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from imgfarm.agent.main import _noter
+from imgfarm.agent.job import _noter
 from imgfarm.agent.progress import Progress
 from imgfarm.protocol import ProgressReport
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from imgfarm.agent.imaging import ToolError
-from imgfarm.agent.main import StoreMount
+from imgfarm.agent.job import StoreMount
 from imgfarm.protocol import LocalStore, NfsStore
 
 
@@ -31,7 +31,7 @@ def fake_mount(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         )
         script.chmod(script.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
-    monkeypatch.setattr("imgfarm.agent.main.RUN_DIR", tmp_path / "run")
+    monkeypatch.setattr("imgfarm.agent.job.RUN_DIR", tmp_path / "run")
     return log
 
 
