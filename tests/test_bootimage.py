@@ -136,3 +136,40 @@ def test_no_boot_nic_says_why_in_one_line(tmp_path: Path, nics: dict[str, tuple[
     rc, got, err = _choose(root, bootif, nic)
     assert rc == 1 and got == ""
     assert why in err and len(err.splitlines()) == 1, err
+
+
+# --- /init's driver passes: the NICs' modaliases first --------------------------------
+
+DEVICES = {  # bus/device -> modalias, as QEMU's pc machine with a virtio NIC and disk has them
+    "pci/0000:00:01.1": "pci:v00008086d00007010sv00001AF4sd00001100bc01sc01i80",  # PIIX IDE
+    "pci/0000:00:02.0": "pci:v00001AF4d00001000sv00001AF4sd00000001bc02sc00i00",  # virtio-net
+    "pci/0000:00:03.0": "pci:v00001AF4d00001001sv00001AF4sd00000002bc01sc00i00",  # virtio-blk
+    "pci/0000:00:04.0": "pci:v00008086d0000100Esv00001AF4sd00001100bc02sc00i00",  # e1000
+    "pci/0000:00:05.0": "pci:v00008086d000010D3sv00008086sd00000000bc0Csc03i30",  # USB host
+    "virtio/virtio0": "virtio:d00000001v00001AF4",  # its NIC
+    "virtio/virtio1": "virtio:d00000002v00001AF4",  # its disk
+    "scsi/0:0:0:0": "scsi:t-0x05",
+}
+
+
+@pytest.mark.skipif(BUSYBOX is None, reason="busybox is not installed (apt-get install busybox-static)")
+def test_nic_pass_takes_only_the_nics_modaliases(tmp_path: Path) -> None:
+    assert BUSYBOX is not None
+    for where, alias in DEVICES.items():
+        d = tmp_path / "sys" / "bus" / where.split("/")[0] / "devices" / where.split("/")[1]
+        d.mkdir(parents=True)
+        (d / "modalias").write_text(alias + "\n")
+
+    def aliases(*ere: str) -> list[str]:
+        script = f'. {FILES / "init-functions.sh"}; device_aliases "$@"'
+        out = subprocess.run([BUSYBOX, "sh", "-c", script, "sh", *ere], capture_output=True, text=True,
+                             env={"SYS": str(tmp_path / "sys"), "PATH": "/usr/bin:/bin"})
+        return out.stdout.split()
+
+    everything = aliases()
+    assert everything == sorted(set(DEVICES.values()))
+    nic_ere = re.search(r"^NIC_ALIASES='(.*)'$", (FILES / "init-functions.sh").read_text(), re.M)
+    assert nic_ere
+    assert aliases(nic_ere.group(1)) == sorted([  # network controllers, virtio's PCI transport, virtio NICs
+        DEVICES["pci/0000:00:02.0"], DEVICES["pci/0000:00:03.0"], DEVICES["pci/0000:00:04.0"],
+        DEVICES["virtio/virtio0"]])
