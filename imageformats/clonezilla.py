@@ -30,7 +30,6 @@ when every partition has converted and verified.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 import re
@@ -379,12 +378,16 @@ def _partimage_part(part: CzPart, out_path: Path, level: int,
                     ) -> tuple[Partition, dict[str, Any], partimage.LegacyInfo]:
     reader = partimage.PartimageReader(part.files[0], exact_sum=False)
     info = reader.info
-    fs, pc_fs = convert._fs_names(info.filesystem)
-    bs = info.block_size
-    if info.partition_size > part.size_bytes or info.block_count * bs > part.size_bytes:
+    try:
+        _fs, pc_fs = convert.fs_names(info.filesystem)
+        if (info.partition_size > part.size_bytes
+                or info.block_count * info.block_size > part.size_bytes):
+            raise ImageError(f"{part.files[0].name}: the saved file system "
+                             f"({info.partition_size} bytes) is larger than partition "
+                             f"{part.dev} ({part.size_bytes} bytes)")
+    except BaseException:
         reader.close()
-        raise ImageError(f"{part.files[0].name}: the saved file system ({info.partition_size} "
-                         f"bytes) is larger than partition {part.dev} ({part.size_bytes} bytes)")
+        raise
 
     def fill(out: Any) -> int:
         with reader:
@@ -394,12 +397,9 @@ def _partimage_part(part: CzPart, out_path: Path, level: int,
         sha, count = compress_into(out_path, fill, level=level, roundtrip=roundtrip)
     finally:
         reader.close()
-    p = Partition(
-        index=part.number, name=part_name(part.number), file=out_path.name, filesystem=fs,
-        partclone_fs=pc_fs, type=part.type, block_size=bs, total_blocks=info.block_count,
-        used_blocks=info.used_blocks, total_bytes=info.block_count * bs,
-        used_bytes=info.used_blocks * bs, start_bytes=part.start_bytes,
-        size_bytes=part.size_bytes, sha256=sha, stream_bytes=count, compression="zstd")
+    p = convert.legacy_partition(info, index=part.number, file=out_path.name, sha256=sha,
+                                 stream_bytes=count, start_bytes=part.start_bytes,
+                                 size_bytes=part.size_bytes, type=part.type)
     origin = {"dev": part.dev, "mode": "partimage", "files": [f.name for f in part.files],
               "legacy": info.to_dict()}
     return p, origin, info
@@ -433,8 +433,7 @@ def convert_dir(directory: str | os.PathLike[str], dest_dir: Path, *, name: str,
             out_path = tmp / part_file(part.number)
             if part.mode == "partimage":
                 p, origin, info = _partimage_part(part, out_path, level, None, roundtrip)
-                mbrs += [LegacyMbr(device=m.device, sector0_b64=base64.b64encode(m.sector0)
-                                   .decode(), size_kib=m.size_kib) for m in info.mbrs]
+                mbrs += convert.legacy_mbrs(info)
             else:
                 p, origin = _partclone_part(part, out_path, level, None, roundtrip)
             base += size

@@ -220,7 +220,8 @@ def default_name(source: Path) -> str:
     return base.name
 
 
-def _fs_names(filesystem: str) -> tuple[str, str]:
+def fs_names(filesystem: str) -> tuple[str, str]:
+    """(filesystem, partclone fs type) of a legacy image's file system; ImageError if none."""
     try:
         return partclone.LEGACY_FS[filesystem]
     except KeyError:
@@ -229,26 +230,43 @@ def _fs_names(filesystem: str) -> tuple[str, str]:
                          "HFS, UFS and HPFS images can be converted") from None
 
 
+def legacy_mbrs(info: partimage.LegacyInfo) -> tuple[LegacyMbr, ...]:
+    """The MBR backups a legacy image carries, as the manifest keeps them."""
+    return tuple(LegacyMbr(device=m.device, sector0_b64=base64.b64encode(m.sector0).decode(),
+                           size_kib=m.size_kib) for m in info.mbrs)
+
+
+def legacy_partition(info: partimage.LegacyInfo, *, index: int, file: str, sha256: str,
+                     stream_bytes: int, start_bytes: int = 0, size_bytes: int | None = None,
+                     type: str = "") -> Partition:
+    """The manifest entry of one converted legacy partition (its zstd partclone stream).
+
+    `size_bytes`: the partition on the disk (default: the legacy partition's size)."""
+    fs, pc_fs = fs_names(info.filesystem)
+    bs = info.block_size
+    return Partition(
+        index=index, name=part_name(index), file=file, filesystem=fs, partclone_fs=pc_fs,
+        type=type, block_size=bs, total_blocks=info.block_count, used_blocks=info.used_blocks,
+        total_bytes=info.block_count * bs, used_bytes=info.used_blocks * bs,
+        start_bytes=start_bytes,
+        size_bytes=info.partition_size if size_bytes is None else size_bytes, sha256=sha256,
+        stream_bytes=stream_bytes, compression="zstd")
+
+
 def build_manifest(info: partimage.LegacyInfo, *, name: str, source: Path, sha256: str,
-                   stream_bytes: int, fs: str, pc_fs: str) -> Manifest:
+                   stream_bytes: int) -> Manifest:
     """The manifest of a converted image (always one partition covering the whole disk)."""
     now = timestamp()
-    bs = info.block_size
     return Manifest(
         created=now,
         name=name,
         origin=ConvertOrigin(source_path=str(source), identifier=f"0x{info.identifier:016x}",
                              source_format=ImageFormat.PARTIMAGE, legacy=info.to_dict(),
                              converted_at=now),
-        disk=Disk(size_bytes=info.partition_size, partition_table=None, legacy_mbr=tuple(
-            LegacyMbr(device=m.device, sector0_b64=base64.b64encode(m.sector0).decode(),
-                      size_kib=m.size_kib) for m in info.mbrs)),
-        partitions=(Partition(
-            index=0, name=part_name(0), file=PART_FILE, filesystem=fs, partclone_fs=pc_fs,
-            block_size=bs, total_blocks=info.block_count, used_blocks=info.used_blocks,
-            total_bytes=info.block_count * bs, used_bytes=info.used_blocks * bs, start_bytes=0,
-            size_bytes=info.partition_size, sha256=sha256, stream_bytes=stream_bytes,
-            compression="zstd"),),
+        disk=Disk(size_bytes=info.partition_size, partition_table=None,
+                  legacy_mbr=legacy_mbrs(info)),
+        partitions=(legacy_partition(info, index=0, file=PART_FILE, sha256=sha256,
+                                     stream_bytes=stream_bytes),),
     )
 
 
@@ -347,7 +365,7 @@ def _convert_into(source: Path, tmp: Path, name: str,
                   zstd_threads: int, level: int, *, roundtrip: bool) -> Manifest:
     with partimage.PartimageReader(source, exact_sum=False) as reader:
         info = reader.info
-        fs, pc_fs = _fs_names(info.filesystem)
+        _fs, pc_fs = fs_names(info.filesystem)
         bs = info.block_size
         if info.block_count * bs > info.partition_size:
             raise ImageError(f"{source.name}: {info.block_count} blocks of {bs} bytes do not fit "
@@ -360,7 +378,7 @@ def _convert_into(source: Path, tmp: Path, name: str,
         if progress is not None:
             progress(total, total)
         return build_manifest(info, name=name, source=source.resolve(), sha256=sha,
-                              stream_bytes=count, fs=fs, pc_fs=pc_fs)
+                              stream_bytes=count)
 
 
 def _as_file(sink: _HashingFile) -> IO[bytes]:
