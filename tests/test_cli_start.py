@@ -42,9 +42,10 @@ print(json.dumps([h for h in heavy if h in sys.modules]), file=sys.stderr)
 """
 
 
-def _loaded(args: list[str], env: dict[str, str] | None = None) -> tuple[list[str], str]:
-    """Run the CLI with args in a new interpreter; (heavy modules it loaded, its stdout)."""
-    out = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(args), json.dumps(HEAVY)],
+def _loaded(args: list[str], env: dict[str, str] | None = None,
+            heavy: tuple[str, ...] = HEAVY) -> tuple[list[str], str]:
+    """Run the CLI with args in a new interpreter; (`heavy` modules it loaded, its stdout)."""
+    out = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(args), json.dumps(heavy)],
                          capture_output=True, text=True, env=env, timeout=60, check=True)
     return json.loads(out.stderr.strip().splitlines()[-1]), out.stdout
 
@@ -75,3 +76,15 @@ def test_jobs_on_sqlite_reads_without_sqlalchemy(tmp_path: Path) -> None:
     loaded, out = _loaded(["jobs", "--json"], env=env)
     assert json.loads(out) == []
     assert not {"sqlalchemy", "imgfarm.models.db", "celery"} & set(loaded), loaded
+
+
+def test_convert_into_a_pipe_loads_no_rich(tmp_path: Path) -> None:
+    """`image convert` run by a script (stdout not a terminal) prints plain lines only, so
+    Rich, a fifth of the command's start-up, is never imported (bench/README.md, convert)."""
+    sample = Path(__file__).parent / "data" / "legacy" / "sample-ext2.000"
+    loaded, out = _loaded(["image", "convert", str(sample), "--out", str(tmp_path)],
+                          heavy=("rich", "sqlalchemy", "pydantic"))
+    assert "converted sample-ext2.000 ->" in out, out
+    assert (tmp_path / "sample-ext2-ng" / "manifest.json").is_file()
+    assert loaded == [], f"`imgfarm image convert ... --out DIR` loads {loaded}"
+
