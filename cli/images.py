@@ -314,7 +314,7 @@ def convert(
                                "the image gets its name: 'written' (every input check: volume "
                                "headers, header sums, every CHK CRC, the tail; sha256 of exactly "
                                "the bytes written; fsync; size on disk), 'stream' (also every "
-                               "zstd frame decoded again: ~15% more CPU, catches a fault of the "
+                               "zstd frame decoded again: 15-20% more CPU, catches a fault of the "
                                "compressor itself), 'full' (stream, then a read-back of the new "
                                "image). 'written' is enough because zstd's own frame checksums "
                                "and partclone's CRCs are in the file: `imgfarm image verify` "
