@@ -166,12 +166,10 @@ def test_split_set_restores_with_partimage_and_in_a_window_with_convert(
     opened = farm.cli_json("window", "run-now", "win-now")
     assert list(opened["submitted"]) == ["w1"], opened
 
-    def all_ended() -> list[dict[str, object]] | None:
-        jobs = farm.cli_json("jobs")
-        return jobs if len(jobs) == 3 and all(j["state"] in ("succeeded", "failed")
-                                              for j in jobs) else None
-
-    jobs = wait_for(all_ended, 90, interval=0.5, what="the restore and the window's jobs to end")
+    wait_for(lambda: (st := farm.job_states()) and len(st) == 3
+             and set(st.values()) <= {"succeeded", "failed", "cancelled"}, 90, interval=0.25,
+             what="the restore and the window's jobs to end")
+    jobs = farm.cli_json("jobs")
     assert sorted((j["kind"], j["node"] or "", j["submitted_by"] == "window:win-now", j["state"])
                   for j in jobs) == [
         ("convert", "", True, "succeeded"), ("restore", "o1", False, "succeeded"),
