@@ -14,6 +14,12 @@ for p in (HERE, HERE.parents[1]):  # pi_helpers, and the repo root for tests.sup
         sys.path.insert(0, str(p))
 
 
+@pytest.fixture(scope="module")
+def work(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory for the images a module makes once (module-scoped fixtures)."""
+    return tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+
+
 @pytest.fixture()
 def dest(tmp_path: Path) -> Iterator[Path]:
     """An empty image store directory."""

@@ -15,12 +15,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pi_helpers import Legacy, make_other_fs, needs_root, partclone_restore_sha
+from pi_helpers import PARTIMAGE_TESTS, Legacy, make_other_fs, partclone_restore_sha
 
 from imgfarm.imageformats import convert_legacy, inspect, verify_image
 
-# runs partimage: in the one xdist group that does (two partimage processes at once fail)
-pytestmark = [needs_root, pytest.mark.root, pytest.mark.xdist_group("partimage")]
+pytestmark = PARTIMAGE_TESTS
 
 # partimage's name for the file system -> (manifest filesystem, partclone fs in the header)
 EXPECTED = {

@@ -18,15 +18,13 @@ import zlib
 from pathlib import Path
 
 import pytest
-from pi_helpers import MiB, needs_root, partclone_restore_sha, sha256_file, zero_file
+from pi_helpers import PARTIMAGE_TESTS, MiB, partclone_restore_sha, sha256_file, zero_file
 
 from imgfarm.errors import ImageError
 from imgfarm.imageformats import clonezilla, partclone
 from tests.support import loop_device, run
 
-# the partimage group: one xdist worker runs every test that runs partimage (two at once
-# fail), and makes the module-scoped images once
-pytestmark = [needs_root, pytest.mark.root, pytest.mark.xdist_group("partimage")]
+pytestmark = PARTIMAGE_TESTS
 
 _TABLE = []
 for _i in range(256):

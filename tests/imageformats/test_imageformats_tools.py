@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 from pi_helpers import (
+    PARTIMAGE_TESTS,
     Legacy,
     make_ext,
     make_fat32,
-    needs_root,
     partclone_restore_sha,
 )
 
@@ -25,14 +25,7 @@ from imgfarm.errors import ImageError
 from imgfarm.imageformats import convert_legacy, inspect, verify_image
 from imgfarm.imageformats import partimage as pi
 
-# the partimage group: one xdist worker runs every test that runs partimage (two at once
-# fail), and makes the module-scoped images once
-pytestmark = [needs_root, pytest.mark.root, pytest.mark.xdist_group("partimage")]
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("imageformats-tools")
+pytestmark = PARTIMAGE_TESTS
 
 
 @pytest.fixture(scope="module")
