@@ -45,12 +45,22 @@ class _LazyConsole:
         self._stderr = stderr
         self._real: Console | None = None
 
-    def __getattr__(self, name: str) -> Any:
+    def _console(self) -> Console:
         if self._real is None:
             from rich.console import Console  # lazy: see the module docstring
 
             self._real = Console(stderr=self._stderr)
-        return getattr(self._real, name)
+        return self._real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._console(), name)
+
+    # Python looks these up on the type, not through __getattr__ (Rich's Live uses them)
+    def __enter__(self) -> Console:
+        return self._console().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._console().__exit__(*exc)
 
 
 console = cast("Console", _LazyConsole(stderr=False))

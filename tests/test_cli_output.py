@@ -131,3 +131,21 @@ def test_job_filters_and_order_through_both_read_paths(settings_env: str) -> Non
             with pytest.raises(InvalidInput, match="unknown state 'x'"):
                 list_jobs(db, state="x")
             assert [v["id"] for v in read_jobs(db, [first + 1, first, 999])] == [first, first + 1]
+
+
+def test_lazy_consoles_work_in_rich_live(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's consoles are made at their first use (cli/output.py). Rich's Live, under
+    `--wait`'s progress bars and the terminal spinner, enters its console as a context
+    manager, which Python looks up on the type and not through __getattr__."""
+    import sys
+
+    from rich.progress import Progress
+
+    from imgfarm.cli import output
+
+    with Progress(console=output.console, auto_refresh=False) as prog:
+        task = prog.add_task("restore", total=2)
+        prog.update(task, advance=2)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # status() shows Rich's spinner
+    with output.status("converting x.000 ...") as update:
+        update("converting x.000: 50%")
