@@ -120,10 +120,15 @@ class StoreMount:
             raise imaging.ToolError(f"image store {path} is not a directory")
         return path
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         if self.mountpoint is None:
             return
-        # A dead server can hang a plain umount: bound it, then detach lazily.
+        # A dead server can hang a plain umount (for as long as a soft mount's retries): when the
+        # job failed and the server does not answer, detach lazily at once, so the failure is
+        # reported without that wait; otherwise bound the umount, then detach lazily.
+        if exc_type is not None and self.unreachable():
+            subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True, timeout=20)
+            return
         try:
             subprocess.run(["umount", str(self.mountpoint)], capture_output=True, timeout=20)
         except subprocess.TimeoutExpired:

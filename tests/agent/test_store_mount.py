@@ -92,3 +92,15 @@ def test_local_store_must_exist(tmp_path: Path) -> None:
     with pytest.raises(ToolError, match="is not a directory"):
         with StoreMount(LocalStore(path=str(tmp_path / "nope")), 1):
             pass
+
+
+def test_a_dead_server_is_detached_at_once_when_the_job_failed(fake_mount: Path, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: the server is gone
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(OSError, match="Input/output error"):
+        with StoreMount(NfsStore(export="127.0.0.1:/images", options=f"port={port}"), 10):
+            raise OSError(5, "Input/output error")
+    assert fake_mount.read_text().splitlines()[-1] == f"umount -l {tmp_path}/run/store-10"
