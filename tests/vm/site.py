@@ -91,16 +91,19 @@ class VmSite:
         return read_target(boot_file(self.tftp, loader, self.nodes[name].mac))
 
     def wait_final(self, job_ids: list[int], timeout: float) -> list[dict[str, Any]]:
+        """The jobs' views from the CLI once all have ended (polled in the job database:
+        a CLI run per poll costs CPU the QEMU machines need)."""
         final = {"succeeded", "failed", "cancelled"}
 
-        def done() -> list[dict[str, Any]] | None:
-            jobs = [self.job(j) for j in job_ids]
-            return jobs if all(j["state"] in final for j in jobs) else None
+        def done() -> bool:
+            states = self.farm.job_states()
+            return all(states.get(j) in final for j in job_ids)
 
         try:
-            return wait_for(done, timeout, interval=2, what=f"jobs {job_ids} to end")
+            wait_for(done, timeout, interval=0.5, what=f"jobs {job_ids} to end")
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{self.diagnostics()}") from None
+        return [self.job(j) for j in job_ids]
 
     def diagnostics(self) -> str:
         """What a failed test shows: the end of each console and of the worker's log."""
