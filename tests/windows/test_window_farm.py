@@ -92,12 +92,19 @@ def test_window_caps_skips_busy_and_survives_beat_restarts(win_farm: Farm) -> No
     assert max_overlap(jobs) <= 2, jobs
     assert "Sending due task imgfarm-window-tick" in farm.log("beat2"), "both beats ticked"
 
-    show = farm.cli_json("window", "show", "lab1-now", "--runs")
-    run = show["runs"][0]
+    # a run's node outcomes follow their jobs at beat's next tick (1 s here)
+    wanted = {**{f"n{i}": "succeeded" for i in range(1, 7)}, "busy": "skipped"}
+
+    def outcomes() -> dict[str, Any]:
+        r = farm.cli_json("window", "show", "lab1-now", "--runs")["runs"][0]
+        status = {n["node"]: n["status"] for n in r["nodes"]}
+        if status != wanted:
+            raise AssertionError(f"not yet: {status}")
+        return r
+
+    run = wait_for(outcomes, 20, interval=1, what="the run's outcomes to follow its jobs")
     closes_at = _ts(run["closes_at"])
     assert all(_ts(j["started_at"]) < closes_at for j in jobs)  # type: ignore[operator]
-    status = {n["node"]: n["status"] for n in run["nodes"]}
-    assert status == {**{f"n{i}": "succeeded" for i in range(1, 7)}, "busy": "skipped"}
     assert "busy with job" in next(n["reason"] for n in run["nodes"] if n["node"] == "busy")
 
     # beat closes the run at its end; the busy node keeps its "skipped" outcome. The end is
