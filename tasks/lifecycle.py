@@ -28,17 +28,17 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 
 from imgfarm.config.settings import get_settings
-from imgfarm.drivers.base import NodeInfo
 from imgfarm.errors import ImgfarmError
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
-from imgfarm.models.jobs import add_event, begin_finalizing, get_job, transition
-from imgfarm.models.tables import Job, Node, NodeSecret, utcnow
+from imgfarm.models.jobs import add_event, begin_finalizing
+from imgfarm.models.tables import Job, utcnow
 from imgfarm.models.workers import worker_id
-from imgfarm.protocol import BootTarget, Orders, PowerState, ProtocolError
+from imgfarm.protocol import Orders, ProtocolError
 from imgfarm.tasks import multicast
 from imgfarm.tasks.finalize import finalize_job
 from imgfarm.tasks.nodes import boot_agent
+from imgfarm.tasks.starts import Start, claim_start
 from imgfarm.tasks.wakeup import get_waker
 
 log = logging.getLogger(__name__)
@@ -61,11 +61,8 @@ class Summary:
         return {"job_id": self.job_id, "state": self.state, "error": self.error, **self.result}
 
 
-_NODE_INFO = (Node.name, Node.mac, Node.ip, Node.boot_driver, Node.power_driver, Node.driver_info, Node.disk)
-
-
-def _start(job_id: int) -> float | None:
-    """queued -> booting, once: boot the agent, power-cycle.
+def _boot(job_id: int, start: Start) -> float | None:
+    """Boot the agent and power-cycle the node this thread claimed (tasks/starts.py).
 
     No token goes to the node: the boot files are world-readable, so the agent
     takes its token from the API on its first call (api/agent_routes.py).
@@ -75,57 +72,13 @@ def _start(job_id: int) -> float | None:
     job was no longer queued: another delivery, or a resumed job, and this
     worker has claimed it for waiting; or it ended before or during the boot).
     """
-    settings = get_settings()
-    now = utcnow()
-    with session_scope() as s:
-        # Core, not the ORM: this runs for every job at its start, 500 at once
-        job = s.execute(select(Job.state, Job.cancel_requested, Job.options, Job.node_id)
-                        .where(Job.id == job_id)).one_or_none()
-        if job is None:
-            get_job(s, job_id)  # raises NotFound
-        assert job is not None
-        if job.state != states.QUEUED:
-            if job.state not in states.FINAL:
-                s.execute(update(Job).where(Job.id == job_id).values(waiter=worker_id()))
-            return None
-        if job.cancel_requested:
-            begin_finalizing(s, job_id, states.CANCELLED, "cancelled before it started")
-            return None
-        node = s.execute(select(*_NODE_INFO).where(Node.id == job.node_id)).one_or_none()
-        if node is None:
-            begin_finalizing(s, job_id, states.FAILED, "the job's node no longer exists")
-            return None
-        options = job.options or {}
-        timeout = float(options.get("timeout") or settings.job_timeout)
-        first_deadline = min(timeout, float(options.get("boot_timeout") or settings.boot_timeout))
-        won = transition(
-            s,
-            job_id,
-            states.QUEUED,
-            states.BOOTING,
-            f"booting {node.name} into the agent ({node.boot_driver}/{node.power_driver})",
-            token_hash="",
-            started_at=now,
-            last_report_at=now,
-            deadline_at=now + timedelta(seconds=timeout),
-            boot_calls=Job.boot_calls + 1,
-            waiter=worker_id(),
-        )
-        info = NodeInfo(name=node.name, mac=node.mac, ip=node.ip, boot_driver=node.boot_driver,
-                        power_driver=node.power_driver,
-                        driver_info={**(node.driver_info or {}), **{key: value for key, value in s.execute(
-                            select(NodeSecret.key, NodeSecret.value)
-                            .where(NodeSecret.node_id == job.node_id))}},
-                        disk=node.disk)
-        if won:  # what we are about to ask of the node; finalize sets local again
-            s.execute(update(Node).where(Node.id == job.node_id).values(boot_target=BootTarget.AGENT,
-                                                                     power_state=PowerState.ON))
-    if not won:
+    info = start.info
+    if info is None:
         return None
     try:
-        orders = Orders(api_url=settings.api_url, job_id=job_id, disk=str(options.get("disk") or ""))
+        orders = Orders(api_url=get_settings().api_url, job_id=job_id, disk=str(start.options.get("disk") or ""))
         boot_agent(info, orders)
-        return first_deadline
+        return start.first_deadline
     except (ImgfarmError, ProtocolError) as exc:  # ProtocolError: e.g. IMGFARM_API_URL is no URL
         with session_scope() as s:
             begin_finalizing(s, job_id, states.FAILED, f"could not boot {info.name}: {exc}")
@@ -134,6 +87,12 @@ def _start(job_id: int) -> float | None:
         with session_scope() as s:
             begin_finalizing(s, job_id, states.FAILED, f"could not boot {info.name}: {exc!r}")
     return None
+
+
+def _start(job_id: int) -> tuple[float | None, Start]:
+    """queued -> booting, once, in one transaction with the other jobs of this process starting now."""
+    start = claim_start(job_id)
+    return _boot(job_id, start), start
 
 
 OVERALL_DEADLINE = "the job's overall deadline passed"
@@ -231,9 +190,9 @@ def run_job(job_id: int, on_progress: ProgressFn | None = None) -> Summary:
     waker = get_waker(get_settings().redis_url)
     slot = waker.register(job_id)  # before booting: the agent's first report must not be missed
     try:
-        first_deadline = _start(job_id)
+        first_deadline, start = _start(job_id)
         try:
-            multicast.join(job_id)
+            multicast.join(job_id, start.options, start.image)
         except Exception:  # noqa: BLE001 - without a sender its agent restores by unicast
             log.exception("job %s: cannot start its multicast session", job_id)
         return wait_and_finish(job_id, on_progress, slot=slot, just_booted=first_deadline)

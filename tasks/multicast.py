@@ -78,12 +78,13 @@ def open_jobs(session: str) -> list[int]:
         return [jid for jid, opts in rows if (session_of(opts) or {}).get("session") == session]
 
 
-def join(job_id: int) -> None:
-    """Make sure the job's session has its sender running (somewhere); call after booting."""
-    with session_scope() as s:
-        job = s.get(Job, job_id)
-        mc = session_of(job.options if job else None)
-        image = job.image_name if job else ""
+def join(job_id: int, options: dict[str, Any] | None, image: str) -> None:
+    """Make sure the job's session has its sender running (somewhere); call after booting.
+
+    The job's options and image come from its start (tasks/starts.py), which read them:
+    a job without a session costs no database round trip here.
+    """
+    mc = session_of(options)
     if mc is None:
         return
     sid = str(mc["session"])
