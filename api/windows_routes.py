@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from imgfarm.api.operator_routes import Operator, Reader
 from imgfarm.models.db import session_scope
@@ -38,6 +38,9 @@ class WindowIn(BaseModel):
     on_close: str = ON_CLOSE_FINISH
     max_retries: int = 1
     enabled: bool = True
+    multicast: bool = False
+    max_wait: float = 0
+    max_bitrate: str = Field("", max_length=64)
 
 
 @router.get("")

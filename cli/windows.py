@@ -36,6 +36,11 @@ def add(
     on_close: str = typer.Option(ON_CLOSE_FINISH, "--on-close",
                                  help="at the end: finish (let running jobs end) or cancel"),
     max_retries: int = typer.Option(1, "--max-retries", help="retries of a failed node"),
+    multicast: bool = typer.Option(False, "--multicast", help="the nodes it starts together share "
+                                   "one udpcast stream; nodes that miss it restore by unicast"),
+    max_wait: float = typer.Option(0, "--max-wait", help="multicast: start this many seconds after "
+                                   "the first node joined, even if not all did (default: settings)"),
+    max_bitrate: str = typer.Option("", "--max-bitrate", help="multicast: cap the stream, e.g. 600m"),
     disabled: bool = typer.Option(False, "--disabled", help="add it disabled"),
     json_out: bool = json_option(),
 ) -> None:
@@ -48,7 +53,8 @@ def add(
         window = add_window(s, name, cron, duration, image, nodes=nodes, groups=group,
                             timezone=tz, convert=convert, max_concurrent=max_concurrent,
                             store_cap=store_cap, on_close=on_close, max_retries=max_retries,
-                            enabled=not disabled)
+                            enabled=not disabled, multicast=multicast, max_wait=max_wait,
+                            max_bitrate=max_bitrate)
         view = window_view(window)
     if json_out:
         print_json(view)
@@ -96,8 +102,9 @@ def show(
         print_json(view)
         return
     for key in ("name", "cron", "timezone", "duration_minutes", "target", "image", "convert",
-                "max_concurrent", "store_cap", "on_close", "max_retries", "enabled", "next_open"):
-        echo(f"{key:>17}: {view[key]}")
+                "max_concurrent", "store_cap", "on_close", "max_retries", "multicast",
+                "multicast_max_wait", "multicast_max_bitrate", "enabled", "next_open"):
+        echo(f"{key:>21}: {view[key]}")
     for run in view.get("runs", []):
         counts = ", ".join(f"{k} {v}" for k, v in run["counts"].items() if v)
         echo()

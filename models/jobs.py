@@ -8,15 +8,35 @@ API and a timeout) cannot both win; the winner writes the event.
 from __future__ import annotations
 
 import hashlib
+import math
+import re
 from typing import Any
 
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
+from imgfarm.errors import InvalidInput
 from imgfarm.models import states
 from imgfarm.models.tables import Job, JobEvent, utcnow
 from imgfarm.models.views import unknown_job
 from imgfarm.protocol import MAX_ID
+
+BITRATE = re.compile(r"^[0-9]{1,6}(?:\.[0-9]{1,3})?[kmg]?\Z")  # udp-sender's --max-bitrate: 600m, 1g
+MAX_WAIT = 86400.0  # seconds a multicast session may wait for its nodes, at most
+
+
+def check_multicast(max_wait: float, max_bitrate: str) -> str:
+    """A multicast request's wait (seconds, 0: the farm's default) and rate cap; the cap, normalized.
+
+    One rule for `restore --multicast` (tasks/submit.py) and a window's multicast setting
+    (models/windows.py): both end up as udp-sender arguments.
+    """
+    if not (isinstance(max_wait, int | float) and math.isfinite(max_wait) and 0 <= max_wait <= MAX_WAIT):
+        raise InvalidInput(f"--max-wait {max_wait!r} is out of range", hint=f"0 to {MAX_WAIT:.0f} seconds")
+    rate = (max_bitrate or "").lower()
+    if rate and not BITRATE.fullmatch(rate):
+        raise InvalidInput(f"bad --max-bitrate {max_bitrate[:40]!r}", hint="bits per second, e.g. 600m or 1g")
+    return rate
 
 
 def hash_token(token: str) -> str:

@@ -16,12 +16,14 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
-from sqlalchemy import Boolean, ForeignKey, Integer, String, Text, UniqueConstraint, select
+from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint, select
+from sqlalchemy import false as sa_false
 from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
 
 from imgfarm.config.settings import get_settings
 from imgfarm.errors import Conflict, InvalidInput, NotFound
 from imgfarm.models.images import get_image
+from imgfarm.models.jobs import check_multicast
 from imgfarm.models.nodes import check_node_name, resolve_nodes
 from imgfarm.models.states import ON_CLOSE, ON_CLOSE_FINISH
 from imgfarm.models.tables import Base, Group, utcnow
@@ -69,6 +71,11 @@ class Window(Base):
     store_cap: Mapped[int | None] = mapped_column(Integer, nullable=True)
     on_close: Mapped[str] = mapped_column(String(16), default=ON_CLOSE_FINISH)
     max_retries: Mapped[int] = mapped_column(Integer, default=1)
+    # Restore by multicast: the nodes each tick starts share one udpcast session
+    # (tasks/window_runner.py); max_wait 0 and max_bitrate '' take the farm's defaults.
+    multicast: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
+    multicast_max_wait: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    multicast_max_bitrate: Mapped[str] = mapped_column(String(16), default="", server_default="")
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
@@ -164,8 +171,14 @@ def add_window(session: Session, name: str, cron: str, duration_minutes: int, im
                nodes: str = "", groups: list[str] | None = None, timezone: str = "UTC",
                convert: bool = False, max_concurrent: int = 20, store_cap: int | None = None,
                on_close: str = ON_CLOSE_FINISH, max_retries: int = 1,
-               enabled: bool = True) -> Window:
-    """Validate everything a window names now (cron, zone, image, nodes, groups), then add it."""
+               enabled: bool = True, multicast: bool = False, max_wait: float = 0,
+               max_bitrate: str = "") -> Window:
+    """Validate everything a window names now (cron, zone, image, nodes, groups), then add it.
+
+    With `multicast`, each batch of nodes the window starts (up to max_concurrent) shares one
+    udpcast session, which waits at most `max_wait` seconds for them and sends at most
+    `max_bitrate`; a node that misses the stream restores by unicast on its own.
+    """
     check_node_name(name)
     if session.scalar(select(Window.id).where(Window.name == name)) is not None:
         raise Conflict(f"window {name} exists already",
@@ -186,7 +199,13 @@ def add_window(session: Session, name: str, cron: str, duration_minutes: int, im
         raise InvalidInput(f"bad max_retries {max_retries}", hint=f"from 0 to {MAX_RETRIES}")
     if on_close not in ON_CLOSE:
         raise InvalidInput(f"bad on_close {on_close!r}", hint=f"one of {', '.join(ON_CLOSE)}")
+    max_bitrate = check_multicast(max_wait, max_bitrate)
+    if (max_wait or max_bitrate) and not multicast:
+        raise InvalidInput("--max-wait and --max-bitrate are for --multicast windows")
     img = get_image(session, image)
+    if multicast and not convert and img.format != ImageFormat.NG:
+        raise InvalidInput(f"image {image!r} is {img.format}; multicast sends partimage-ng streams",
+                           hint="add the window with --convert, or without --multicast")
     if convert and img.format != ImageFormat.PARTIMAGE:
         raise InvalidInput(f"image {image!r} is {img.format} already",
                            hint="--convert is for legacy partimage images")
@@ -199,7 +218,8 @@ def add_window(session: Session, name: str, cron: str, duration_minutes: int, im
     window = Window(name=name, cron=cron, timezone=timezone, duration_minutes=duration_minutes,
                     nodes=nodes.strip(), groups=",".join(groups), image=image, convert=convert,
                     max_concurrent=max_concurrent, store_cap=store_cap, on_close=on_close,
-                    max_retries=max_retries, enabled=enabled)
+                    max_retries=max_retries, enabled=enabled, multicast=multicast,
+                    multicast_max_wait=float(max_wait), multicast_max_bitrate=max_bitrate)
     if not window.target_expr:
         raise InvalidInput("a window needs target nodes",
                            hint="give --nodes RANGE and/or --group G")
@@ -232,6 +252,8 @@ def window_view(window: Window) -> dict[str, Any]:
         "image": window.image, "convert": window.convert,
         "max_concurrent": window.max_concurrent, "store_cap": window.store_cap,
         "on_close": window.on_close, "max_retries": window.max_retries,
+        "multicast": window.multicast, "multicast_max_wait": window.multicast_max_wait,
+        "multicast_max_bitrate": window.multicast_max_bitrate,
         "enabled": window.enabled, "next_open": _ts(next_open(window)) if window.enabled else None,
         "created_at": _ts(window.created_at),
     }

@@ -9,7 +9,6 @@ unique index), not by a check that could race.
 from __future__ import annotations
 
 import math
-import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +22,7 @@ from imgfarm.errors import Conflict, InvalidInput
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
 from imgfarm.models.images import check_format, find_image, get_image
-from imgfarm.models.jobs import add_event, begin_finalizing, get_job
+from imgfarm.models.jobs import add_event, begin_finalizing, check_multicast, get_job
 from imgfarm.models.names import check_image_name
 from imgfarm.models.names import converted_name as default_converted_name
 from imgfarm.models.nodes import get_node, resolve_nodes
@@ -54,7 +53,6 @@ def _busy(session: Session, node_ids: list[int]) -> dict[int, int]:
 
 
 TRANSPORTS = ("nfs", "http")
-BITRATE = re.compile(r"^[0-9]{1,6}(?:\.[0-9]{1,3})?[kmg]?\Z")
 
 
 def job_options(timeout: float = 0, disk: str = "", transport: str = "", multicast: bool = False,
@@ -87,15 +85,12 @@ def job_options(timeout: float = 0, disk: str = "", transport: str = "", multica
         if transport not in TRANSPORTS:
             raise InvalidInput(f"unknown --transport {transport!r}", hint="nfs or http")
         opts["transport"] = transport
-    if not (math.isfinite(max_wait) and 0 <= max_wait <= 86400):
-        raise InvalidInput(f"--max-wait {max_wait:g} is out of range", hint="0 to 86400 seconds")
-    if max_bitrate and not BITRATE.fullmatch(max_bitrate.lower()):
-        raise InvalidInput(f"bad --max-bitrate {max_bitrate!r}", hint="bits per second, e.g. 600m or 1g")
+    max_bitrate = check_multicast(max_wait, max_bitrate)
     if (max_wait or max_bitrate) and not multicast:
         raise InvalidInput("--max-wait and --max-bitrate are for --multicast restores")
     if multicast:
         opts["multicast"] = {"max_wait": max_wait or get_settings().multicast.max_wait,
-                             "max_bitrate": max_bitrate.lower() or get_settings().multicast.max_bitrate}
+                             "max_bitrate": max_bitrate or get_settings().multicast.max_bitrate}
     return opts
 
 

@@ -10,7 +10,9 @@ Every tick (beat, every `window_tick_interval` seconds):
    and marks it closed once its last job has ended;
 4. tops each open run up to its cap (`max_concurrent`, and the farm-wide
    `store_cap` counting every active job, ad-hoc ones included), one node per
-   job through `submit_restore(..., window_run_id=...)`.
+   job through `submit_restore(..., window_run_id=...)`; a multicast window
+   submits the nodes it tops up with in one tick as one restore, so they share
+   one udpcast session (a node that misses it restores by unicast on its own).
 
 Why it is safe to run twice at once (a second beat by mistake, a beat
 restarted mid-window): steps 1-3 and the choice of nodes in step 4 happen in
@@ -47,7 +49,7 @@ from imgfarm.models.nodes import resolve_nodes
 from imgfarm.models.tables import Job, Node, utcnow
 from imgfarm.models.windows import Window, WindowRun, WindowRunNode, get_window
 from imgfarm.protocol import ImageFormat
-from imgfarm.tasks.submit import request_cancel, submit_restore
+from imgfarm.tasks.submit import job_options, request_cancel, submit_restore
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,7 @@ class _Claim:
     window: str
     closes_at: datetime
     convert_to: str | None  # submit with convert=True, converting into this name
+    options: dict[str, Any] | None = None  # the job options: a multicast window's session request
 
 
 def due_slot(cron: str, tz: str, now: datetime, not_before: datetime | None = None,
@@ -243,6 +246,8 @@ def _top_up(s: Session, run: WindowRun, now: datetime, claims: list[_Claim],
         return
     if image is None:
         return
+    options = (job_options(multicast=True, max_wait=window.multicast_max_wait,
+                           max_bitrate=window.multicast_max_bitrate) if window.multicast else None)
     names = [rn.node_name for rn in candidates]
     nodes = {n.name: n for n in s.scalars(select(Node).where(Node.name.in_(names)))}
     busy = dict(s.execute(select(Node.name, Job.id).join(Job, Job.node_id == Node.id)
@@ -266,7 +271,7 @@ def _top_up(s: Session, run: WindowRun, now: datetime, claims: list[_Claim],
             continue
         rn.status, rn.claimed_at, rn.last_job_id = w.NODE_QUEUED, now, None
         claims.append(_Claim(rn.id, run.id, rn.node_name, image, window.name, run.closes_at,
-                             convert_to))
+                             convert_to, options))
         slots -= 1
         if convert_to:  # one conversion per run; the other nodes wait for its image
             run.convert_job_id = -1  # placeholder until the submitter records the real id
@@ -291,42 +296,76 @@ def _advance(s: Session, now: datetime, claims: list[_Claim], cancels: list[int]
             report["closed"].append(run.id)
 
 
-def _submit(claim: _Claim, check_clock: bool, report: dict[str, Any]) -> None:
-    """Turn one claim into a job (outside the tick's transaction) and record it."""
-    job_id: int | None = None
+def _job_nodes(job_ids: list[int]) -> dict[str, int]:
+    with session_scope() as s:
+        return {name: jid for name, jid in s.execute(select(Node.name, Job.id).join(Job, Job.node_id == Node.id)
+                                                     .where(Job.id.in_(job_ids)))}
+
+
+def _submit(group: list[_Claim], check_clock: bool, report: dict[str, Any]) -> None:
+    """Turn claims of one run into jobs of one restore (outside the tick's transaction), record them.
+
+    A group is one claim, or a multicast window's claims of this tick: one restore,
+    hence one udpcast session for all of them.
+    """
+    first = group[0]
     convert_job_id: int | None = None
-    status, reason = w.NODE_QUEUED, ""
-    if check_clock and utcnow() >= claim.closes_at:
-        status, reason = w.NODE_NOT_REACHED, "the window ended before its turn"
+    outcome: dict[str, tuple[str, str, int | None]] = {}  # node -> (status, reason, job id)
+    if check_clock and utcnow() >= first.closes_at:
+        outcome = {c.node: (w.NODE_NOT_REACHED, "the window ended before its turn", None) for c in group}
     else:
         try:
-            sub = submit_restore(claim.node, claim.image, submitted_by=f"window:{claim.window}",
-                                 skip_busy=True, window_run_id=claim.run_id, enqueue=True,
-                                 convert=claim.convert_to is not None,
-                                 converted_name=claim.convert_to)
+            sub = submit_restore(",".join(c.node for c in group), first.image,
+                                 submitted_by=f"window:{first.window}", skip_busy=True,
+                                 window_run_id=first.run_id, enqueue=True,
+                                 convert=first.convert_to is not None, converted_name=first.convert_to,
+                                 options=first.options)
             convert_job_id = sub.convert_job_id
-            if sub.job_ids:
-                job_id = sub.job_ids[0]
-                report["submitted"][claim.node] = job_id
-            else:
-                status, reason = w.NODE_SKIPPED, sub.skipped.get(claim.node, "skipped")
-                report["skipped"][claim.node] = reason
+            jobs = ({first.node: sub.job_ids[0]} if len(group) == 1 and sub.job_ids
+                    else _job_nodes(sub.job_ids))
+            for c in group:
+                if c.node in jobs:
+                    outcome[c.node] = (w.NODE_QUEUED, "", jobs[c.node])
+                    report["submitted"][c.node] = jobs[c.node]
+                else:
+                    reason = sub.skipped.get(c.node, "skipped")
+                    outcome[c.node] = (w.NODE_SKIPPED, reason, None)
+                    report["skipped"][c.node] = reason
         except ImgfarmError as exc:
-            status, reason = w.NODE_FAILED, f"could not submit: {exc.message}"
-            report["errors"][claim.node] = reason
+            for c in group:
+                outcome[c.node] = (w.NODE_FAILED, f"could not submit: {exc.message}", None)
+                report["errors"][c.node] = outcome[c.node][1]
     with session_scope() as s:
-        rn = s.get(WindowRunNode, claim.run_node_id)
-        if rn is None:
-            return
-        rn.status, rn.reason, rn.claimed_at = status, reason, None
-        if job_id is not None:
-            rn.last_job_id, rn.attempts = job_id, rn.attempts + 1
-        if claim.convert_to is not None:
-            run = s.get(WindowRun, claim.run_id)
+        for c in group:
+            rn = s.get(WindowRunNode, c.run_node_id)
+            if rn is None:
+                continue
+            status, reason, job_id = outcome[c.node]
+            rn.status, rn.reason, rn.claimed_at = status, reason, None
+            if job_id is not None:
+                rn.last_job_id, rn.attempts = job_id, rn.attempts + 1
+        if first.convert_to is not None:
+            run = s.get(WindowRun, first.run_id)
             if run is not None:
                 run.convert_job_id = convert_job_id
                 if convert_job_id is not None:
-                    run.image = claim.convert_to
+                    run.image = first.convert_to
+
+
+def _groups(claims: list[_Claim]) -> list[list[_Claim]]:
+    """One group per claim, except that a multicast window's claims of one run go together."""
+    groups: list[list[_Claim]] = []
+    shared: dict[tuple[int, str, str | None], list[_Claim]] = {}
+    for c in claims:
+        if c.options and c.options.get("multicast"):
+            key = (c.run_id, c.image, c.convert_to)
+            if key not in shared:
+                shared[key] = []
+                groups.append(shared[key])
+            shared[key].append(c)
+        else:
+            groups.append([c])
+    return groups
 
 
 def tick(now: datetime | None = None) -> dict[str, Any]:
@@ -347,11 +386,12 @@ def tick(now: datetime | None = None) -> dict[str, Any]:
             report["cancelled"].append(job_id)
         except Conflict:
             pass  # it ended meanwhile
-    for claim in claims:
+    for group in _groups(claims):
         try:
-            _submit(claim, check_clock, report)
+            _submit(group, check_clock, report)
         except Exception:  # noqa: BLE001 - the claim is released after CLAIM_TIMEOUT
-            log.exception("window %s: submitting %s failed", claim.window, claim.node)
+            log.exception("window %s: submitting %s failed", group[0].window,
+                          ",".join(c.node for c in group))
     return report
 
 

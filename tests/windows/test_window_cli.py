@@ -61,6 +61,19 @@ def test_window_cli_round_trip_and_errors(win_db: str) -> None:
     assert _cli("show", "nope")[0] == 3
 
 
+def test_window_cli_multicast_setting(win_db: str) -> None:
+    code, out = _cli("add", "mc", "--cron", "0 2 * * 6", "--duration", "60", "-g", "lab1", "-i", "base",
+                     "--multicast", "--max-wait", "30", "--max-bitrate", "600m", "--json")
+    assert code == 0, out
+    view = json.loads(out)
+    assert (view["multicast"], view["multicast_max_wait"], view["multicast_max_bitrate"]) == (True, 30, "600m")
+    code, out = _cli("show", "mc")
+    assert code == 0 and "multicast: True" in out and "multicast_max_bitrate: 600m" in out
+    code, out = _cli("add", "uc", "--cron", "0 2 * * 6", "--duration", "60", "-g", "lab1", "-i", "base",
+                     "--max-bitrate", "600m")
+    assert code == 2 and "--multicast" in out
+
+
 def test_windows_migration_downgrades_and_upgrades(win_db: str) -> None:
     import sqlalchemy as sa
     from alembic import command
@@ -71,6 +84,21 @@ def test_windows_migration_downgrades_and_upgrades(win_db: str) -> None:
     # Later migrations stack on the windows one, so the database is at the script's head.
     rev = ScriptDirectory.from_config(alembic_config(win_db)).get_current_head()
     assert current(win_db) == rev
+    # a window made before windows could multicast stays unicast
+    command.downgrade(alembic_config(win_db), "6fa3dc81e530")
+    eng = sa.create_engine(win_db)
+    try:
+        with eng.begin() as c:
+            c.execute(sa.text("INSERT INTO windows (name, cron, timezone, duration_minutes, nodes, groups, image, "
+                              "convert, max_concurrent, on_close, max_retries, enabled, created_at, updated_at) "
+                              "VALUES ('old', '0 2 * * 6', 'UTC', 60, 'n1', '', 'base', false, 2, 'finish', 1, "
+                              "true, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
+        upgrade(win_db)
+        with eng.connect() as c:
+            assert c.execute(sa.text("SELECT multicast, multicast_max_wait, multicast_max_bitrate FROM windows "
+                                     "WHERE name = 'old'")).one() == (False, 0, "")
+    finally:
+        eng.dispose()
     command.downgrade(alembic_config(win_db), "bc3372d8606d")
     eng = sa.create_engine(win_db)
     try:

@@ -132,6 +132,51 @@ def test_window_opens_once_caps_retries_and_closes(win_db: str) -> None:
     assert all(j.window_run_id == run.id for j in _jobs())
 
 
+def _session(job: Job) -> dict[str, object] | None:
+    mc = (job.options or {}).get("multicast")
+    return mc if isinstance(mc, dict) else None
+
+
+def test_a_multicast_window_starts_each_batch_as_one_session(win_db: str) -> None:
+    _window(max_concurrent=4, multicast=True, max_wait=7, max_bitrate="600M")
+    out = tick(T0)
+    assert sorted(out["submitted"]) == ["n1", "n2", "n3", "n4"]
+    first = _jobs()
+    sessions = [_session(j) for j in first]
+    assert all(mc is not None for mc in sessions), sessions
+    assert len({mc["session"] for mc in sessions if mc}) == 1  # one udpcast stream for the four
+    mc = sessions[0]
+    assert mc is not None and mc["nodes"] == 4 and mc["max_wait"] == 7 and mc["max_bitrate"] == "600m"
+    # each node's outcome points at its own job
+    nodes = _nodes()
+    assert {nodes[j.node_name][1] for j in first} == {j.id for j in first}
+    for job in first:
+        finish_job(job.id)
+    tick(T0 + timedelta(minutes=1))  # the next batch: the two left, a session of their own
+    rest = [j for j in _jobs() if j.id not in {f.id for f in first}]
+    assert sorted(j.node_name for j in rest) == ["n5", "n6"]
+    later = {str(mc["session"]) for mc in (_session(j) for j in rest) if mc}
+    assert len(later) == 1 and later != {mc["session"]}
+    assert all((_session(j) or {}).get("nodes") == 2 for j in rest)
+
+
+def test_a_unicast_window_and_multicast_settings_checked(win_db: str) -> None:
+    from imgfarm.models.images import register_image
+
+    _window()
+    tick(T0)
+    assert _jobs() and all(_session(j) is None for j in _jobs())
+    with pytest.raises(InvalidInput, match="--multicast"):
+        _window(name="w2", max_wait=5)
+    with pytest.raises(InvalidInput, match="max-bitrate"):
+        _window(name="w2", multicast=True, max_bitrate="fast")
+    with session_scope() as s:
+        register_image(s, "old", "partimage", "old", size_bytes=1, checksums={})
+    with pytest.raises(InvalidInput, match="partimage-ng"):
+        _window(name="w2", image="old", multicast=True)
+    _window(name="w2", image="old", multicast=True, convert=True)  # converted first, then multicast
+
+
 def test_busy_and_maintenance_nodes_are_skipped_and_reported(win_db: str) -> None:
     from imgfarm.tasks.submit import submit_restore
 
