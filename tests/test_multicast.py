@@ -54,7 +54,8 @@ def netfarm(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Fa
         farm = Farm(tmp_path, f"sqlite:///{tmp_path / 'data' / 'imgfarm.db'}", 0,
                     IMGFARM_BROKER_URL="redis://127.0.0.1:6379/0", IMGFARM_API_HOST="0.0.0.0",
                     IMGFARM_MULTICAST__INTERFACE="e0", IMGFARM_MULTICAST__MAX_WAIT="20",
-                    IMGFARM_API_TOKEN="netfarm-operator-token")
+                    IMGFARM_API_TOKEN="netfarm-operator-token",
+                    IMGFARM_IMAGE_TRANSPORT="http")  # no NFS client here; a window has no --transport
         farm.env["IMGFARM_API_URL"] = f"http://{STORE_ADDR}:{farm.port}"
         farm.prefix = net.wrap(net.store, [])
         try:
@@ -101,6 +102,25 @@ def test_six_nodes_by_multicast_are_byte_identical(netfarm: tuple[Farm, SimNet])
     assert any("sent to 6 node(s)" in e for e in events), events
     assert not any("by unicast" in e for e in events), events
     assert not _in_ns(net, net.store, "udp-sender")
+
+
+@pytest.mark.parametrize("netfarm", [3], indirect=True)
+def test_a_multicast_window_restores_its_range_by_one_stream(netfarm: tuple[Farm, SimNet]) -> None:
+    farm, net = netfarm
+    src = _source(farm, net, 2)
+    disks = [farm.add_node(f"n{k}", "--group", "lab1", "--set", f"netns={net.nodes[k]}") for k in (1, 2)]
+    farm.cli("window", "add", "lab1-mc", "--cron", "0 3 1 1 *", "--duration", "30", "--group", "lab1",
+             "--image", "base", "--max-concurrent", "2", "--multicast", "--max-wait", "10")
+    opened = farm.cli_json("window", "run-now", "lab1-mc")  # the tick submits both nodes, one session
+    assert sorted(opened["submitted"]) == ["n1", "n2"], opened
+    wait_for(lambda: set(farm.job_states("window:lab1-mc").values()) == {"succeeded"}
+             and len(farm.job_states("window:lab1-mc")) == 2, 120, interval=0.5, what="both window jobs")
+    for disk in disks:
+        assert filecmp.cmp(src, disk, shallow=False), f"{disk} differs from the source"
+    events = [_events(farm, f"n{k}") for k in (1, 2)]
+    assert any("sent to 2 node(s)" in e for e in events), events
+    assert not any("by unicast" in e for e in events), events
+    wait_for(lambda: not _in_ns(net, net.store, "udp-sender"), 10, what="no udp-sender left")
 
 
 @pytest.mark.parametrize("netfarm", [5], indirect=True)
