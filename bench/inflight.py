@@ -1,4 +1,4 @@
-"""Benchmark: 500 jobs in flight on one worker host.
+"""Benchmark: thousands of jobs in flight on one worker host (goals for --jobs 5000, issue 12).
 
 Starts a private farm (SQLite by default, `--db postgresql` for PostgreSQL;
 its own Redis DB; the API; ONE job worker, threads pool), creates N sim nodes
@@ -11,9 +11,14 @@ restore to all of them, and measures:
 - the worker's peak RSS (VmHWM) and its CPU use while all N jobs wait and
   the fake agents report progress every --report seconds;
 - for comparison, in the same run: the RSS of one bare Python process that
-  imports the task code — the floor of a one-process-per-job design, times N.
+  imports the task code — the floor of a one-process-per-job design, times N;
+  and the CLI's own start (`imgfarm restore --help`), the floor of any submit
+  made with one CLI command.
 
-Run: .venv/bin/python bench/inflight.py [--jobs 500] [--hold 30] [--report 20]
+Goals: 500 jobs, the last boot call < 5 s after the submit and < 300 MB; 5,000 jobs,
+< 10 s, < 500 MB and a CLI submit < 3 s; both < 5 % of a core while they wait.
+
+Run: .venv/bin/python bench/inflight.py [--jobs 500] [--hold 30] [--report 20] [--py-spy FILE]
 """
 
 from __future__ import annotations
@@ -29,12 +34,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
 
 BIN = Path(sys.executable).parent
 HZ = os.sysconf("SC_CLK_TCK")
+CHECKSUMS = {"bench.000": "0" * 64}
 
 
 def free_port() -> int:
@@ -67,6 +74,8 @@ def main() -> int:
     ap.add_argument("--redis-db", type=int, default=13)
     ap.add_argument("--via", choices=["cli", "api"], default="cli",
                     help="submit with the imgfarm CLI (a new process) or POST to the running API")
+    ap.add_argument("--py-spy", metavar="FILE", default="",
+                    help="profile the worker from submit to the last boot call with py-spy (collapsed stacks)")
     args = ap.parse_args()
 
     base = Path(tempfile.mkdtemp(prefix="imgfarm-bench-"))
@@ -108,7 +117,9 @@ def main() -> int:
         with session_scope() as s:
             for i in range(1, args.jobs + 1):
                 s.add(Node(name=f"b{i:04d}", disk="/dev/null", driver_info={"agent": "external"}))
-            register_image(s, "bench", ImageFormat.NG, "bench", size_bytes=1, checksums={})
+            # a legacy image (no manifest): the fake agents report its one checksum, so the
+            # farm's check of every restore passes (tasks/finalize.py)
+            register_image(s, "bench", ImageFormat.PARTIMAGE, "bench", size_bytes=1, checksums=CHECKSUMS)
         start("api", "api")
         worker = start("worker", "worker", "--concurrency", str(args.jobs + 50), "--loglevel", "WARNING")
         deadline = time.monotonic() + 60
@@ -123,6 +134,16 @@ def main() -> int:
         print(f"machine: {os.cpu_count()} cores; {args.jobs} jobs; db {args.db}; submit via {args.via}; "
               f"worker pid {celery_pid}")
 
+        spy = None
+        if args.py_spy:
+            spy = subprocess.Popen([str(BIN / "py-spy"), "record", "--nonblocking", "--threads", "--format", "raw",
+                                    "-r", "50", "-o", args.py_spy, "-p", str(celery_pid)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1)
+        big = args.jobs > 500
+        cli_floor = time.time()  # before the submit: the worker is busy booting nodes after it
+        subprocess.run([str(BIN / "imgfarm"), "restore", "--help"], env=env, capture_output=True, check=True)
+        cli_floor = time.time() - cli_floor
         t0 = time.time()
         nodes = f"b[0001-{args.jobs:04d}]"
         if args.via == "cli":
@@ -143,10 +164,16 @@ def main() -> int:
                 break
             time.sleep(0.2)
         times = sorted(p.stat().st_mtime for p in sim.glob("*/power.json"))
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
         last_boot = times[-1]
-        print(f"submit ({args.via}, {args.jobs} rows + enqueue): {submitted - t0:.2f} s; first boot call at "
+        print(f"submit ({args.via}, {args.jobs} rows + enqueue): {submitted - t0:.2f} s"
+              + ("   (goal < 3 s)" if big and args.via == "cli" else "")
+              + f"; comparison: the CLI's start alone (restore --help) {cli_floor:.2f} s")
+        print(f"first boot call at "
               f"{times[0] - t0:.2f} s, median {times[len(times) // 2] - t0:.2f} s")
-        print(f"submit -> last boot call: {last_boot - t0:.2f} s   (goal < 5 s)")
+        print(f"submit -> last boot call: {last_boot - t0:.2f} s   (goal < {10 if big else 5} s)")
 
         asyncio.run(_agents(sim, args, celery_pid))
         deadline = time.monotonic() + 120
@@ -159,7 +186,12 @@ def main() -> int:
                 break
             time.sleep(0.5)
         print(f"jobs succeeded: {done}/{len(job_ids)}")
-        print(f"worker peak RSS (VmHWM): {status_kb(celery_pid, 'VmHWM') / 1024:.1f} MB   (goal < 300 MB)")
+        if done < len(job_ids):
+            with session_scope() as s:
+                rows = s.query(Job.state, Job.error).filter(Job.id.in_(job_ids)).all()
+            print("  states:", dict(Counter(r[0] for r in rows)), "e.g.", next((r[1] for r in rows if r[1]), ""))
+        print(f"worker peak RSS (VmHWM): {status_kb(celery_pid, 'VmHWM') / 1024:.1f} MB   "
+              f"(goal < {500 if big else 300} MB)")
         floor = subprocess.run([sys.executable, "-c",
                                 "import imgfarm.tasks.jobs, imgfarm.tasks.convert, imgfarm.tasks.reconcile\n"
                                 "print(open('/proc/self/status').read())"], env=env, capture_output=True, text=True)
@@ -192,29 +224,50 @@ async def _agents(sim: Path, args: argparse.Namespace, worker_pid: int) -> None:
     orders = []
     for cmd in sorted(sim.glob("*/cmdline")):
         params = dict(w.split("=", 1) for w in cmd.read_text().split() if w.startswith("imgfarm."))
-        orders.append((params["imgfarm.api"], int(params["imgfarm.job"]), params["imgfarm.token"]))
+        orders.append((params["imgfarm.api"], int(params["imgfarm.job"])))
     limits = httpx.Limits(max_connections=50)
+    # at most 50 requests outstanding: httpcore's pool scans its whole queue per request,
+    # so 5,000 queued at once made this script, not the farm, the slow part
+    outstanding = asyncio.Semaphore(50)
     async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+        async def claim(api: str, job: int) -> tuple[str, int, str]:
+            # the agent's first call: the boot files carry no token (api/agent_routes.py)
+            async with outstanding:
+                r = await client.post(f"{api}/agent/v1/jobs/{job}/token", json={"macs": []})
+            r.raise_for_status()
+            return api, job, r.json()["token"]
+
+        claimed = await asyncio.gather(*(claim(a, j) for a, j in orders))
         async def post(api: str, job: int, token: str, path: str, body: dict) -> None:
-            r = await client.post(f"{api}/agent/v1/jobs/{job}{path}", json=body,
-                                  headers={"Authorization": f"Bearer {token}"})
+            async with outstanding:
+                r = await client.post(f"{api}/agent/v1/jobs/{job}{path}", json=body,
+                                      headers={"Authorization": f"Bearer {token}"})
             r.raise_for_status()
 
-        await asyncio.gather(*(post(a, j, t, "/progress", {"percent": 1}) for a, j, t in orders))
+        await asyncio.gather(*(post(a, j, t, "/progress", {"percent": 1}) for a, j, t in claimed))
         await asyncio.sleep(2)
         cpu0, w0 = cpu_seconds(worker_pid), time.monotonic()
         start = time.monotonic()
         n = 0
+        sending: set[asyncio.Task[None]] = set()
         while time.monotonic() - start < args.hold:
-            # each agent reports once per --report seconds, spread evenly
-            slot = orders[n % len(orders)]
+            # each agent reports once per --report seconds, spread evenly over the clock (not
+            # one after the other: 5,000 agents report 250 times a second)
+            due = start + n * args.report / len(claimed)
+            if time.monotonic() < due:
+                await asyncio.sleep(due - time.monotonic())
+            slot = claimed[n % len(claimed)]
             n += 1
-            await post(*slot, "/progress", {"percent": min(99.0, 1 + 98 * (time.monotonic() - start) / args.hold)})
-            await asyncio.sleep(args.report / len(orders))
+            pct = min(99.0, 1 + 98 * (time.monotonic() - start) / args.hold)
+            task = asyncio.create_task(post(*slot, "/progress", {"percent": pct}))
+            sending.add(task)
+            task.add_done_callback(sending.discard)
+        await asyncio.gather(*sending)
         cpu1, w1 = cpu_seconds(worker_pid), time.monotonic()
         print(f"while all {len(orders)} wait ({w1 - w0:.0f} s, {n} progress reports): worker CPU "
               f"{100 * (cpu1 - cpu0) / (w1 - w0):.2f}% of one core   (goal < 5%)")
-        await asyncio.gather(*(post(a, j, t, "/result", {"ok": True, "files": {}}) for a, j, t in orders))
+        result = {"ok": True, "files": CHECKSUMS, "bytes": 1}
+        await asyncio.gather(*(post(a, j, t, "/result", result) for a, j, t in claimed))
 
 
 if __name__ == "__main__":
