@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> dict:
     top = max(counts)
     disk_mib = args.mib + 64
     runs: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="imgfarm-distribute-") as tmp, \
+    with tempfile.TemporaryDirectory(prefix="imgfarm-distribute-", dir=args.workdir) as tmp, \
             SimNet(top + 1, store_mbit=STORE_MBIT, node_mbit=NODE_MBIT, mtu=args.mtu) as net:
         root = Path(tmp)
         redis = net.popen(net.store, ["redis-server", "--port", "6379", "--bind", "127.0.0.1", "--save", "",
@@ -96,6 +96,7 @@ def run(args: argparse.Namespace) -> dict:
                     IMGFARM_BROKER_URL="redis://127.0.0.1:6379/0", IMGFARM_API_HOST="0.0.0.0",
                     IMGFARM_MULTICAST__INTERFACE="e0", IMGFARM_MULTICAST__MAX_WAIT="30",
                     IMGFARM_MULTICAST__BLOCKSIZE="8192" if args.mtu >= 9000 else "0",
+                    IMGFARM_MULTICAST__MAX_BITRATE=args.max_bitrate,
                     IMGFARM_PROGRESS_INTERVAL="2", IMGFARM_API_TOKEN=token)
         farm.env["IMGFARM_API_URL"] = f"http://{STORE_ADDR}:{farm.port}"
         farm.prefix = net.wrap(net.store, [])
@@ -115,7 +116,7 @@ def run(args: argparse.Namespace) -> dict:
                 farm.cli("node", "add", f"n{k}", "--disk", str(disk), "--set", f"netns={net.nodes[k]}")
                 disks[k] = disk
             for n in counts:
-                for mode in ("unicast", "multicast"):
+                for mode in args.modes.split(","):
                     for k in range(1, n + 1):  # a blank disk each time: nothing left from before
                         with open(disks[k], "wb") as fh:
                             fh.truncate(disk_mib << 20)
@@ -169,6 +170,13 @@ def main() -> int:
     parser.add_argument("--nodes", default="1,4,8,16", help="node counts to restore to")
     parser.add_argument("--mtu", type=int, default=9000, help="MTU of the simulated network (9000: "
                         "jumbo frames, and udp-sender sends 8192-byte blocks)")
+    parser.add_argument("--modes", default="unicast,multicast", help="which transports to run, in order "
+                        "(unicast,multicast); the goals need both")
+    parser.add_argument("--workdir", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
+                        help="where the farm, its image store and the sim disks live (default /dev/shm, "
+                        "a tmpfs: 16 sim disks on one machine written to a real file system measure its "
+                        "page cache and writeback, which real nodes do not share)")
+    parser.add_argument("--max-bitrate", default="", help="udp-sender --max-bitrate (empty: no cap)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--verbose", action="store_true", help="print node n1's job events of each run")
     args = parser.parse_args()

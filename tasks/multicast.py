@@ -109,7 +109,11 @@ def _sender_args(mc: dict[str, Any], path: Path, portbase: int, receivers: int) 
             "--portbase", str(portbase), "--min-receivers", str(max(1, receivers)),
             "--max-wait", str(int(float(mc.get("max_wait") or cfg.max_wait))),
             "--start-timeout", str(int(cfg.start_timeout)),
-            "--retries-until-drop", str(cfg.retries_until_drop)]
+            "--retries-until-drop", str(cfg.retries_until_drop),
+            # udp-sender checks whether enough receivers joined only when its wait loop
+            # wakes: every 2 s unless it re-sends its hello more often. 100 ms: the session
+            # starts within 0.1 s of its last receiver joining.
+            "--rexmit-hello-interval", "100"]
     if cfg.blocksize:  # larger packets on a jumbo-frame network: fewer of them to handle
         args += ["--blocksize", str(cfg.blocksize)]
     rate = mc.get("max_bitrate") or cfg.max_bitrate
