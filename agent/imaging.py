@@ -11,6 +11,7 @@ partimage 0.6.9 in batch mode.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import re
@@ -57,6 +58,21 @@ class ToolError(Exception):
 
 def _tail(lines: deque[bytes]) -> str:
     return b"\n".join(lines).decode(errors="replace")[-4000:]
+
+
+PIPE_BYTES = 1 << 20
+
+
+def widen_pipe(fd: int) -> None:
+    """Give a pipe 1 MiB of buffer (F_SETPIPE_SZ) instead of Linux's 64 KiB.
+
+    Why: a 200 MiB stream then crosses each pipe of the restore in about 200 reads and
+    writes instead of 3,200, and the processes on both sides wake that much less often,
+    which is most of the agent's CPU when many restores share a host. Best effort: a
+    kernel or a limit (fs.pipe-max-size) that refuses leaves the default.
+    """
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
 
 
 def _run_checked(args: list[str], stdin: Any = None) -> str:
@@ -247,6 +263,8 @@ def _restore_partition(chunks: Iterator[bytes], name: str, target: str, part: Pa
                           stderr=subprocess.PIPE)
     pc = subprocess.Popen(sink, stdin=zs.stdout, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert zs.stdin and zs.stdout and pc.stderr and zs.stderr
+    widen_pipe(zs.stdin.fileno())
+    widen_pipe(zs.stdout.fileno())
     zs.stdout.close()
     tail: deque[bytes] = deque(maxlen=40)
     watcher = threading.Thread(target=watch_stderr, args=(pc.stderr, lambda _p: None, tail), daemon=True)

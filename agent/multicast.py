@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
 
+from imgfarm.agent.imaging import widen_pipe
 from imgfarm.protocol import Multicast, Partition
 
 CHUNK = 1 << 20
@@ -33,6 +35,22 @@ def route_interface(url: str) -> str:
     if out.returncode == 0 and "dev" in words:
         return words[words.index("dev") + 1]
     return ""
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> str:
+    """Wait for a udp-receiver; the tail of what it said.
+
+    Once every byte of its stream arrived, the restore does not wait here: udp-receiver
+    still sends its last acknowledgement and lingers about 0.5 s before it exits, and the
+    sender counts it among the receivers of the next partition only if it does (so it is
+    never killed then). Its exit status says nothing more: the stream's sha256 decides.
+    """
+    assert proc.stdout and proc.stderr
+    err = proc.stderr.read()[-1500:].decode(errors="replace")
+    proc.wait()
+    proc.stdout.close()
+    proc.stderr.close()
+    return err
 
 
 class ReceiverFeed:
@@ -60,19 +78,24 @@ class ReceiverFeed:
         proc = self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                             stderr=subprocess.PIPE)
         assert proc.stdout and proc.stderr
-        got = 0
+        widen_pipe(proc.stdout.fileno())
+        got, complete, err = 0, False, ""
         try:
-            while chunk := os.read(proc.stdout.fileno(), CHUNK):
+            while got < part.stream_bytes and (chunk := os.read(proc.stdout.fileno(), CHUNK)):
                 got += len(chunk)
                 yield chunk
+            complete = got == part.stream_bytes
         finally:
-            if proc.poll() is None and got < part.stream_bytes:
-                proc.kill()
-            rc = proc.wait()
-            err = proc.stderr.read()[-1500:].decode(errors="replace")
-            proc.stdout.close()
-            proc.stderr.close()
-        if rc != 0 or got != part.stream_bytes:
+            if complete:  # the restore goes on at once; udp-receiver ends on its own
+                threading.Thread(target=_reap, args=(proc,), daemon=True).start()
+            else:
+                if proc.poll() is None and got != part.stream_bytes:
+                    proc.kill()
+                err = _reap(proc)
+        if complete:
+            return
+        if proc.returncode != 0 or got != part.stream_bytes:
+            rc = proc.returncode
             tail = " ".join(err.split()[-30:])
             if got == 0:
                 raise MulticastError(f"udp-receiver got nothing (exit {rc}): the session did not take "
