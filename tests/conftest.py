@@ -31,6 +31,15 @@ _ = _cli_output.console.size, _cli_output.err_console.size  # made now (they are
 from tests.farm import Farm, running_farm  # noqa: E402
 from tests.support import PROCESS_PREFIX  # noqa: E402
 
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The VM machines first: pytest-xdist hands tests out in this order, and their group (one
+    worker, minutes of CPU emulation) would otherwise start last and run on alone. The rest
+    keep the files' order."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("vm") else 1)  # stable
+
+
 PG_CANDIDATES = [
     os.environ.get("IMGFARM_TEST_PG", ""),
     "postgresql+psycopg://postgres@127.0.0.1:5432",
