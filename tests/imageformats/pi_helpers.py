@@ -32,10 +32,12 @@ needs_root = pytest.mark.skipif(not (IS_ROOT and HAVE_TOOLS),
                                 reason="needs root, loop devices, partimage, partclone, mtools")
 ENV = {**os.environ, "TERM": os.environ.get("TERM") or "xterm"}
 MiB = 1 << 20
-# Modules that run partimage (and mount loop devices): root, and the one xdist group that
-# runs partimage, since two partimage processes at once fail; that worker also makes each
-# module's module-scoped images once.
-PARTIMAGE_TESTS = [needs_root, pytest.mark.root, pytest.mark.xdist_group("partimage")]
+# Modules that run partimage (and mount loop devices): root, and one worker for all of them,
+# since two partimage processes at once fail; that worker also makes each module's
+# module-scoped images once. It is the VM tests' worker (xdist group "vm"), after them:
+# partimage saves on the host failed while a QEMU machine booted beside them.
+PARTIMAGE_GROUP = pytest.mark.xdist_group("vm")
+PARTIMAGE_TESTS = [needs_root, pytest.mark.root, PARTIMAGE_GROUP]
 
 
 def sha256_file(path: Path) -> str:

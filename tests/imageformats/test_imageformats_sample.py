@@ -19,7 +19,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from pi_helpers import DATA, sha256_file, zero_file
+from pi_helpers import DATA, PARTIMAGE_GROUP, sha256_file, zero_file
 
 from imgfarm.errors import ImageError
 from imgfarm.imageformats import (
@@ -33,8 +33,8 @@ from imgfarm.imageformats import (
 from imgfarm.imageformats import partclone as pc
 from imgfarm.imageformats import partimage as pi
 
-# one test runs partimage restore: in the one xdist group that runs partimage (two at once fail)
-pytestmark = pytest.mark.xdist_group("partimage")
+# one test runs partimage restore: on the one worker that runs partimage (two at once fail)
+pytestmark = PARTIMAGE_GROUP
 
 SAMPLE = DATA / "sample-ext2.000"
 META = json.loads((DATA / "sample-ext2.json").read_text())
