@@ -131,12 +131,18 @@ def vm_site(root: Path, boot_image: Any = None, user: str = "jobs", **extra_env:
         env = {
             "IMGFARM_IMAGE_STORE": str(store),
             "IMGFARM_IMAGE_STORE_NFS": nfs.spec,
-            # A short soft timeout: a stopped server fails the job in about 20 s.
-            "IMGFARM_IMAGE_STORE_NFS_OPTIONS": f"port={nfs.port},timeo=50,retrans=2",
+            # A short soft timeout: an NFS request the server leaves unanswered is sent 3 times,
+            # 2 + 4 + 6 s apart (TCP backs off linearly), so a stopped server fails the job
+            # 12 s after it went, while a live one must stall one request 12 s to fail it.
+            "IMGFARM_IMAGE_STORE_NFS_OPTIONS": f"port={nfs.port},timeo=20,retrans=2",
             "IMGFARM_DEFAULT_BOOT_DRIVER": "pxe", "IMGFARM_DEFAULT_POWER_DRIVER": "ipmi",
             "IMGFARM_PXE__TFTP_ROOT": str(tftp),
-            # Powered off when the agent ends: the farm powers it on into local boot.
+            # Powered off when the agent ends. After a failed job the farm powers it on into
+            # local boot (the NFS-stop test sees that); after a success it leaves it off, as
+            # IMGFARM_POWER_CYCLE_AFTER=false says: the boot file is what the tests check, and
+            # a firmware run into an empty disk costs CPU the other machines need.
             "IMGFARM_PXE__EXTRA_CMDLINE": "console=ttyS0 imgfarm.after=poweroff",
+            "IMGFARM_POWER_CYCLE_AFTER": "false",
             "IMGFARM_IPMI__TIMEOUT": "30", "IMGFARM_IPMI__RETRIES": "1",
             "IMGFARM_IPMI__BACKOFF": "0.5", "IMGFARM_IPMI__CIPHER_SUITE": "3",
             "IMGFARM_BOOT_TIMEOUT": "300", "IMGFARM_HEARTBEAT_TIMEOUT": "120",

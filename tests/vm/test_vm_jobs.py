@@ -53,7 +53,7 @@ def captured(site: VmSite) -> dict[str, Any]:
     t0 = time.monotonic()
     [job_id] = _submit(site, "capture", "vma", "--image", "vmbase")
     [job] = site.wait_final([job_id], 420)
-    site.nodes["vma"].kill()  # it idles at local boot now; give its core back
+    site.nodes["vma"].kill()  # powered off by now (IMGFARM_POWER_CYCLE_AFTER=false); sure of it
     return {"job": job, "seconds": time.monotonic() - t0}
 
 
