@@ -51,7 +51,8 @@ class Orders(Message):
     PARAMS: ClassVar[dict[str, str]] = {
         "api": "api_url", "job": "job_id", "token": "token", "disk": "disk", "delay": "delay"}
     # Read by the boot image's /init, not by the agent (docs/bootimage.md): known, so not an error.
-    BOOT_PARAMS: ClassVar[tuple[str, ...]] = ("nic", "debug", "selfcheck", "after", "linkwait", "diskwait")
+    BOOT_PARAMS: ClassVar[tuple[str, ...]] = ("nic", "debug", "selfcheck", "after", "linkwait", "diskwait",
+                                             "failwait")
 
     api_url: Annotated[str, Rule(pattern=API_URL, max_len=2048, means="an http(s):// URL")]
     job_id: JobId

@@ -44,6 +44,7 @@ def test_self_check_on_the_console_names_every_tool(boot_image: Any, tmp_path: P
 def test_the_agent_calls_the_api_with_its_orders(boot_image: Any, tmp_path: Path) -> None:
     with FirstCallListener() as api:
         append = f"imgfarm.api=http://10.0.2.2:{api.port} imgfarm.job=7 imgfarm.token=tok-123 imgfarm.after=poweroff"
+        append += " imgfarm.failwait=0"  # powers off as soon as it said why, not 10 s later
         args = direct_boot_args(boot_image.vmlinuz, boot_image.initrd, append, nic="e1000")
         with Qemu(args, tmp_path / "console.log") as vm:
             first = api.wait_first(timeout=300, vm=vm)
