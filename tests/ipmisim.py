@@ -10,15 +10,12 @@ tests give it one that starts and kills a QEMU machine. Both start it through
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import socket
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support import wait_for
+from tests.support import kill_session, wait_for
 
 LAN_CONF = """name "{name}"
 set_working_mc 0x20
@@ -95,9 +92,7 @@ class SimBmc:
         """Kill the simulator and whatever chassis program it is running (its session)."""
         if self.proc is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
+        kill_session(self.proc)
         self.proc = None
 
     def __enter__(self) -> SimBmc:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
+
+import pytest
 
 T = TypeVar("T")
 
@@ -78,6 +81,29 @@ def stop_process(proc: subprocess.Popen, timeout: float = 5) -> None:  # type: i
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def use_redis_db(monkeypatch: pytest.MonkeyPatch, db: int, prefix: str) -> None:
+    """Point this process's broker, results and wake-ups at Redis DB `db` under key `prefix`
+    (other tests share the DB at the same time), and make the settings and the Celery app
+    read it again."""
+    from imgfarm.config.settings import get_settings
+    from imgfarm.tasks.broker import reload_config
+
+    url = f"redis://127.0.0.1:6379/{db}"
+    for name in ("IMGFARM_REDIS_URL", "IMGFARM_BROKER_URL", "IMGFARM_RESULT_BACKEND"):
+        monkeypatch.setenv(name, url)
+    monkeypatch.setenv("IMGFARM_BROKER_PREFIX", prefix)
+    get_settings.cache_clear()
+    reload_config()
+
+
+def kill_session(proc: subprocess.Popen, timeout: float = 10) -> None:  # type: ignore[type-arg]
+    """SIGKILL a server started with start_new_session=True and everything in its session
+    (ipmi_sim's chassis program, ganesha's threads' children), then reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout)
 
 
 def sparse_file(path: Path, size: int) -> Path:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
@@ -37,6 +36,7 @@ from imgfarm.models.tables import Job
 from imgfarm.models.tokens import create_token
 from imgfarm.models.windows import add_window
 from imgfarm.tasks.nodes import add_node
+from tests.support import forget_redis_keys, use_redis_db
 
 ROOT = Path(__file__).resolve().parent.parent
 READER_EXAMPLES = 300
@@ -79,16 +79,8 @@ MANIFEST: dict[str, Any] = {
 @pytest.fixture
 def farm_api(settings_env: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[tuple[Any, str]]:
     """The app over a database with something of everything, and an admin token for it."""
-    from imgfarm.config.settings import get_settings
-    from imgfarm.tasks.broker import reload_config
-
     prefix = f"fuzz-{uuid.uuid4().hex[:8]}:"
-    url = f"redis://127.0.0.1:6379/{REDIS_DB}"
-    for name in ("IMGFARM_REDIS_URL", "IMGFARM_BROKER_URL", "IMGFARM_RESULT_BACKEND"):
-        monkeypatch.setenv(name, url)
-    monkeypatch.setenv("IMGFARM_BROKER_PREFIX", prefix)
-    get_settings.cache_clear()
-    reload_config()
+    use_redis_db(monkeypatch, REDIS_DB, prefix)
     secret = tmp_path / "bmc.pw"
     secret.write_text("pw\n")
     secret.chmod(0o600)
@@ -110,10 +102,10 @@ def farm_api(settings_env: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
         add_window(s, "nightly", "0 2 * * 6", 60, "base", nodes="n[1-2]", groups=["lab"])
         token = create_token(s, "fuzz-admin", "admin")
     yield create_app(), token
-    r = redis.Redis.from_url(url)
-    keys = list(r.scan_iter(f"{prefix}*"))
-    if keys:
-        r.delete(*keys)
+    forget_redis_keys(REDIS_DB, prefix)
+    from imgfarm.config.settings import get_settings
+    from imgfarm.tasks.broker import reload_config
+
     get_settings.cache_clear()
     reload_config()
 

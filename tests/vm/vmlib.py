@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.ipmisim import SimBmc
-from tests.support import wait_for
+from tests.support import kill_session, wait_for
 
 HOST_FROM_GUEST = "10.0.2.2"  # QEMU user networking: the host's 127.0.0.1
 PXELINUX = Path("/usr/lib/PXELINUX/pxelinux.0")
@@ -163,9 +163,7 @@ class Ganesha:
     def stop(self) -> None:
         if self.proc is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(30)
+        kill_session(self.proc, 30)
         self.proc = None
 
     def log(self) -> str:
@@ -199,9 +197,7 @@ def http_server(directory: Path, root: Path) -> Iterator[int]:
         wait_for(lambda: proc.poll() is None and listening(port), 20, what="the boot HTTP server")
         yield port
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        kill_session(proc)
 
 
 # --------------------------------------------------------------------------- machines

@@ -21,7 +21,7 @@ from imgfarm.models.images import register_image
 from imgfarm.models.tables import Job, utcnow
 from imgfarm.tasks.nodes import add_node
 from tests.farm import Farm, running_farm
-from tests.support import PROCESS_PREFIX, forget_redis_keys
+from tests.support import PROCESS_PREFIX, forget_redis_keys, use_redis_db
 
 REDIS_DB = 9
 
@@ -31,15 +31,8 @@ def win_db(settings_env: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     """settings_env plus: broker and wake-ups on Redis DB 9 (no worker reads it),
     six sim nodes n1-n6 in group lab1, and an image `base`."""
     from imgfarm.config.settings import get_settings
-    from imgfarm.tasks.broker import reload_config
 
-    url = f"redis://127.0.0.1:6379/{REDIS_DB}"
-    for name in ("IMGFARM_REDIS_URL", "IMGFARM_BROKER_URL", "IMGFARM_RESULT_BACKEND"):
-        monkeypatch.setenv(name, url)
-    # keys of this process's own: other tests use DB 9 at the same time
-    monkeypatch.setenv("IMGFARM_BROKER_PREFIX", PROCESS_PREFIX)
-    get_settings.cache_clear()
-    reload_config()
+    use_redis_db(monkeypatch, REDIS_DB, PROCESS_PREFIX)  # keys of this process's own
     with session_scope() as s:
         for i in range(1, 7):
             disk = tmp_path / f"n{i}.img"
