@@ -75,6 +75,15 @@ def widen_pipe(fd: int) -> None:
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
 
 
+def _kill_all(*procs: subprocess.Popen[bytes]) -> None:
+    """Stop a whole pipeline at once (every kill before any wait, so no stage blocks on
+    another one's full pipe), and reap it."""
+    for proc in procs:
+        proc.kill()
+    for proc in procs:
+        proc.wait()
+
+
 def _run_checked(args: list[str], stdin: Any = None) -> str:
     out = subprocess.run(args, input=stdin, capture_output=True, text=True)
     if out.returncode != 0:
@@ -125,10 +134,7 @@ def _capture_partition(dev: str, sink: FileSink, name: str, progress: Progress, 
                 progress.bytes_done = base_done + rchar(pc.pid)
         out.close()
     except BaseException:
-        pc.kill()
-        zs.kill()
-        pc.wait()
-        zs.wait()
+        _kill_all(pc, zs)
         raise
     rc_pc, rc_zs = pc.wait(), zs.wait()
     watcher.join(5)
@@ -280,10 +286,7 @@ def _restore_partition(chunks: Iterator[bytes], name: str, target: str, part: Pa
     except BrokenPipeError:
         pass
     except BaseException:
-        zs.kill()
-        pc.kill()
-        zs.wait()
-        pc.wait()
+        _kill_all(zs, pc)
         raise
     finally:
         try:
