@@ -35,15 +35,15 @@ demo-vm: setup services
 # pytest-xdist: TEST_WORKERS processes (most tests wait on agents and timeouts, so one more
 # than the cores, at most 4; `make test TEST_WORKERS=0` runs in this process). Tests of one
 # xdist_group share a process. Tests marked `serial` run afterwards, alone (exit status 5 is
-# "none collected": there may be none). The whole-job VM tests are `make test-vm`.
+# "none collected": there may be none). `make test-vm` runs only the VM tests.
 TEST_WORKERS ?= $(shell n=$$(( $$(nproc 2>/dev/null || echo 2) + 1 )); [ $$n -gt 4 ] && n=4; echo $$n)
 PYTEST_ARGS  ?= -q -ra --durations=15
 
 test: setup services
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	$(PY) -m pytest $(PYTEST_ARGS) -n $(TEST_WORKERS) --dist loadgroup -m "not serial and not vm_long"
-	$(PY) -m pytest $(PYTEST_ARGS) -m "serial and not vm_long" || [ $$? -eq 5 ]
+	$(PY) -m pytest $(PYTEST_ARGS) -n $(TEST_WORKERS) --dist loadgroup -m "not serial"
+	$(PY) -m pytest $(PYTEST_ARGS) -m serial || [ $$? -eq 5 ]
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow"

@@ -18,9 +18,7 @@ from tests.vm import vmlib
 WHY_NOT = vmlib.missing_tools()
 
 # The whole-job VM tests (a capture and two restores, the store dying, the legacy image, the
-# plain pxelinux boot) take most of the suite's 15-minute budget under TCG on 2 cores:
-# `make test-vm` runs them, `make test` runs the quick VM proofs (the boot image's
-# self-check, the agent's first call, a dead BMC).
+# plain pxelinux boot): `-m "not vm_long"` leaves them out of a quicker local run.
 LONG = {"test_vm_jobs.py", "test_vm_pxe_boot.py"}
 
 
