@@ -251,11 +251,13 @@ def _strip_ansi(text: str) -> str:
 
 # ---------------------------------------------------------------- restore
 
-def _restore_partition(chunks: Iterator[bytes], name: str, target: str, part: Partition,
+def _restore_partition(chunks: Iterator[bytes | memoryview], name: str, target: str, part: Partition,
                        progress: Progress, base: int) -> tuple[str, int]:
     """Stream a partition's compressed bytes through zstd into partclone.restore (or dd).
 
-    Returns the sha256 of the bytes that went in, and how many.
+    Returns the sha256 of the bytes that went in, and how many. A chunk may be a view of
+    a buffer its source reuses (agent/multicast.py): each is hashed and written before
+    the next is asked for, and none is kept.
     """
     if part.raw:
         sink = ["dd", f"of={target}", "bs=4M", "conv=notrunc", "status=none"]
@@ -313,7 +315,7 @@ class StreamSource(Protocol):
 class PartitionFeed(Protocol):
     """Another way to get a partition's stream (multicast); None: use the store."""
 
-    def stream(self, part: Partition) -> Iterator[bytes] | None: ...
+    def stream(self, part: Partition) -> Iterator[bytes | memoryview] | None: ...
     def failed(self, part: Partition, why: str) -> None: ...
 
 
