@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from imgfarm.bootimage import cpio
+from imgfarm.bootimage.loaders import place
 from imgfarm.errors import ImgfarmError, InvalidInput
 
 # Bump when the image's layout or contents change for the same host files.
@@ -492,14 +493,4 @@ def _store(slot: Path, vmlinuz: Path, initrd: bytes, manifest: dict[str, Any]) -
 def copy_to(image: Image, out: Path, kernel_name: str = "vmlinuz", initrd_name: str = "initrd.img") -> None:
     """The image's two files into `out` (atomically each: a node booting now reads old or new)."""
     for src, name in ((image.vmlinuz, kernel_name), (image.initrd, initrd_name)):
-        dest = out / name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}-", dir=dest.parent)
-        os.close(fd)
-        try:
-            shutil.copyfile(src, tmp)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        place(out / name, src=Path(src))

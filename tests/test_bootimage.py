@@ -173,3 +173,27 @@ def test_nic_pass_takes_only_the_nics_modaliases(tmp_path: Path) -> None:
     assert aliases(nic_ere.group(1)) == sorted([  # network controllers, virtio's PCI transport, virtio NICs
         DEVICES["pci/0000:00:02.0"], DEVICES["pci/0000:00:03.0"], DEVICES["pci/0000:00:04.0"],
         DEVICES["virtio/virtio0"]])
+
+
+def test_loaders_are_the_packages_files_and_the_chain_script_fetches_the_drivers_file(
+        tmp_path: Path) -> None:
+    from imgfarm.bootimage.loaders import BOOT_IPXE, LOADER_FILES, LoaderFile, install_loaders
+    from imgfarm.drivers.pxe import LOADERS
+
+    absent = LoaderFile("grubnetx64.efi", tmp_path / "not-installed.efi", "grub-efi-amd64-signed", "x")
+    root = tmp_path / "tftp"
+    root.mkdir()
+    placed = {p.name: p for p in install_loaders(root, (*LOADER_FILES, absent))}
+    assert placed["grubnetx64.efi"].path is None and not (root / "grubnetx64.efi").exists()
+    for f in LOADER_FILES:
+        if f.source is not None and f.source.is_file():
+            assert (root / f.name).read_bytes() == f.source.read_bytes(), f.name
+            assert stat.S_IMODE((root / f.name).stat().st_mode) == 0o644
+        elif f.source is not None:
+            assert placed[f.name].path is None, f"{f.name}: {f.source} is not here ({f.package})"
+    # iPXE expands ${mac:hexhyp} to aa-bb-cc-dd-ee-ff: the name the pxe driver writes
+    chain = (root / "boot.ipxe").read_text()
+    assert chain == BOOT_IPXE and chain.startswith("#!ipxe\n")
+    fetched = chain.split("chain ", 1)[1].strip().replace("${mac:hexhyp}", "52-54-00-12-34-56")
+    assert str(LOADERS["ipxe"].boot_file(Path("."), "52:54:00:12:34:56")) == fetched
+    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []  # no temp files left

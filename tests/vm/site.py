@@ -15,8 +15,6 @@ when the `with` ends, whatever happened.
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,16 +29,6 @@ from tests.vm import vmlib
 # Each user of vm_site gets its own Redis database: running_farm empties it at the
 # start and the end, so two farms (parallel test workers, a demo) must not share one.
 REDIS_DB = {"jobs": 12, "power": 13, "demo": 14, "bench": 15}
-
-
-def _place(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        dst.unlink()
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy(src, dst)
 
 
 @dataclass
@@ -123,9 +111,6 @@ def vm_site(root: Path, boot_image: Any = None, user: str = "jobs", **extra_env:
     store.mkdir(parents=True)
     tftp = root / "tftp"
     vmlib.write_boot_scripts(tftp)
-    if boot_image is not None:
-        _place(Path(boot_image.vmlinuz), tftp / "imgfarm" / "vmlinuz")
-        _place(Path(boot_image.initrd), tftp / "imgfarm" / "initrd.img")
     with contextlib.ExitStack() as stack:
         nfs = stack.enter_context(vmlib.ganesha(root / "ganesha", store))
         env = {
@@ -151,6 +136,11 @@ def vm_site(root: Path, boot_image: Any = None, user: str = "jobs", **extra_env:
         }
         farm = stack.enter_context(running_farm(root, f"sqlite:///{root / 'data' / 'imgfarm.db'}",
                                                 REDIS_DB[user], **env))
+        if boot_image is not None:
+            # as a site does it: the boot image (the fixture's build, from the build cache) and
+            # the loaders where the pxe driver's files point
+            installed = farm.cli_json("bootimage", "install")
+            assert installed["key"] == boot_image.key and not installed["missing_packages"], installed
         farm.start_api()
         # The agents reach the API as the guest sees the host; the tests use loopback.
         guest_api = f"http://{vmlib.HOST_FROM_GUEST}:{farm.port}"

@@ -37,13 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imgfarm.bootimage.loaders import LOADER_FILES, install_loaders
 from tests.ipmisim import SimBmc
 from tests.support import kill_session, wait_for
 
 HOST_FROM_GUEST = "10.0.2.2"  # QEMU user networking: the host's 127.0.0.1
-PXELINUX = Path("/usr/lib/PXELINUX/pxelinux.0")
-LPXELINUX = Path("/usr/lib/PXELINUX/lpxelinux.0")  # pxelinux with HTTP
-LDLINUX = Path("/usr/lib/syslinux/modules/bios/ldlinux.c32")
 IPXE_ROM = Path("/usr/lib/ipxe/qemu/efi-virtio.rom")  # virtio-net-pci's default ROM (BIOS + UEFI)
 BMC_PASSWORD = "vm-bmc-Pw1"
 
@@ -53,8 +51,8 @@ TOOLS = {
     "ipmi_sim": "openipmi", "ipmitool": "ipmitool", "sfdisk": "fdisk", "mkfs.ext4": "e2fsprogs",
     "mkfs.fat": "dosfstools", "mcopy": "mtools", "losetup": "mount",
 }
-FILES = {IPXE_ROM: "ipxe-qemu", PXELINUX: "pxelinux", LPXELINUX: "pxelinux",
-         LDLINUX: "syslinux-common",
+# the loaders `imgfarm bootimage install` puts under the TFTP root, from their packages
+FILES = {IPXE_ROM: "ipxe-qemu", **{f.source: f.package for f in LOADER_FILES if f.source},
          Path("/usr/lib/x86_64-linux-gnu/ganesha/libfsalvfs.so"): "nfs-ganesha-vfs"}
 
 
@@ -360,13 +358,11 @@ def mac_for(index: int) -> str:
 
 
 def write_boot_scripts(tftp_root: Path) -> None:
-    """The site's DHCP-level loaders under the TFTP root: iPXE's chain script, pxelinux."""
+    """The site's DHCP-level loaders under the TFTP root, as `imgfarm bootimage install`
+    puts them there: iPXE's chain script, pxelinux."""
     tftp_root.mkdir(parents=True, exist_ok=True)
-    # iPXE asks for its node's own file, as a site's DHCP-served boot.ipxe does.
-    (tftp_root / "boot.ipxe").write_text("#!ipxe\nchain ipxe/${mac:hexhyp}.ipxe\n")
-    shutil.copy(PXELINUX, tftp_root / "pxelinux.0")
-    shutil.copy(LPXELINUX, tftp_root / "lpxelinux.0")
-    shutil.copy(LDLINUX, tftp_root / "ldlinux.c32")
+    missing = [f"{p.name} ({p.package})" for p in install_loaders(tftp_root) if p.path is None]
+    assert not missing, f"boot loaders missing on this host: {missing}"
 
 
 # --------------------------------------------------------------------------- disks
