@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -58,7 +59,30 @@ def partimage_save(dev: str, out: Path, *, z: int, volume_mib: int | None = None
     args += ["save", dev, str(out)]
     p = subprocess.run(args, env=ENV, stdin=subprocess.DEVNULL, capture_output=True,
                        timeout=300)
-    assert p.returncode == 0, f"partimage save failed: {p.stdout[-2000:]!r} {p.stderr[-2000:]!r}"
+    if p.returncode != 0:
+        # Seen a few times in full parallel runs, never alone: partimage 0.6.9 quits right
+        # after "initializing the operation" (its mount check, the device's flock, the file
+        # system probe). Its own debug log says which; the save is made once more, and the
+        # first failure is reported as a warning so that the cause shows in the run's summary.
+        first = f"exit {p.returncode}; partimage's log: {_partimage_log_tail()}"
+        for leftover in out.parent.glob(f"{out.name}*"):
+            leftover.unlink()
+        p = subprocess.run(args, env=ENV, stdin=subprocess.DEVNULL, capture_output=True, timeout=300)
+        assert p.returncode == 0, (f"partimage save failed twice: {first}; then exit {p.returncode}: "
+                                   f"{_partimage_log_tail()} {p.stderr[-2000:]!r}")
+        warnings.warn(f"partimage save of {dev} failed once, then worked: {first}", stacklevel=2)
+
+
+def _partimage_log_tail() -> str:
+    """The lines of partimage's debug log that say what went wrong (another partimage run
+    may have rewritten it since)."""
+    try:
+        lines = Path("/var/log/partimage/partimage-debug.log").read_text(errors="replace").splitlines()
+    except OSError as exc:
+        return f"(no log: {exc})"
+    keep = [line for line in lines if any(w in line.lower() for w in (
+        "error", "fail", "lock", "mount", "exception", "throw", "err_"))]
+    return " | ".join((keep or lines)[-12:])[-3000:]
 
 
 def partimage_restore_sha(image: Path, size: int, work: Path) -> str:
