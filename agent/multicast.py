@@ -21,6 +21,12 @@ from imgfarm.agent.imaging import widen_pipe
 from imgfarm.protocol import Multicast, Partition
 
 CHUNK = 1 << 20
+# udp-receiver's socket buffer. The kernel's default (net.core.rmem_default, 208 KiB) is
+# about 8 ms of a 200 Mbit/s stream: a receiver that waits longer than that for a CPU drops
+# packets, and the whole session waits for their retransmission (16 sim nodes on two cores
+# lost 10-15% of all blocks that way; with 4 MiB none). The kernel grants at most
+# net.core.rmem_max, which the boot image raises to this (bootimage/files/init).
+RCVBUF = 4 << 20
 
 
 class MulticastError(Exception):
@@ -69,7 +75,8 @@ class ReceiverFeed:
         return self._receive(index, part)
 
     def _receive(self, index: int, part: Partition) -> Iterator[bytes | memoryview]:
-        args = ["udp-receiver", "--nokbd", "--portbase", str(self.session.portbase + 2 * index),
+        args = ["udp-receiver", "--nokbd", "--rcvbuf", str(RCVBUF),
+                "--portbase", str(self.session.portbase + 2 * index),
                 "--start-timeout", str(int(self.session.start_timeout)),
                 "--receive-timeout", str(int(self.session.receive_timeout))]
         if self.interface:
