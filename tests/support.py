@@ -121,10 +121,7 @@ def loop_device(path: Path, partitions: bool = False) -> Iterator[str]:
         yield dev
     finally:
         subprocess.run(["umount", "-l", dev], capture_output=True)
-        for _ in range(50):
-            if subprocess.run(["losetup", "-d", dev], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.1)
+        detach_loop(dev, path)
 
 
 @contextlib.contextmanager
@@ -137,10 +134,28 @@ def loop_device_at(path: Path, offset: int, size: int | None) -> Iterator[str]:
     try:
         yield dev
     finally:
-        for _ in range(50):
-            if subprocess.run(["losetup", "-d", dev], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.1)
+        detach_loop(dev, path)
+
+
+def detach_loop(dev: str, backing: Path) -> None:
+    """Detach `dev`, which the caller attached to `backing`.
+
+    The kernel defers the detach of a device that is still open (it goes on the last close),
+    so one `losetup -d` is normally enough. A failed one is retried only while `dev` is still
+    bound to `backing`: once the device is free another test may attach it, and a blind retry
+    would detach that test's device under it.
+    """
+    want = str(Path(backing).resolve())
+    for _ in range(50):
+        if subprocess.run(["losetup", "-d", dev], capture_output=True).returncode == 0:
+            return
+        try:
+            bound = Path(f"/sys/block/{Path(dev).name}/loop/backing_file").read_text().strip()
+        except OSError:
+            return  # not bound to anything any more
+        if bound.removesuffix(" (deleted)") != want:
+            return
+        time.sleep(0.1)
 
 
 @contextlib.contextmanager

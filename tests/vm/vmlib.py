@@ -39,7 +39,7 @@ from typing import Any
 
 from imgfarm.bootimage.loaders import LOADER_FILES, install_loaders
 from tests.ipmisim import SimBmc
-from tests.support import kill_session, wait_for
+from tests.support import kill_session, loop_device_at, wait_for
 
 HOST_FROM_GUEST = "10.0.2.2"  # QEMU user networking: the host's 127.0.0.1
 IPXE_ROM = Path("/usr/lib/ipxe/qemu/efi-virtio.rom")  # virtio-net-pci's default ROM (BIOS + UEFI)
@@ -438,18 +438,10 @@ def make_disk(path: Path, label: str, *, table: str = "dos", size_mib: int = 160
     parts = partitions(path)
     work = path.parent / f"{path.stem}-content"
     ext_src = _content(work / "ext4", f"{label}-ext4", random_kib)
-    loop = subprocess.run(["losetup", "-f", "--show", "--offset", str(parts[0].start),
-                           "--sizelimit", str(parts[0].size), str(path)],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    try:
+    with loop_device_at(path, parts[0].start, parts[0].size) as loop:
         subprocess.run(["mkfs.ext4", "-q", "-F", "-L", label[:16], "-E",
                         "lazy_itable_init=0,lazy_journal_init=0", "-d", str(ext_src), loop],
                        check=True, capture_output=True)
-    finally:
-        for _ in range(50):
-            if subprocess.run(["losetup", "-d", loop], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.1)
     fat = parts[1]
     sector_off = fat.start // 512
     subprocess.run(["mkfs.fat", "-F", "32", "-s", "1", "-n", "IMGFARM", "--offset", str(sector_off),
