@@ -6,7 +6,7 @@ PKGS=(partimage partclone zstd redis-server postgresql dosfstools mtools ipmitoo
       tftpd-hpa tftp-hpa grub-common fdisk util-linux e2fsprogs python3-venv python3-pip
       gzip bzip2 xz-utils lzop pigz pbzip2 cpio iproute2 udpcast
       qemu-system-x86 qemu-utils ipxe-qemu linux-image-amd64 busybox-static
-      pxelinux syslinux-common ipxe nfs-ganesha nfs-ganesha-vfs)
+      pxelinux syslinux-common ipxe nfs-ganesha nfs-ganesha-vfs ovmf grub-efi-amd64-bin)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -201,8 +201,32 @@ GOLDEN = {  # byte for byte what the driver writes (the templates must not drift
     ("grub", "agent"): "# imgfarm: agent job=7 node=n7\nset timeout=0\nset default=imgfarm-agent\n"
     "menuentry 'imgfarm agent' --id imgfarm-agent {{\n    linux /imgfarm/vmlinuz {params}\n"
     "    initrd /imgfarm/initrd.img\n}}\n",
-    ("grub", "local"): "# imgfarm: local\nset timeout=0\nset default=local\n"
-    "menuentry 'local disk' --id local {{\n    exit\n}}\n",
+    ("grub", "local"): (
+        '# imgfarm: local\n'
+        'set timeout=0\n'
+        'set default=local\n'
+        "menuentry 'local disk' --id local {{\n"
+        '    # GRUB loads no partition map by itself; a netbooted GRUB takes these modules from\n'
+        '    # its prefix on the TFTP server (where grub-mknetdir puts them).\n'
+        '    insmod part_gpt\n'
+        '    insmod part_msdos\n'
+        '    insmod fat\n'
+        "    # UEFI's fallback loader of a disk, then the common distributions' own. A bare\n"
+        '    # `exit` reports success to the firmware, and EDK2-based firmware (OVMF and many\n'
+        '    # servers) then opens its boot menu instead of trying the next boot entry.\n'
+        '    for efi in /EFI/BOOT/BOOTX64.EFI /EFI/debian/shimx64.efi /EFI/ubuntu/shimx64.efi \\\n'
+        '            /EFI/redhat/shimx64.efi /EFI/rocky/shimx64.efi /EFI/centos/shimx64.efi \\\n'
+        '            /EFI/opensuse/shim.efi /EFI/Microsoft/Boot/bootmgfw.efi; do\n'
+        '        if search --no-floppy --file --set=root $efi; then\n'
+        '            echo "imgfarm: booting the local disk\'s $efi"\n'
+        '            chainloader $efi\n'
+        '            boot\n'
+        '        fi\n'
+        '    done\n'
+        '    echo "imgfarm: no EFI loader found on the local disks"\n'
+        '    exit\n'
+        '}}\n'
+    ),
 }
 
 

@@ -18,7 +18,7 @@ from tests.vm import vmlib
 WHY_NOT = vmlib.missing_tools()
 
 # The whole-job VM tests (a capture and two restores, the store dying, the legacy image, the
-# plain pxelinux boot): `-m "not vm_long"` leaves them out of a quicker local run.
+# pxelinux and GRUB/UEFI boots): `-m "not vm_long"` leaves them out of a quicker local run.
 LONG = {"test_vm_jobs.py", "test_vm_pxe_boot.py"}
 
 

@@ -2,11 +2,13 @@
 
 The boot image here is a small busybox initramfs made by the test (it prints
 the kernel command line, mounts the ganesha export over NFSv4.1 and writes a
-file there, then powers off), small enough for Debian's plain pxelinux.0 to
-fetch over QEMU's TFTP: pxelinux.0 reading pxelinux.cfg/01-<mac>, power
-through ipmi_sim's chassis script, the NFS export as the guest sees it, and
-the local-boot file after the job. The farm's own image boots by iPXE and
-lpxelinux.0 over HTTP in test_vm_jobs.py.
+file there, then powers off), small enough for Debian's plain pxelinux.0 and
+for GRUB to fetch over QEMU's TFTP: pxelinux.0 (SeaBIOS) reading
+pxelinux.cfg/01-<mac>, and GRUB under UEFI (OVMF, GRUB made by grub-mknetdir)
+reading grub/grub.cfg-01-<mac>; power through ipmi_sim's chassis script, the
+NFS export as the guest sees it, and the local-boot file after the job (the
+UEFI node boots it too, and it must reach the loader on the node's disk). The
+farm's own image boots by iPXE and lpxelinux.0 over HTTP in test_vm_jobs.py.
 """
 
 from __future__ import annotations
@@ -81,15 +83,25 @@ def site(tftp_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     get_settings.cache_clear()
 
 
-@pytest.mark.parametrize("loader", ["pxelinux"])  # iPXE: the jobs' tests (test_vm_jobs.py)
+LOCAL_DISK = "HARNESS the loader on the local disk ran"
+
+
+@pytest.mark.parametrize("loader", ["pxelinux", "grub"])  # iPXE: the jobs' tests (test_vm_jobs.py)
 def test_firmware_boots_what_the_pxe_driver_wrote(loader: str, site: int, tftp_root: Path,
                                                    tmp_path: Path, nfs_export: vmlib.Ganesha) -> None:
-    vm = vmlib.VmNode("h1", tmp_path / "h1", vmlib.blank_disk(tmp_path / "h1.img", 16),
-                      vmlib.mac_for(0x31), tftp_root,
-                      "boot.ipxe" if loader == "ipxe" else "pxelinux.0")
+    uefi = loader == "grub"
+    if uefi and (why := vmlib.missing_uefi_tools()):
+        pytest.skip(f"the UEFI node needs: {why}")
+    if uefi:  # GRUB under UEFI; the disk has an EFI system partition, booted after the network
+        vm = vmlib.VmNode("h1", tmp_path / "h1", vmlib.efi_disk(tmp_path / "h1.img", LOCAL_DISK),
+                          vmlib.mac_for(0x31), tftp_root, vmlib.write_grub_netdir(tftp_root),
+                          firmware="uefi")
+    else:
+        vm = vmlib.VmNode("h1", tmp_path / "h1", vmlib.blank_disk(tmp_path / "h1.img", 16),
+                          vmlib.mac_for(0x31), tftp_root, "pxelinux.0")
     node = NodeInfo(name="h1", mac=vm.mac, boot_driver="pxe", power_driver="ipmi", driver_info={
         "loader": loader, "bmc_address": "127.0.0.1", "bmc_username": "admin",
-        "bmc_password_file": str(vm.password_file),
+        "bmc_password_file": str(vm.password_file), "bmc_uefi": str(uefi).lower(),
         "kcmdline": f"harness.nfs={nfs_export.spec} harness.port={nfs_export.port}"})
     boot, power = PxeBoot(), IpmiPower()
     with vmlib.machines(vm):
@@ -109,8 +121,19 @@ def test_firmware_boots_what_the_pxe_driver_wrote(loader: str, site: int, tftp_r
                  what="the guest to power off (QEMU exits, the BMC reads off)")
         boot.boot_local(node)
         assert boot.get_boot_target(node) is BootTarget.LOCAL
-    if loader == "ipxe":
-        assert "ipxe/52-54-00-1f-00-31.ipxe" in console and "/imgfarm/initrd.img" in console
+        if uefi:  # the local-boot file must hand the node to its disk, not to a firmware menu
+            power.set_power_state(node, PowerState.ON)
+            wait_for(lambda: LOCAL_DISK in vm.console_text(), 90, interval=0.5,
+                     what=f"GRUB's local-boot entry to start the disk's loader "
+                     f"(console: {vm.console_text()[-1500:]})")
+            wait_for(lambda: power.get_power_state(node) is PowerState.OFF, 60, interval=0.5,
+                     what="the disk's loader to power the node off")
+    if uefi:
+        assert "Booting `imgfarm agent'" in console and "grub/x86_64-efi/core.efi" in console
+        assert LOCAL_DISK not in console  # the network came first, with a bootable disk attached
+        after = vm.console_text()[len(console):]
+        assert "Booting `local disk'" in after
+        assert "booting the local disk's /EFI/BOOT/BOOTX64.EFI" in after
     else:
         assert "pxelinux.0... ok" in console and "PXELINUX" in console
     assert not vm.running()

@@ -2,7 +2,9 @@
 
 A node is a `qemu-system-x86_64 -accel tcg` machine whose NIC boots QEMU's
 iPXE ROM (Debian's ipxe-qemu) from the pxe driver's TFTP root through QEMU's
-user-mode network, so the firmware reads exactly the files the driver wrote.
+user-mode network, so the firmware reads exactly the files the driver wrote;
+under SeaBIOS, or under OVMF (UEFI, Debian's ovmf) for a `firmware="uefi"` node,
+whose NVRAM is a copy of OVMF's variable store in the node's directory.
 Its power is an `ipmi_sim` BMC whose chassis-control script starts, stops and
 resets that QEMU process (the idea of OpenStack's VirtualBMC), so the farm's
 real ipmi driver powers it. Its image store is an nfs-ganesha export on
@@ -43,6 +45,10 @@ from tests.support import kill_session, loop_device_at, wait_for
 
 HOST_FROM_GUEST = "10.0.2.2"  # QEMU user networking: the host's 127.0.0.1
 IPXE_ROM = Path("/usr/lib/ipxe/qemu/efi-virtio.rom")  # virtio-net-pci's default ROM (BIOS + UEFI)
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")  # UEFI firmware (ovmf), read-only flash
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")  # its NVRAM template; each node writes a copy
+GRUB_EFI = Path("/usr/lib/grub/x86_64-efi")  # GRUB's UEFI modules (grub-efi-amd64-bin)
+GRUB_NET_BOOTFILE = "grub/x86_64-efi/core.efi"  # what grub-mknetdir --subdir=/grub makes
 BMC_PASSWORD = "vm-bmc-Pw1"
 
 # The tools a VM test needs, each with the Debian package that brings it.
@@ -56,13 +62,27 @@ FILES = {IPXE_ROM: "ipxe-qemu", **{f.source: f.package for f in LOADER_FILES if 
          Path("/usr/lib/x86_64-linux-gnu/ganesha/libfsalvfs.so"): "nfs-ganesha-vfs"}
 
 
+# What a UEFI node needs besides: only the tests that boot one are skipped without them.
+UEFI_TOOLS = {"grub-mknetdir": "grub-common", "grub-mkimage": "grub-common"}
+UEFI_FILES = {OVMF_CODE: "ovmf", OVMF_VARS: "ovmf", GRUB_EFI / "efinet.mod": "grub-efi-amd64-bin"}
+
+
+def _absent(tools: dict[str, str], files: dict[Path, str]) -> list[str]:
+    why = [f"{exe} ({pkg})" for exe, pkg in tools.items() if not shutil.which(exe)]
+    return why + [f"{path} ({pkg})" for path, pkg in files.items() if not path.exists()]
+
+
 def missing_tools() -> str:
     """Why the VM tests cannot run here ('' when they can)."""
-    why = [f"{exe} ({pkg})" for exe, pkg in TOOLS.items() if not shutil.which(exe)]
-    why += [f"{path} ({pkg})" for path, pkg in FILES.items() if not path.exists()]
+    why = _absent(TOOLS, FILES)
     if os.geteuid() != 0:
         why.append("root (ganesha, loop devices)")
     return ", ".join(why)
+
+
+def missing_uefi_tools() -> str:
+    """Why a UEFI node (OVMF, GRUB's network image) cannot boot here ('' when it can)."""
+    return ", ".join(_absent(UEFI_TOOLS, UEFI_FILES))
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -243,12 +263,15 @@ class VmNode:
     disk: Path
     mac: str
     tftp_root: Path
-    bootfile: str  # what QEMU's DHCP tells the ROM to fetch: boot.ipxe or pxelinux.0
+    bootfile: str  # what QEMU's DHCP tells the ROM to fetch: boot.ipxe, pxelinux.0, GRUB's core.efi
     disk_bus: str = "virtio"  # virtio | nvme
     memory_mib: int = 1024
+    firmware: str = "bios"  # bios (SeaBIOS) | uefi (OVMF)
     bmc: SimBmc = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.firmware not in ("bios", "uefi"):
+            raise ValueError(f"VmNode {self.name}: firmware {self.firmware!r} is not bios or uefi")
         self.bmc = SimBmc(self.dir, self.dir / "chassis.sh", BMC_PASSWORD, name=f"{self.name}-bmc")
 
     @property
@@ -270,17 +293,31 @@ class VmNode:
     def console_text(self) -> str:
         return self.console.read_text(errors="replace") if self.console.exists() else ""
 
+    @property
+    def nvram(self) -> Path:
+        """The UEFI node's own copy of OVMF's variable store (its NVRAM, kept across power cycles)."""
+        return self.dir / "OVMF_VARS.fd"
+
     def qemu_argv(self) -> list[str]:
         drive = f"file={self.disk},if=none,format=raw,id=d0,cache=unsafe"
         dev = ("nvme,drive=d0,serial=imgfarm-" + self.name if self.disk_bus == "nvme"
                else "virtio-blk-pci,drive=d0")
+        nic = f"virtio-net-pci,netdev=n0,mac={self.mac}"
+        if self.firmware == "uefi":
+            # OVMF ignores -boot order= (SeaBIOS's); it boots by the devices' bootindex:
+            # network first, then the disk, as a site sets a node it images.
+            firmware = ["-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
+                        "-drive", f"if=pflash,format=raw,file={self.nvram}"]
+            nic, dev = nic + ",bootindex=0", dev + ",bootindex=1"
+        else:
+            firmware = ["-boot", "order=n"]
         return [
             "nice", "-n", "10", "qemu-system-x86_64", "-name", self.name, "-accel", "tcg",
             "-m", str(self.memory_mib), "-smp", "1", "-nographic", "-monitor", "none",
             "-chardev", f"file,id=con0,path={self.console},append=on", "-serial", "chardev:con0",
+            *firmware,
             "-netdev", f"user,id=n0,tftp={self.tftp_root},bootfile={self.bootfile}",
-            "-device", f"virtio-net-pci,netdev=n0,mac={self.mac}",
-            "-boot", "order=n", "-drive", drive, "-device", dev,
+            "-device", nic, "-drive", drive, "-device", dev,
         ]
 
     def write_scripts(self) -> None:
@@ -295,6 +332,8 @@ class VmNode:
             + " </dev/null >>" + _sh(str(self.dir / "qemu.out")) + " 2>&1 &\n"
             "echo $! > " + _sh(str(self.pidfile)) + "\n")
         self.bmc.chassis.write_text(CHASSIS.format(dir=self.dir))
+        if self.firmware == "uefi" and not self.nvram.exists():
+            shutil.copy(OVMF_VARS, self.nvram)
         for p in (start, self.bmc.chassis):
             p.chmod(0o755)
         self.bmc.write()
@@ -365,6 +404,19 @@ def write_boot_scripts(tftp_root: Path) -> None:
     assert not missing, f"boot loaders missing on this host: {missing}"
 
 
+def write_grub_netdir(tftp_root: Path) -> str:
+    """GRUB for UEFI network boot under the TFTP root, made as GRUB's manual says
+    (`grub-mknetdir --subdir=/grub`): its prefix is the TFTP server's /grub, where it
+    looks for grub.cfg-01-<mac> (the pxe driver's file) before grub.cfg, and loads its
+    modules from. Returns the boot file for DHCP."""
+    subprocess.run(["grub-mknetdir", f"--net-directory={tftp_root}", "--subdir=/grub",
+                    "-d", str(GRUB_EFI), "--fonts=", "--locales=", "--themes="],
+                   check=True, capture_output=True, timeout=120)
+    if not (tftp_root / GRUB_NET_BOOTFILE).is_file():
+        raise FileNotFoundError(f"grub-mknetdir made no {tftp_root / GRUB_NET_BOOTFILE}")
+    return GRUB_NET_BOOTFILE
+
+
 # --------------------------------------------------------------------------- disks
 
 @dataclass(frozen=True)
@@ -408,6 +460,36 @@ def partition_sha256(disk: Path, part: Part) -> str:
 def blank_disk(path: Path, size_mib: int) -> Path:
     with open(path, "wb") as fh:
         fh.truncate(size_mib << 20)
+    return path
+
+
+ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+
+
+def efi_disk(path: Path, marker: str, size_mib: int = 16) -> Path:
+    """A GPT disk whose EFI system partition holds /EFI/BOOT/BOOTX64.EFI, the path firmware
+    boots from a disk it has no entry for: a GRUB image that prints `marker` on the console
+    and powers off. It stands in for an installed system, so a test sees a local boot end."""
+    blank_disk(path, size_mib)
+    subprocess.run(["sfdisk", "-q", str(path)], input=f"label: gpt\nstart=2048, type={ESP_TYPE}\n",
+                   text=True, check=True, capture_output=True)
+    esp = partitions(path)[0]
+    work = path.parent / f"{path.stem}-esp"
+    work.mkdir(parents=True, exist_ok=True)
+    if not re.fullmatch(r"[A-Za-z0-9 ._-]+", marker):
+        raise ValueError(f"efi_disk marker {marker!r}: GRUB's echo would interpret it")
+    (work / "local.cfg").write_text(f"echo {marker}\nhalt\n")
+    subprocess.run(["grub-mkimage", "-O", "x86_64-efi", "-d", str(GRUB_EFI), "-p", "/EFI/BOOT",
+                    "-c", str(work / "local.cfg"), "-o", str(work / "BOOTX64.EFI"), "echo", "halt"],
+                   check=True, capture_output=True)
+    subprocess.run(["mkfs.fat", "-n", "ESP", "--offset", str(esp.start // 512), str(path),
+                    str(esp.size // 1024)], check=True, capture_output=True)
+    img, env = f"{path}@@{esp.start}", {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+    subprocess.run(["mmd", "-i", img, "::/EFI", "::/EFI/BOOT"], check=True, capture_output=True,
+                   env=env)
+    subprocess.run(["mcopy", "-i", img, str(work / "BOOTX64.EFI"), "::/EFI/BOOT/BOOTX64.EFI"],
+                   check=True, capture_output=True, env=env)
+    shutil.rmtree(work)
     return path
 
 
