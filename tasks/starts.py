@@ -10,8 +10,9 @@ BATCH), claims them in one transaction, and answers each thread. Nothing waits
 to fill a batch: a batch is whatever arrived while the one before ran, so a
 lone job starts as fast as before.
 
-The claim itself is unchanged: a conditional queued -> booting update per job
-(models/jobs.transition), so a second delivery of a task, in this process or
+The claim is still a conditional queued -> booting update, now one for the whole
+batch (models/jobs.transition_many: `WHERE id IN (...) AND state = 'queued'`,
+returning the ids it moved), so a second delivery of a task, in this process or
 another, still boots nothing, and only takes over the waiting. The drivers'
 boot calls stay on the job threads, outside any transaction.
 """
@@ -31,7 +32,7 @@ from imgfarm.config.settings import get_settings
 from imgfarm.drivers.base import NodeInfo
 from imgfarm.models import states
 from imgfarm.models.db import session_scope
-from imgfarm.models.jobs import begin_finalizing, transition
+from imgfarm.models.jobs import begin_finalizing, transition_many
 from imgfarm.models.tables import Job, Node, NodeSecret, utcnow
 from imgfarm.models.views import unknown_job
 from imgfarm.models.workers import worker_id
@@ -84,6 +85,7 @@ def claim_batch(job_ids: list[int]) -> dict[int, Start | Exception]:
         if held:
             s.execute(update(Job).where(Job.id.in_(held)).values(waiter=me))
         booted = []
+        to_boot: dict[float, dict[int, str]] = defaultdict(dict)  # overall timeout -> job -> event message
         for j in jobs:
             options = dict(j.options or {})
             timeout = float(options.get("timeout") or settings.job_timeout)
@@ -96,15 +98,21 @@ def claim_batch(job_ids: list[int]) -> dict[int, Start | Exception]:
                 begin_finalizing(s, j.id, states.CANCELLED, "cancelled before it started")
             elif node is None:
                 begin_finalizing(s, j.id, states.FAILED, "the job's node no longer exists")
-            elif transition(s, j.id, states.QUEUED, states.BOOTING,
-                            f"booting {node.name} into the agent ({node.boot_driver}/{node.power_driver})",
-                            token_hash="", started_at=now, last_report_at=now,
-                            deadline_at=now + timedelta(seconds=timeout), boot_calls=Job.boot_calls + 1,
-                            waiter=me):
+            else:
+                to_boot[timeout][j.id] = (f"booting {node.name} into the agent "
+                                          f"({node.boot_driver}/{node.power_driver})")
+        node_of = {j.id: nodes.get(j.node_id) for j in jobs}
+        for timeout, messages in to_boot.items():  # one UPDATE per distinct timeout: usually one
+            for jid in transition_many(s, messages, states.QUEUED, states.BOOTING, token_hash="",
+                                       started_at=now, last_report_at=now,
+                                       deadline_at=now + timedelta(seconds=timeout),
+                                       boot_calls=Job.boot_calls + 1, waiter=me):
+                node, start = node_of[jid], out[jid]
+                assert node is not None and isinstance(start, Start)
                 info = NodeInfo(name=node.name, mac=node.mac, ip=node.ip, boot_driver=node.boot_driver,
                                 power_driver=node.power_driver,
                                 driver_info={**(node.driver_info or {}), **secrets[node.id]}, disk=node.disk)
-                out[j.id] = Start(info, first, options, j.image_name)
+                out[jid] = Start(info, start.first_deadline, start.options, start.image)
                 booted.append(node.id)
         if booted:  # what we are about to ask of the nodes; finalize sets local again
             s.execute(update(Node).where(Node.id.in_(booted)).values(boot_target=BootTarget.AGENT,
