@@ -45,13 +45,16 @@ def worker(
 
     settings = get_settings()
     args = ["celery", "-A", "imgfarm.worker.app", "worker", "-E", f"--loglevel={loglevel}"]
+    env = dict(os.environ)
     if cpu:
         args += ["-Q", CPU_QUEUE, "-P", "prefork", f"--concurrency={concurrency or os.cpu_count() or 1}"]
         args += ["-n", hostname or "cpu@%h"]
     else:
-        args += ["-Q", JOB_QUEUE, "-P", "threads", f"--concurrency={concurrency or settings.job_concurrency}"]
+        # Celery's threads pool, its threads started with the worker (worker/pool.py)
+        env["CELERY_CUSTOM_WORKER_POOL"] = "imgfarm.worker.pool:TaskPool"
+        args += ["-Q", JOB_QUEUE, "-P", "custom", f"--concurrency={concurrency or settings.job_concurrency}"]
         args += ["-n", hostname or "jobs@%h"]
-    os.execvp(sys.executable, [sys.executable, "-m", *args])
+    os.execvpe(sys.executable, [sys.executable, "-m", *args], env)
 
 
 def beat(loglevel: str = typer.Option("INFO")) -> None:
