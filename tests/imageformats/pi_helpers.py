@@ -57,20 +57,36 @@ def partimage_save(dev: str, out: Path, *, z: int, volume_mib: int | None = None
     if volume_mib:
         args.append(f"-V{volume_mib}")
     args += ["save", dev, str(out)]
-    p = subprocess.run(args, env=ENV, stdin=subprocess.DEVNULL, capture_output=True,
-                       timeout=300)
-    if p.returncode != 0:
-        # Seen a few times in full parallel runs, never alone: partimage 0.6.9 quits right
-        # after "initializing the operation" (its mount check, the device's flock, the file
-        # system probe). Its own debug log says which; the save is made once more, and the
-        # first failure is reported as a warning so that the cause shows in the run's summary.
-        first = f"exit {p.returncode}; partimage's log: {_partimage_log_tail()}"
-        for leftover in out.parent.glob(f"{out.name}*"):
-            leftover.unlink()
-        p = subprocess.run(args, env=ENV, stdin=subprocess.DEVNULL, capture_output=True, timeout=300)
-        assert p.returncode == 0, (f"partimage save failed twice: {first}; then exit {p.returncode}: "
-                                   f"{_partimage_log_tail()} {p.stderr[-2000:]!r}")
-        warnings.warn(f"partimage save of {dev} failed once, then worked: {first}", stacklevel=2)
+    _save_once_more_if_it_fails(args, dev, out, "partimage save")
+
+
+def _save_once_more_if_it_fails(args: list[str], dev: str, out: Path, what: str) -> None:
+    """Run a partimage save; on a failure record why, and run it once more.
+
+    Seen a few times in full parallel runs of the suite and never alone: partimage 0.6.9
+    quits at "initializing the operation" or "reading partition properties" on a loop
+    device that had just been filled. The first failure (partimage's debug log, and what
+    the device is bound to then) becomes a warning in the run's summary, so that its cause
+    can be found; a second failure fails the test.
+    """
+    p = subprocess.run(args, env=ENV, stdin=subprocess.DEVNULL, capture_output=True, timeout=300)
+    if p.returncode == 0:
+        return
+    first = (f"exit {p.returncode}; {dev} bound to {_backing(dev)}; stderr {p.stderr[-600:]!r}; "
+             f"partimage's log: {_partimage_log_tail()}")
+    for leftover in out.parent.glob(f"{out.name}*"):
+        leftover.unlink()
+    p = subprocess.run(args, env=ENV, stdin=subprocess.DEVNULL, capture_output=True, timeout=300)
+    assert p.returncode == 0, (f"{what} failed twice: {first}; then exit {p.returncode}: "
+                               f"{_partimage_log_tail()} {p.stderr[-2000:]!r}")
+    warnings.warn(f"{what} of {dev} failed once, then worked: {first}", stacklevel=3)
+
+
+def _backing(dev: str) -> str:
+    try:
+        return Path(f"/sys/block/{Path(dev).name}/loop/backing_file").read_text().strip()
+    except OSError as exc:
+        return f"nothing ({exc.strerror})"
 
 
 def _partimage_log_tail() -> str:
@@ -263,9 +279,7 @@ def clonezilla_save(dev: str, out: Path, *, comp: str, split_bytes: int | None,
     cmd = (f"{CLONEZILLA_PARTIMAGE.format(dev=dev)} | {COMPRESSORS[comp][0]} | "
            + (f"split -a {suffix_len} -b {split_bytes} - '{out}.'" if split_bytes
               else f"cat > '{out}'"))
-    p = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], env=ENV, stdin=subprocess.DEVNULL,
-                       capture_output=True, timeout=300)
-    assert p.returncode == 0, f"Clonezilla recipe failed: {p.stderr[-2000:]!r}"
+    _save_once_more_if_it_fails(["bash", "-o", "pipefail", "-c", cmd], dev, out, "Clonezilla recipe")
     files = sorted(out.parent.glob(f"{out.name}.{'[a-z]' * suffix_len}")) if split_bytes \
         else [out]
     assert files and all(f.stat().st_size for f in files)
