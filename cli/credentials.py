@@ -74,7 +74,15 @@ def read_private_file(named: str) -> str:
 
 
 def write_token_file(path: Path, token: str) -> None:
-    """A new file, mode 0600 from its first byte (never a moment readable by others)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    """A new file, mode 0600 from its first byte (never a moment readable by others).
+
+    A missing directory is made, mode 0700: the default token file's directory
+    (~/.config/imgfarm) does not exist on a new machine."""
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise InvalidInput(f"--file {path}: {exc.strerror}",
+                           hint="name a new file in a directory you may write to") from None
     with os.fdopen(fd, "w") as fh:
         fh.write(token + "\n")

@@ -6,6 +6,7 @@ and the CLI run as real processes where their own checks are what is tested.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -169,6 +170,22 @@ def test_api_refuses_a_non_loopback_address_until_a_token_exists(tmp_path: Path)
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_token_file_in_a_new_directory_and_one_that_cannot_be_written(tmp_path: Path) -> None:
+    """The README's first step writes ~/.config/imgfarm/token, whose directory a new machine
+    does not have; a file that cannot be made is a named error and leaves no token."""
+    env = _env(tmp_path)
+    assert _imgfarm(env, "db", "upgrade").returncode == 0
+    file = tmp_path / "home" / ".config" / "imgfarm" / "token"
+    made = _imgfarm(env, "token", "create", "admin", "--scope", "admin", "--file", str(file))
+    assert made.returncode == 0, made.stderr
+    assert file.stat().st_mode & 0o777 == 0o600 and file.parent.stat().st_mode & 0o777 == 0o700
+    bad = _imgfarm(env, "token", "create", "bob", "--scope", "read", "--file", "/proc/none/token")
+    assert bad.returncode == 2 and "--file /proc/none/token" in bad.stderr, bad.stderr
+    assert "Traceback" not in bad.stderr
+    listed = _imgfarm(env, "token", "list", "--json")
+    assert [t["name"] for t in json.loads(listed.stdout)] == ["admin"]
 
 
 @pytest.fixture
