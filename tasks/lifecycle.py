@@ -169,6 +169,12 @@ def _check_deadlines(job: Any) -> tuple[str, str] | None:
     return None
 
 
+def _overall_deadline_in(job: Any) -> float:
+    if not job.deadline_at:
+        return float("inf")
+    return max(0.05, (job.deadline_at - utcnow()).total_seconds() + 0.05)
+
+
 def _next_deadline_in(job: Any) -> float:
     settings = get_settings()
     now = utcnow()
@@ -204,6 +210,18 @@ _WATCH = (Job.id, Job.state, Job.waiter, Job.cancel_requested, Job.deadline_at, 
           Job.started_at, Job.options, Job.progress, Job.bytes_done, Job.bytes_total, Job.rate,
           Job.error, Job.result)
 SAFETY_RECHECK = 60.0  # re-read the row at least this often, in case a wake-up was lost
+SAFETY_READS_PER_S = 20.0  # ... but a process's waiting jobs make at most this many such reads
+
+
+def safety_recheck(waiting: int) -> float:
+    """Seconds between a waiting job's safety re-reads of its row.
+
+    The re-read only catches a wake-up that was lost (the API could not publish it; the
+    listener's own reconnect wakes every job). Deadlines are kept exactly whatever this is.
+    At 60 s each, 5,000 waiting jobs made 83 reads a second, most of one worker's waiting
+    CPU; spread to at most SAFETY_READS_PER_S, such a wake-up is noticed within 250 s.
+    """
+    return max(SAFETY_RECHECK, waiting / SAFETY_READS_PER_S)
 
 
 def wait_and_finish(
@@ -214,7 +232,7 @@ def wait_and_finish(
     A progress report wakes the thread with the report itself (from the API's
     pub/sub message), so it is passed on to Flower without touching the
     database; the row is read only when a deadline is due, a cancel or a
-    result arrives, or every SAFETY_RECHECK seconds. Right after this thread
+    result arrives, or every safety_recheck() seconds. Right after this thread
     booted the node the row's content is known (booting, held by us, its first
     deadline `just_booted` seconds ahead), so the first read is skipped: that matters when 500 jobs
     start at once.
@@ -232,7 +250,8 @@ def wait_and_finish(
             if just_booted is not None:
                 progress: dict[str, Any] = {"job_id": job_id, "state": states.BOOTING, "percent": 0.0,
                                             "bytes_done": 0, "bytes_total": 0, "rate": 0.0}
-                wake_at = time.monotonic() + min(just_booted + 0.05, SAFETY_RECHECK)
+                fixed_at = time.monotonic() + safety_recheck(waker.waiting())
+                wake_at = min(time.monotonic() + just_booted + 0.05, fixed_at)
                 just_booted = None
             else:
                 try:
@@ -270,7 +289,10 @@ def wait_and_finish(
                     continue
                 progress = {"job_id": job_id, "state": job.state, "percent": job.progress,
                             "bytes_done": job.bytes_done, "bytes_total": job.bytes_total, "rate": job.rate}
-                wake_at = time.monotonic() + min(_next_deadline_in(job) + 0.05, SAFETY_RECHECK)
+                heartbeat = float((job.options or {}).get("heartbeat_timeout") or settings.heartbeat_timeout)
+                # the deadlines a report does not move (the job's own, the safety re-read)...
+                fixed_at = time.monotonic() + min(_overall_deadline_in(job), safety_recheck(waker.waiting()))
+                wake_at = min(time.monotonic() + _next_deadline_in(job) + 0.05, fixed_at)
             while True:
                 snapshot = (progress["state"], round(progress["percent"] or 0, 1), progress["bytes_done"])
                 if on_progress and snapshot != last_progress:
@@ -282,8 +304,8 @@ def wait_and_finish(
                 progress.update(state=states.RUNNING, percent=payload.get("percent", 0.0),
                                 bytes_done=payload.get("bytes_done", 0),
                                 bytes_total=payload.get("bytes_total", 0), rate=payload.get("rate", 0.0))
-                # from this report on, silence is measured against the heartbeat deadline
-                wake_at = min(wake_at, time.monotonic() + heartbeat + 0.05)
+                # ... and the heartbeat, which this report starts again (the boot deadline is past)
+                wake_at = min(fixed_at, time.monotonic() + heartbeat + 0.05)
     finally:
         if own_slot:
             waker.unregister(job_id, slot)

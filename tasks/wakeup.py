@@ -69,6 +69,7 @@ class Waker:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._ok = False
+        self.stopping = threading.Event()  # set: the listener ends at its next lost connection
 
     def start(self) -> None:
         if not self.redis_url or self._thread is not None:
@@ -79,18 +80,27 @@ class Waker:
     def _listen(self) -> None:
         import redis
 
+        lost = False
         while True:
             try:
                 client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=5)
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
                 pubsub.psubscribe(_prefix() + PATTERN)
                 self._ok = True
+                if lost:
+                    # what was published while the listener was away is gone: every waiting
+                    # job looks at its row once, instead of at its next safety re-read
+                    self._wake_all()
+                    lost = False
                 for msg in pubsub.listen():
                     if msg.get("type") != "pmessage":
                         continue
                     self._dispatch(msg)
             except Exception as exc:  # noqa: BLE001 - reconnect; waiters poll meanwhile
                 self._ok = False
+                lost = True
+                if self.stopping.is_set():
+                    return
                 log.warning("wake-up listener lost Redis (%s); retrying", exc)
                 time.sleep(1.0)
 
@@ -107,6 +117,17 @@ class Waker:
                 if payload.get("kind") != "progress":
                     slot.urgent = True
                 slot.event.set()
+
+    def _wake_all(self) -> None:
+        with self._lock:
+            for slots in self._slots.values():
+                for slot in slots:
+                    slot.urgent = True
+                    slot.event.set()
+
+    def waiting(self) -> int:
+        """How many jobs of this process wait on a wake-up."""
+        return len(self._slots)
 
     def register(self, job_id: int) -> _Slot:
         slot = _Slot()
