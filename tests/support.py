@@ -166,7 +166,29 @@ def mounted(dev: str, mountpoint: Path, *opts: str) -> Iterator[Path]:
     try:
         yield mountpoint
     finally:
-        subprocess.run(["umount", str(mountpoint)], capture_output=True)
+        # A freeze writes the superblock as it stands (`sync` does not, on ext2). The unmount
+        # may not: a process that entered a network namespace with `ip netns exec` meanwhile
+        # (the multicast tests) holds a copy of this mount in its own mount namespace, which
+        # keeps the file system alive after our unmount, its superblock's counts those of
+        # mkfs -- and partimage refuses such a device ("Can't read bitmap block 0").
+        for step in ("-f", "-u"):
+            subprocess.run(["fsfreeze", step, str(mountpoint)], capture_output=True)
+        unmount(mountpoint)
+
+
+def unmount(mountpoint: Path, timeout: float = 20) -> None:
+    """Unmount, and make sure it happened: a busy mount point is retried until `timeout`,
+    then the test fails naming who holds it (a failed unmount went unnoticed before)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        p = subprocess.run(["umount", str(mountpoint)], capture_output=True, text=True)
+        if p.returncode == 0 or not os.path.ismount(mountpoint):
+            return
+        if time.monotonic() > deadline:
+            who = subprocess.run(["fuser", "-vm", str(mountpoint)], capture_output=True, text=True)
+            raise AssertionError(f"cannot unmount {mountpoint}: {p.stderr.strip()}; "
+                                 f"held by: {(who.stdout + who.stderr).strip()}")
+        time.sleep(0.2)
 
 
 IS_ROOT = os.geteuid() == 0

@@ -63,11 +63,10 @@ def partimage_save(dev: str, out: Path, *, z: int, volume_mib: int | None = None
 def _save_once_more_if_it_fails(args: list[str], dev: str, out: Path, what: str) -> None:
     """Run a partimage save; on a failure record why, and run it once more.
 
-    Seen a few times in full parallel runs of the suite and never alone: partimage 0.6.9
-    quits at "initializing the operation" or "reading partition properties" on a loop
-    device that had just been filled. The first failure (partimage's debug log, and what
-    the device is bound to then) becomes a warning in the run's summary, so that its cause
-    can be found; a second failure fails the test.
+    A failure is not expected: the one seen in full parallel runs (partimage's "Can't read
+    bitmap block 0", the superblock's counts still those of mkfs) is what tests.support.mounted
+    now prevents. Should another appear, the first try's partimage log and what the device was
+    bound to become a warning in the run's summary; a second failure fails the test.
     """
     p = subprocess.run(args, env=ENV, stdin=subprocess.DEVNULL, capture_output=True, timeout=300)
     if p.returncode == 0:
