@@ -210,7 +210,7 @@ _WATCH = (Job.id, Job.state, Job.waiter, Job.cancel_requested, Job.deadline_at, 
           Job.started_at, Job.options, Job.progress, Job.bytes_done, Job.bytes_total, Job.rate,
           Job.error, Job.result)
 SAFETY_RECHECK = 60.0  # re-read the row at least this often, in case a wake-up was lost
-SAFETY_READS_PER_S = 20.0  # ... but a process's waiting jobs make at most this many such reads
+SAFETY_READS_PER_S = 10.0  # ... but a process's waiting jobs make at most this many such reads
 
 
 def safety_recheck(waiting: int) -> float:
@@ -219,7 +219,7 @@ def safety_recheck(waiting: int) -> float:
     The re-read only catches a wake-up that was lost (the API could not publish it; the
     listener's own reconnect wakes every job). Deadlines are kept exactly whatever this is.
     At 60 s each, 5,000 waiting jobs made 83 reads a second, most of one worker's waiting
-    CPU; spread to at most SAFETY_READS_PER_S, such a wake-up is noticed within 250 s.
+    CPU; spread to at most SAFETY_READS_PER_S, such a wake-up is noticed within 500 s.
     """
     return max(SAFETY_RECHECK, waiting / SAFETY_READS_PER_S)
 
