@@ -143,16 +143,20 @@ def _db_was_away(s: Any, job: Any, since: Any) -> None:
               "the agent's silence counts from its return")
 
 
+def _heartbeat_limit(job: Any) -> float:
+    """Seconds a running job's agent may stay silent (its own setting, or the farm's)."""
+    return float((job.options or {}).get("heartbeat_timeout") or get_settings().heartbeat_timeout)
+
+
 def _silence_limit(job: Any) -> float:
-    settings = get_settings()
+    """Seconds of silence allowed now: the boot timeout while booting, else the heartbeat."""
     if job.state == states.BOOTING:
-        return float(job.options.get("boot_timeout") or settings.boot_timeout)
-    return float(job.options.get("heartbeat_timeout") or settings.heartbeat_timeout)
+        return float((job.options or {}).get("boot_timeout") or get_settings().boot_timeout)
+    return _heartbeat_limit(job)
 
 
 def _check_deadlines(job: Any) -> tuple[str, str] | None:
     """(outcome, reason) if a deadline has passed, else None."""
-    settings = get_settings()
     now = utcnow()
     if job.deadline_at and now >= job.deadline_at:
         return states.TIMED_OUT, OVERALL_DEADLINE
@@ -160,11 +164,11 @@ def _check_deadlines(job: Any) -> tuple[str, str] | None:
     if last is None:
         return None
     if job.state == states.BOOTING:
-        limit = float(job.options.get("boot_timeout") or settings.boot_timeout)
+        limit = _silence_limit(job)
         if (now - last).total_seconds() >= limit:
             return states.TIMED_OUT, f"the agent did not report within {limit:g}s of the power-cycle"
     elif job.state == states.RUNNING:
-        limit = float(job.options.get("heartbeat_timeout") or settings.heartbeat_timeout)
+        limit = _silence_limit(job)
         if (now - last).total_seconds() >= limit:
             return states.TIMED_OUT, f"no report from the agent for {limit:g}s"
     return None
@@ -177,18 +181,13 @@ def _overall_deadline_in(job: Any) -> float:
 
 
 def _next_deadline_in(job: Any) -> float:
-    settings = get_settings()
     now = utcnow()
     candidates = []
     if job.deadline_at:
         candidates.append((job.deadline_at - now).total_seconds())
     last = job.last_report_at or job.started_at
     if last is not None:
-        if job.state == states.BOOTING:
-            limit = float(job.options.get("boot_timeout") or settings.boot_timeout)
-        else:
-            limit = float(job.options.get("heartbeat_timeout") or settings.heartbeat_timeout)
-        candidates.append((last - now).total_seconds() + limit)
+        candidates.append((last - now).total_seconds() + _silence_limit(job))
     return max(0.05, min(candidates) if candidates else 5.0)
 
 
@@ -296,7 +295,7 @@ def wait_and_finish(
                     continue
                 progress = {"job_id": job_id, "state": job.state, "percent": job.progress,
                             "bytes_done": job.bytes_done, "bytes_total": job.bytes_total, "rate": job.rate}
-                heartbeat = float((job.options or {}).get("heartbeat_timeout") or settings.heartbeat_timeout)
+                heartbeat = _heartbeat_limit(job)
                 # the deadlines a report does not move (the job's own, the safety re-read)...
                 fixed_at = time.monotonic() + min(_overall_deadline_in(job), safety_recheck(waker.waiting()))
                 wake_at = min(time.monotonic() + _next_deadline_in(job) + 0.05, fixed_at)
