@@ -149,13 +149,18 @@ def detach_loop(dev: str, backing: Path) -> None:
     for _ in range(50):
         if subprocess.run(["losetup", "-d", dev], capture_output=True).returncode == 0:
             return
-        try:
-            bound = Path(f"/sys/block/{Path(dev).name}/loop/backing_file").read_text().strip()
-        except OSError:
-            return  # not bound to anything any more
-        if bound.removesuffix(" (deleted)") != want:
-            return
+        bound = loop_backing(dev)
+        if bound is None or bound.removesuffix(" (deleted)") != want:
+            return  # not bound any more, or bound to another test's file
         time.sleep(0.1)
+
+
+def loop_backing(dev: str) -> str | None:
+    """The file a loop device is bound to, as the kernel names it; None when it is free."""
+    try:
+        return Path(f"/sys/block/{Path(dev).name}/loop/backing_file").read_text().strip()
+    except OSError:
+        return None
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.support import loop_device, mounted, run  # noqa: E402
+from tests.support import loop_backing, loop_device, mounted, run  # noqa: E402
 
 DATA = ROOT / "tests" / "data" / "legacy"
 IS_ROOT = os.geteuid() == 0
@@ -34,9 +34,10 @@ needs_root = pytest.mark.skipif(not (IS_ROOT and HAVE_TOOLS),
 ENV = {**os.environ, "TERM": os.environ.get("TERM") or "xterm"}
 MiB = 1 << 20
 # Modules that run partimage (and mount loop devices): root, and one worker for all of them,
-# since two partimage processes at once fail; that worker also makes each module's
-# module-scoped images once. It is the VM tests' worker (xdist group "vm"), after them:
-# partimage saves on the host failed while a QEMU machine booted beside them.
+# so that one partimage runs at a time and each module's module-scoped images are made once.
+# It is the VM tests' worker (xdist group "vm"), after them. (The saves that failed in full
+# runs, once put down to a QEMU machine booting beside them, were the mount copies that
+# tests.support.mounted describes.)
 PARTIMAGE_GROUP = pytest.mark.xdist_group("vm")
 PARTIMAGE_TESTS = [needs_root, pytest.mark.root, PARTIMAGE_GROUP]
 
@@ -71,7 +72,7 @@ def _save_once_more_if_it_fails(args: list[str], dev: str, out: Path, what: str)
     p = subprocess.run(args, env=ENV, stdin=subprocess.DEVNULL, capture_output=True, timeout=300)
     if p.returncode == 0:
         return
-    first = (f"exit {p.returncode}; {dev} bound to {_backing(dev)}; stderr {p.stderr[-600:]!r}; "
+    first = (f"exit {p.returncode}; {dev} bound to {loop_backing(dev) or 'nothing'}; stderr {p.stderr[-600:]!r}; "
              f"partimage's log: {_partimage_log_tail()}")
     for leftover in out.parent.glob(f"{out.name}*"):
         leftover.unlink()
@@ -79,13 +80,6 @@ def _save_once_more_if_it_fails(args: list[str], dev: str, out: Path, what: str)
     assert p.returncode == 0, (f"{what} failed twice: {first}; then exit {p.returncode}: "
                                f"{_partimage_log_tail()} {p.stderr[-2000:]!r}")
     warnings.warn(f"{what} of {dev} failed once, then worked: {first}", stacklevel=3)
-
-
-def _backing(dev: str) -> str:
-    try:
-        return Path(f"/sys/block/{Path(dev).name}/loop/backing_file").read_text().strip()
-    except OSError as exc:
-        return f"nothing ({exc.strerror})"
 
 
 def _partimage_log_tail() -> str:
