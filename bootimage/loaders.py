@@ -57,8 +57,11 @@ class Installed:
 
 def place(dest: Path, *, src: Path | None = None, data: bytes = b"") -> None:
     """`src`'s bytes (or `data`) at `dest`, 0644, atomically: a node booting while the
-    files are replaced reads the old file or the new one, never half of one."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    files are replaced reads the old file or the new one, never half of one. A directory it
+    makes is 0755 whatever the umask, as the pxe driver makes its own: tftpd must traverse it."""
+    if not dest.parent.is_dir():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(dest.parent, 0o755)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}-", dir=dest.parent)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -197,3 +197,18 @@ def test_loaders_are_the_packages_files_and_the_chain_script_fetches_the_drivers
     fetched = chain.split("chain ", 1)[1].strip().replace("${mac:hexhyp}", "52-54-00-12-34-56")
     assert str(LOADERS["ipxe"].boot_file(Path("."), "52:54:00:12:34:56")) == fetched
     assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []  # no temp files left
+
+
+def test_a_directory_made_for_the_boot_files_is_readable_by_tftpd_whatever_the_umask(
+        tmp_path: Path) -> None:
+    import os
+
+    from imgfarm.bootimage.loaders import place
+
+    old = os.umask(0o077)
+    try:
+        place(tmp_path / "tftp" / "imgfarm" / "vmlinuz", data=b"kernel")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "tftp" / "imgfarm").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "tftp" / "imgfarm" / "vmlinuz").stat().st_mode) == 0o644
