@@ -80,6 +80,7 @@ class SimNet:
         self.store = f"{self.prefix}st"
         self.nodes = [f"{self.prefix}n{k}" for k in range(nodes)]
         self._made: list[str] = []
+        self._started: list[subprocess.Popen[Any]] = []  # by popen(): killed at close
         self.mtu = mtu
         try:
             self._build(store_mbit, node_mbit)
@@ -122,7 +123,9 @@ class SimNet:
         return subprocess.run(self.wrap(ns, args), **kw)
 
     def popen(self, ns: str, args: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
-        return subprocess.Popen(self.wrap(ns, args), **kw)
+        proc = subprocess.Popen(self.wrap(ns, args), **kw)
+        self._started.append(proc)
+        return proc
 
     def pids_in(self, ns: str) -> list[int]:
         """Processes running in namespace `ns` (what `ip netns pids` sees)."""
@@ -130,6 +133,15 @@ class SimNet:
         return [int(p) for p in out.stdout.split()]
 
     def close(self) -> None:
+        # What this net started, by its own pid: `ip netns exec` may not have entered its
+        # namespace yet when a test fails at once, and `ip netns pids` does not see it then
+        # (it then ran on in a namespace already deleted). `ip netns exec` execs the command,
+        # so the pid is the command's.
+        for proc in self._started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        self._started.clear()
         for ns in reversed(self._made):
             for pid in self.pids_in(ns):  # what a test started in there and left behind
                 try:
